@@ -1,0 +1,136 @@
+"""Command line: argument parsing only. A UserError becomes one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from distvision.config import TrainConfig
+from distvision.errors import UserError
+
+DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name != "data"}
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    recipe_note = "(default: the model's recipe, see `distvision models`)"
+    parser.add_argument("--data", help="image folder, CIFAR-10 batches (folder or .tar.gz) or a prepared "
+                        "folder; default: download the official CIFAR-10")
+    parser.add_argument("--model", default=DEFAULTS["model"], help="registered model name (default %(default)s)")
+    parser.add_argument("--recipe", default=DEFAULTS["recipe"], help="'default' or a model's named recipe, "
+                        "e.g. 'caffe' for Caffe's exact solver")
+    parser.add_argument("--workers", type=int, default=DEFAULTS["workers"],
+                        help="local worker processes (default %(default)s); ignored under torchrun")
+    parser.add_argument("--epochs", type=int, help=f"epochs {recipe_note}")
+    parser.add_argument("--batch-size", type=int, help=f"global batch size, split across workers {recipe_note}")
+    parser.add_argument("--lr", type=float, help=f"learning rate for the global batch {recipe_note}")
+    parser.add_argument("--momentum", type=float, help=f"SGD momentum {recipe_note}")
+    parser.add_argument("--weight-decay", type=float, help=f"weight decay {recipe_note}")
+    parser.add_argument("--label-smoothing", type=float, help=f"label smoothing {recipe_note}")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=DEFAULTS["precision"],
+                        help="auto measures which is faster here (default)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=DEFAULTS["device"])
+    parser.add_argument("--sync", choices=["allreduce"], default=DEFAULTS["sync"],
+                        help="how replicas combine their updates (default: gradient all-reduce every step)")
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    parser.add_argument("--val-fraction", type=float, default=DEFAULTS["val_fraction"],
+                        help="seeded share of the training set held out for validation (default 0)")
+    parser.add_argument("--image-size", type=int, default=DEFAULTS["image_size"])
+    parser.add_argument("--out", help="run folder (default runs/<model>-<time>)")
+    parser.add_argument("--cache-dir", help="where prepared data is cached (default ~/.cache/distvision)")
+    parser.add_argument("--collective-timeout", type=float, default=DEFAULTS["collective_timeout"],
+                        help="seconds to wait for a peer in a collective before failing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distvision", description="Distributed image classifier training.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_train_arguments(commands.add_parser("train", help="train a model data-parallel on several workers"))
+    prepare = commands.add_parser("prepare", help="decode a data source once into a fast memory-mapped cache")
+    prepare.add_argument("path")
+    prepare.add_argument("--out", required=True)
+    prepare.add_argument("--image-size", type=int, default=32)
+    prepare.add_argument("--processes", type=int, help="decoding processes (default: all cores)")
+    commands.add_parser("models", help="list the registered models and their default recipes")
+    evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a data set's test split")
+    evaluate.add_argument("--checkpoint", required=True, help="run folder or its checkpoint/ folder")
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--cache-dir")
+    return parser
+
+
+def _train_command(args: argparse.Namespace) -> None:
+    from distvision.data.prepare import default_cache_dir, ensure_prepared
+    from distvision.models.registry import recipe_for
+    from distvision.parallel.launch import launch_local, started_by_torchrun
+
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    config = TrainConfig(**values)
+    config.validate()
+    recipe = recipe_for(config.model, config.recipe)  # unknown model or recipe fails here, before any launch
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    if config.data is None:
+        from distvision.data.download import download_cifar10
+
+        config.data = str(download_cifar10(cache_dir))
+    config.out = str(config.run_dir())
+    if started_by_torchrun():
+        from distvision.parallel.launch import _worker
+
+        _worker("distvision.train:train_worker", config.to_dict())
+        return
+    batch_size = config.batch_size or recipe.batch_size
+    if batch_size < config.workers:
+        raise UserError(f"--batch-size {batch_size} is smaller than --workers {config.workers}: "
+                        "every worker needs at least one sample per step")
+    # Prepare once here so that bad data fails before any worker starts.
+    ensure_prepared(Path(config.data), config.image_size, cache_dir)
+    launch_local("distvision.train:train_worker", config.to_dict(), config.workers)
+
+
+def _models_command() -> None:
+    from distvision.models.registry import count_parameters, list_models, mflops_per_image
+
+    print(f"{'name':<12} {'params':>10} {'MFLOPs/img':>10}  description")
+    for entry in list_models():
+        model = entry.builder(num_classes=10, image_size=32)
+        print(f"{entry.name:<12} {count_parameters(model):>10,} {mflops_per_image(model, 32):>10.1f}  "
+              f"{entry.description}")
+        recipes = {"default": entry.recipe, **entry.alternatives}
+        for name, recipe in recipes.items():
+            print(f"{'':<12} recipe {name}: {json.dumps(recipe.to_dict())}")
+
+
+def run(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        _train_command(args)
+    elif args.command == "prepare":
+        from distvision.data.prepare import prepare
+
+        out = Path(args.out)
+        manifest = prepare(Path(args.path), out, args.image_size, args.processes)
+        print(f"prepared {manifest['train_count']} training and {manifest['test_count']} test images "
+              f"({len(manifest['classes'])} classes) into {out} in {manifest['prepare_seconds']}s; "
+              f"skipped {len(manifest['skipped_files'])} unreadable file(s)")
+    elif args.command == "models":
+        _models_command()
+    elif args.command == "evaluate":
+        from distvision.evaluate import evaluate_checkpoint
+
+        result = evaluate_checkpoint(Path(args.checkpoint), Path(args.data),
+                                     Path(args.cache_dir) if args.cache_dir else None)
+        print(json.dumps(result))
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run(argv)
+    except UserError as error:
+        print(f"distvision: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("distvision: interrupted", file=sys.stderr)
+        sys.exit(130)

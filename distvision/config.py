@@ -1,0 +1,59 @@
+"""Run settings as a dataclass: the single source of the defaults the CLI shows."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from distvision.errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    model: str = "caffe-quick"
+    recipe: str = "default"  # or a model's named alternative, e.g. "caffe"
+    workers: int = 2  # local worker processes when not started by torchrun
+    # None means: take the value from the model's recipe.
+    epochs: int | None = None
+    batch_size: int | None = None  # global, split across workers
+    lr: float | None = None  # for the global batch
+    momentum: float | None = None
+    weight_decay: float | None = None
+    label_smoothing: float | None = None
+    precision: str = "auto"
+    device: str = "auto"
+    sync: str = "allreduce"
+    seed: int = 0
+    val_fraction: float = 0.0
+    image_size: int = 32
+    out: str | None = None
+    cache_dir: str | None = None
+    # Seconds a collective may wait for a peer before the run fails instead of hanging.
+    collective_timeout: float = 300.0
+
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / f"{self.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Reject settings that cannot work, with a message that says what to change."""
+        if self.workers < 1:
+            raise UserError(f"--workers must be at least 1 (got {self.workers})")
+        if self.epochs is not None and self.epochs < 1:
+            raise UserError(f"--epochs must be at least 1 (got {self.epochs})")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.lr is not None and self.lr <= 0:
+            raise UserError(f"--lr must be positive (got {self.lr})")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
+        if self.image_size < 8:
+            raise UserError(f"--image-size must be at least 8 (got {self.image_size})")
+        if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
+            raise UserError(f"--out {self.out} is a file; give a folder for the run's outputs")
+        if self.out and (Path(self.out) / "summary.json").exists():
+            raise UserError(f"--out {self.out} already holds a finished run; choose another folder")

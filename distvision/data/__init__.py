@@ -1,0 +1,1 @@
+"""Data: sources -> prepared cache -> shards -> augmented batches."""

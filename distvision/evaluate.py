@@ -1,0 +1,85 @@
+"""Evaluation: exact global accuracy over a split, shared across ranks; `distvision evaluate`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distvision.data.batches import Preprocessing, load_batch
+from distvision.errors import UserError
+from distvision.precision import autocast
+
+# Fixed chunks of the evaluation set: the same chunks in training and in `evaluate`, so both
+# compute identical numbers whatever the worker count.
+EVAL_CHUNK = 500
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    correct: int
+    count: int
+
+
+@torch.inference_mode()
+def evaluate_split(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    preprocess: Preprocessing,
+    precision: str,
+    device: torch.device,
+    test_time_flip: bool = False,
+) -> EvalResult:
+    """Loss and accuracy over all of images; each rank takes every world_size-th chunk."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    for start in range(rank * EVAL_CHUNK, len(images), world_size * EVAL_CHUNK):
+        indices = np.arange(start, min(start + EVAL_CHUNK, len(images)))
+        x = load_batch(images, indices, preprocess, device)
+        y = torch.from_numpy(labels[indices]).to(device)
+        with autocast(precision, device):
+            logits = model(x).float()
+            if test_time_flip:
+                logits = (logits + model(x.flip(3)).float()) / 2
+        totals[0] += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        totals[1] += (logits.argmax(1) == y).sum().item()
+        totals[2] += len(indices)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    model.train(was_training)
+    loss_sum, correct, count = totals.tolist()
+    return EvalResult(loss_sum / max(count, 1), correct / max(count, 1), int(correct), int(count))
+
+
+def evaluate_checkpoint(checkpoint: Path, data: Path, cache_dir: Path | None = None) -> dict:
+    """Evaluate a saved checkpoint on the test split of data, with the settings it was saved with."""
+    from distvision.checkpoint import load_checkpoint
+    from distvision.data.prepare import ensure_prepared, open_prepared
+    from distvision.models import create
+
+    weights, info = load_checkpoint(checkpoint)
+    prepared = open_prepared(ensure_prepared(data, info["image_size"], cache_dir))
+    if prepared.classes != info["classes"]:
+        raise UserError(f"{data} has classes {prepared.classes}, the checkpoint was trained on {info['classes']}")
+    # The preprocessing tensors travel in the checkpoint, so the data set's statistics cannot drift.
+    preprocess = Preprocessing(
+        info["preprocessing"], weights.pop("preprocess.mean"), weights.pop("preprocess.scale")
+    )
+    model = create(info["model"], num_classes=len(info["classes"]), image_size=info["image_size"])
+    model.load_state_dict(weights)
+    device = torch.device("cpu")
+    model = model.to(device, memory_format=torch.channels_last)
+    result = evaluate_split(
+        model, prepared.test_images, prepared.test_labels, preprocess, info["precision"], device,
+        info["test_time_flip"],
+    )
+    return {"test_accuracy": result.accuracy, "test_loss": result.loss, "test_count": result.count}

@@ -1,0 +1,1 @@
+"""Distributed parts: launching workers, synchronising them."""

@@ -1,0 +1,77 @@
+"""Start local workers through torch's elastic launcher (the API torchrun itself uses).
+
+`distvision train --workers N` on one machine and
+`torchrun --nnodes=... --nproc-per-node=... -m distvision train ...` on many run the same
+worker function; only who starts it differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import uuid
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+# Exit status a worker uses for a UserError, so the launcher can tell it from a crash.
+USER_ERROR_EXIT = 2
+
+
+def started_by_torchrun() -> bool:
+    """True inside a worker that torchrun (or our launcher) started."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@record
+def _worker(function_path: str, payload: dict):
+    """Entry point of each worker process: run function(payload); a UserError exits with status 2."""
+    import importlib
+
+    from distvision.errors import UserError
+
+    module_name, function_name = function_path.rsplit(":", 1)
+    function = getattr(importlib.import_module(module_name), function_name)
+    try:
+        return function(payload)
+    except UserError as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"distvision: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT)
+
+
+def launch_local(function_path: str, payload: dict, workers: int, max_restarts: int = 0) -> dict:
+    """Run "module:function"(payload) in `workers` local processes; return {rank: result}."""
+    # The elastic agent logs every phase at INFO/WARNING; users need only failures.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=workers,
+        run_id=f"distvision-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        max_restarts=max_restarts,
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
+    try:
+        return elastic_launch(config, _worker)(function_path, payload)
+    except ChildFailedError as error:
+        codes = {failure.exitcode for failure in error.failures.values()}
+        if codes == {USER_ERROR_EXIT}:
+            raise SystemExit(USER_ERROR_EXIT) from None  # the worker already printed the one-line error
+        first = next(iter(error.failures.values()))
+        raise WorkerFailed(f"a worker failed (exit code {first.exitcode}); see its error above") from None
+
+
+class WorkerFailed(Exception):
+    """A worker process crashed (not a user error)."""

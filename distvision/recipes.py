@@ -1,0 +1,73 @@
+"""Training recipes: every setting of a model's default training, kept as data.
+
+A recipe is the single source of truth for defaults: `distvision train` flags override its
+fields one by one, and the recipe actually used is recorded in summary.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int = 10
+    batch_size: int = 512  # global, split across workers
+    lr: float = 0.1  # for the global batch
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    # Learning-rate multiplier as piecewise-linear points (fraction of the run, multiplier);
+    # a repeated fraction makes a step, as in Caffe's "multistep" policy.
+    schedule: tuple[tuple[float, float], ...] = ((0.0, 1.0), (1.0, 1.0))
+    bias_lr_mult: float = 1.0
+    bias_decay: bool = True  # weight decay on biases and normalisation parameters
+    label_smoothing: float = 0.0
+    # "standardize": (x/255 - mean) / std per channel; "caffe": raw 0-255 minus the mean image.
+    preprocessing: str = "standardize"
+    translate: int = 0  # random translate with reflect padding, pixels
+    flip: bool = False
+    cutout: int = 0
+    test_time_flip: bool = False  # average predictions over the image and its mirror
+
+    def with_overrides(self, **overrides) -> "Recipe":
+        """A copy with the given fields replaced; None values keep the recipe's value."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "schedule" in values:
+            values["schedule"] = tuple(tuple(point) for point in values["schedule"])
+        return cls(**values)
+
+
+def lr_multiplier(schedule: tuple[tuple[float, float], ...], progress: float) -> float:
+    """The schedule's multiplier at progress in [0, 1]; after a step point the later value wins."""
+    previous_x, previous_y = schedule[0]
+    if progress < previous_x:
+        return previous_y
+    for x, y in schedule[1:]:
+        if progress < x:
+            if x == previous_x:
+                return y
+            return previous_y + (y - previous_y) * (progress - previous_x) / (x - previous_x)
+        previous_x, previous_y = x, y
+    return previous_y
+
+
+def one_cycle(peak_at: float = 0.2, final: float = 0.0) -> tuple[tuple[float, float], ...]:
+    """Linear warm-up from 0 to 1 by peak_at, then linear decay to final."""
+    return ((0.0, 0.0), (peak_at, 1.0), (1.0, final))
+
+
+def step_down(at: float, factor: float) -> tuple[tuple[float, float], ...]:
+    """Constant, then multiplied by factor from the fraction `at` on (Caffe's multistep)."""
+    return ((0.0, 1.0), (at, 1.0), (at, factor), (1.0, factor))
+
+
+__all__ = ["Recipe", "lr_multiplier", "one_cycle", "step_down"]
