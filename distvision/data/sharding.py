@@ -21,7 +21,8 @@ def global_batches(permutation: np.ndarray, global_batch_size: int, world_size: 
     """Cut the permutation into global batches; a tail too small to feed every rank joins the last one."""
     batches = [permutation[i : i + global_batch_size] for i in range(0, len(permutation), global_batch_size)]
     if len(batches) > 1 and len(batches[-1]) < world_size:
-        batches[-2] = np.concatenate([batches[-2], batches.pop()])
+        tail = batches.pop()
+        batches[-1] = np.concatenate([batches[-1], tail])
     return batches
 
 

@@ -63,6 +63,7 @@ class _CifarUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
     }
 
     def find_class(self, module: str, name: str):
@@ -143,11 +144,14 @@ def _list_files(folder: Path) -> tuple[list[str], list[str]]:
     images, others, seen = [], [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink loop or a folder linked twice
+        if real in seen:  # a folder linked twice
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames.sort()
+        # A link to an ancestor would loop, or pull in other classes' images: skip it.
+        dirnames[:] = sorted(
+            d for d in dirnames if not (real + os.sep).startswith(os.path.realpath(os.path.join(dirpath, d)) + os.sep)
+        )
         for name in sorted(filenames):
             if name.startswith("."):
                 continue

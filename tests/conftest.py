@@ -1,0 +1,77 @@
+"""Shared fixtures: small generated data sets in every supported layout, and the real CIFAR-10 copy."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_CIFAR = REPO.parent / "shared" / "datasets" / "cifar10-jpg"
+
+
+def make_class_image(label: int, index: int, size: int = 32) -> Image.Image:
+    """A learnable image: each class has its own colour and stripe direction, plus noise."""
+    rng = np.random.default_rng(label * 1000 + index)
+    base = np.zeros((size, size, 3), dtype=np.float32)
+    base[..., label % 3] = 160
+    stripes = (np.arange(size) // 4) % 2 * 80
+    base += stripes[:, None, None] if label % 2 else stripes[None, :, None]
+    base += rng.normal(0, 20, base.shape)
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+def write_image_tree(root: Path, classes: int = 3, train_per_class: int = 24, test_per_class: int = 8,
+                     split: bool = True, size: int = 32) -> Path:
+    for label in range(classes):
+        layout = [("train", train_per_class), ("test", test_per_class)] if split else [("", train_per_class)]
+        for part, count in layout:
+            folder = root / part / f"class{label}" if part else root / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                make_class_image(label, i + (0 if part != "test" else 10_000), size).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture
+def image_tree(tmp_path: Path) -> Path:
+    """ROOT/train/<class>/*.png + ROOT/test/<class>/*.png, 3 classes."""
+    return write_image_tree(tmp_path / "images")
+
+
+def write_cifar_batches(folder: Path, per_batch: int = 20, test_count: int = 20) -> Path:
+    """Files shaped like the official cifar-10-batches-py (pickled dicts with bytes keys)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+
+    def dump(name: str, count: int) -> None:
+        data = rng.integers(0, 256, (count, 3072), dtype=np.uint8)
+        batch = {b"data": data, b"labels": list(rng.integers(0, 10, count).tolist()), b"batch_label": b"x"}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+
+    for i in range(1, 6):
+        dump(f"data_batch_{i}", per_batch)
+    dump("test_batch", test_count)
+    names = [n.encode() for n in "airplane automobile bird cat deer dog frog horse ship truck".split()]
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
+    return folder
+
+
+@pytest.fixture
+def real_cifar() -> Path:
+    if not (REAL_CIFAR / "train").is_dir():
+        pytest.skip(f"the real CIFAR-10 copy is not at {REAL_CIFAR}")
+    return REAL_CIFAR
+
+
+def run_cli(args: list[str], cache_dir: Path, cwd: Path | None = None, timeout: float = 240):
+    """Run `python -m distvision ...` as a user would; returns the CompletedProcess."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache_dir), PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "distvision", *args], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)

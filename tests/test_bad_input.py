@@ -1,0 +1,62 @@
+"""Bad input: one line on stderr, exit status 2, no traceback, nothing already written destroyed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, write_image_tree
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return write_image_tree(tmp_path / "data", classes=2, train_per_class=4, test_per_class=2)
+
+
+def _fails_cleanly(args: list[str], tmp_path: Path, expected: str) -> None:
+    result = run_cli(args, tmp_path / "cache")
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("distvision: error:"), result.stderr
+    assert expected in lines[0]
+
+
+def test_missing_data_path(tmp_path: Path):
+    _fails_cleanly(["train", "--data", str(tmp_path / "nowhere")], tmp_path, "does not exist")
+
+
+def test_empty_data_folder(tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    _fails_cleanly(["train", "--data", str(tmp_path / "empty")], tmp_path, "empty")
+
+
+def test_folder_without_readable_images(tmp_path: Path):
+    (tmp_path / "junk" / "a").mkdir(parents=True)
+    (tmp_path / "junk" / "a" / "x.png").write_bytes(b"junk")
+    _fails_cleanly(["train", "--data", str(tmp_path / "junk")], tmp_path, "no readable image")
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--model", "alexnet-9000"], "unknown model"),
+        (["--workers", "4", "--batch-size", "2"], "smaller than --workers"),
+        (["--epochs", "0"], "--epochs"),
+        (["--workers", "0"], "--workers"),
+        (["--recipe", "nonesuch"], "no recipe"),
+    ],
+)
+def test_bad_flags(data: Path, tmp_path: Path, flags: list[str], expected: str):
+    _fails_cleanly(["train", "--data", str(data), *flags], tmp_path, expected)
+
+
+def test_output_path_that_is_a_file_is_left_alone(data: Path, tmp_path: Path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    _fails_cleanly(["train", "--data", str(data), "--out", str(precious)], tmp_path, "is a file")
+    assert precious.read_text() == "keep me"
+
+
+def test_evaluate_without_a_checkpoint(data: Path, tmp_path: Path):
+    _fails_cleanly(["evaluate", "--checkpoint", str(tmp_path), "--data", str(data)], tmp_path, "no checkpoint")

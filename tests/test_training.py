@@ -1,0 +1,84 @@
+"""Training end to end with real worker processes (gloo), through the same CLI users run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli, write_image_tree
+from safetensors.torch import load_file
+
+from distvision.metrics import read_metrics
+from distvision.models import create
+
+
+def _train(data: Path, out: Path, cache: Path, *extra: str):
+    result = run_cli(["train", "--data", str(data), "--out", str(out), *extra], cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_workers_reach_the_same_weights_as_one_process(tmp_path: Path):
+    """Data parallelism's defining property: 2 workers with global batch B == 1 process with batch B."""
+    data = write_image_tree(tmp_path / "data", classes=3, train_per_class=24, test_per_class=4)
+    common = ["--model", "mlp", "--precision", "fp32", "--epochs", "2", "--batch-size", "16", "--lr", "0.05"]
+    _train(data, tmp_path / "one", tmp_path / "cache", "--workers", "1", *common)
+    _train(data, tmp_path / "two", tmp_path / "cache", "--workers", "2", *common)
+    one = load_file(tmp_path / "one" / "checkpoint" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "checkpoint" / "model.safetensors")
+    torch.manual_seed(0)
+    initial = create("mlp", num_classes=3).state_dict()
+    for name, initial_value in initial.items():
+        assert not torch.allclose(one[name], initial_value), f"{name} did not train"
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+    assert read_metrics(tmp_path / "two")[-1]["world_size"] == 2
+
+
+def test_cli_trains_evaluates_and_reports(tmp_path: Path):
+    data = write_image_tree(tmp_path / "data", classes=3, train_per_class=30, test_per_class=10)
+    (data / "train" / "class0" / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "run"
+    result = _train(data, out, tmp_path / "cache", "--model", "caffe-quick", "--workers", "2", "--epochs", "3",
+                    "--batch-size", "10", "--val-fraction", "0.2", "--lr", "0.01")
+    assert "skipped 1 unreadable file" in result.stdout
+    metrics = read_metrics(out)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    for key in ["train_loss", "test_loss", "test_accuracy", "val_accuracy", "images_per_second",
+                "epoch_seconds", "world_size"]:
+        assert key in metrics[-1], key
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ["model", "recipe", "precision", "epochs", "world_size", "global_batch_size", "test_accuracy",
+                "best_test_accuracy", "images_per_second", "train_seconds", "wall_seconds", "stop_reason",
+                "skipped_files"]:
+        assert key in summary, key
+    assert summary["world_size"] == 2 and summary["global_batch_size"] == 10
+    assert summary["precision"] in ("fp32", "bf16") and "measured" in summary["precision_choice"]
+    assert summary["train_count"] == 72 and summary["val_count"] == 18
+    assert [Path(p).name for p in summary["skipped_files"]] == ["broken.jpg"]
+    assert summary["test_accuracy"] > 0.5  # 3 easy classes: far above the 33% of chance
+    evaluated = run_cli(["evaluate", "--checkpoint", str(out), "--data", str(data)], tmp_path / "cache")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["test_accuracy"] == summary["test_accuracy"]
+
+
+def test_corrupt_checkpoint_is_detected(tmp_path: Path):
+    data = write_image_tree(tmp_path / "data", classes=2, train_per_class=8, test_per_class=2)
+    _train(data, tmp_path / "run", tmp_path / "cache", "--model", "mlp", "--workers", "1", "--epochs", "1",
+           "--precision", "fp32")
+    weights = tmp_path / "run" / "checkpoint" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-5] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    result = run_cli(["evaluate", "--checkpoint", str(tmp_path / "run"), "--data", str(data)], tmp_path / "cache")
+    assert result.returncode == 2 and "corrupt" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(600)
+def test_real_cifar10_two_workers_beat_chance(real_cifar: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    _train(real_cifar, out, tmp_path / "cache", "--model", "caffe-quick", "--workers", "2", "--epochs", "1")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_count"] == 50_000 and summary["world_size"] == 2
+    assert summary["test_accuracy"] > 0.35, summary["test_accuracy"]  # chance is 0.10
