@@ -41,6 +41,7 @@ WORKERS = 2  # processes for distvision and Lightning
 IMAGE_SIZE = 32
 WARMUP_STEPS = 3  # bare-loop steps before timing starts (allocator, oneDNN kernel selection)
 LIGHTNING_PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed"}
+BUSY_LOAD = 0.5  # 1-minute load average above which the machine is not idle enough to measure
 TARGETS = {"distvision/bare": 0.95, "distvision/lightning": 1.3}  # for fastnet at global batch 512
 
 
@@ -278,6 +279,12 @@ def best_of(per_precision: dict[str, float]) -> tuple[str, float]:
 
 def measure(args: argparse.Namespace, scratch: Path) -> dict:
     """Run every measurement; return the results as a JSON-ready dict."""
+    load = os.getloadavg()[0]
+    if load > BUSY_LOAD:
+        # A multi-threaded single process suffers far more from competing work than one-thread
+        # workers do (every parallel region waits for its slowest thread), so (1) would read low.
+        print(f"warning: load average {load:.1f} before starting: other work is running, the figures "
+              "(the bare loop's most of all) will not be reliable", flush=True)
     full = open_prepared(ensure_prepared(Path(args.data), IMAGE_SIZE))
     data = full.path
     if args.subset:
@@ -297,7 +304,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
               f"{dist_runs[-1]['images_per_second']:.0f} img/s", flush=True)
     bare_precision, bare_median = best_of({p: statistics.median(v) for p, v in bare.items()})
     results = {
-        "cpu": cpu_model_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+        "cpu": cpu_model_name(), "cores": os.cpu_count(), "torch": torch.__version__, "load_average_at_start": load,
         "model": args.model, "global_batch_size": args.batch_size, "train_images": len(prepared.train_images),
         "bare_timed_images": args.images, "epochs": args.epochs, "repeats": args.repeats,
         "bare": {"runs": bare, "precision": bare_precision, "median": bare_median},

@@ -1,0 +1,18 @@
+#!/bin/bash
+# Data-parallel training on several PBS Pro / Torque nodes. Submit with: qsub -v DATA=/path examples/pbs.sh
+#PBS -N distvision
+#PBS -l select=4:ncpus=32:mpiprocs=1
+#PBS -l walltime=02:00:00
+set -euo pipefail
+cd "$PBS_O_WORKDIR"
+NODES=$(sort -u "$PBS_NODEFILE")
+NNODES=$(echo "$NODES" | wc -l)
+HEAD=$(echo "$NODES" | head -n 1)
+WORKERS_PER_NODE=${WORKERS_PER_NODE:-2}
+
+# One torchrun agent per node (pbsdsh runs the command once on each node of the job).
+pbsdsh -u -- bash -lc "cd $PBS_O_WORKDIR && .venv/bin/torchrun \
+  --nnodes=$NNODES --nproc-per-node=$WORKERS_PER_NODE \
+  --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 --rdzv-id=$PBS_JOBID \
+  -m distvision train --data $DATA --model fastnet --out runs/pbs-$PBS_JOBID \
+  --cache-dir \${TMPDIR:-/tmp}/distvision-cache"
