@@ -29,6 +29,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--momentum", type=float, help=f"SGD momentum {recipe_note}")
     parser.add_argument("--weight-decay", type=float, help=f"weight decay {recipe_note}")
     parser.add_argument("--label-smoothing", type=float, help=f"label smoothing {recipe_note}")
+    parser.add_argument("--set", dest="recipe_settings", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override any recipe field, e.g. --set cutout=8 --set 'schedule=[[0,1],[1,0]]'")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=DEFAULTS["precision"],
                         help="auto measures which is faster here (default)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=DEFAULTS["device"])
@@ -63,13 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train_command(args: argparse.Namespace) -> None:
     from distvision.data.prepare import default_cache_dir, ensure_prepared
-    from distvision.models.registry import recipe_for
     from distvision.parallel.launch import launch_local, started_by_torchrun
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     config = TrainConfig(**values)
     config.validate()
-    recipe = recipe_for(config.model, config.recipe)  # unknown model or recipe fails here, before any launch
+    from distvision.train import resolve_recipe
+
+    recipe = resolve_recipe(config)  # unknown model, recipe or setting fails here, before any launch
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     if config.data is None:
         from distvision.data.download import download_cifar10
@@ -81,9 +84,8 @@ def _train_command(args: argparse.Namespace) -> None:
 
         _worker("distvision.train:train_worker", config.to_dict())
         return
-    batch_size = config.batch_size or recipe.batch_size
-    if batch_size < config.workers:
-        raise UserError(f"--batch-size {batch_size} is smaller than --workers {config.workers}: "
+    if recipe.batch_size < config.workers:
+        raise UserError(f"--batch-size {recipe.batch_size} is smaller than --workers {config.workers}: "
                         "every worker needs at least one sample per step")
     # Prepare once here so that bad data fails before any worker starts.
     ensure_prepared(Path(config.data), config.image_size, cache_dir)

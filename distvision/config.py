@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from distvision.errors import UserError
@@ -22,6 +22,7 @@ class TrainConfig:
     momentum: float | None = None
     weight_decay: float | None = None
     label_smoothing: float | None = None
+    recipe_settings: list[str] = field(default_factory=list)  # "field=value" for any recipe field
     precision: str = "auto"
     device: str = "auto"
     sync: str = "allreduce"

@@ -36,23 +36,25 @@ def evaluate_split(
     precision: str,
     device: torch.device,
     test_time_flip: bool = False,
+    indices: np.ndarray | None = None,
 ) -> EvalResult:
-    """Loss and accuracy over all of images; each rank takes every world_size-th chunk."""
+    """Loss and accuracy over images (or the given indices of it); each rank takes every world_size-th chunk."""
+    indices = np.arange(len(images)) if indices is None else indices
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
-    for start in range(rank * EVAL_CHUNK, len(images), world_size * EVAL_CHUNK):
-        indices = np.arange(start, min(start + EVAL_CHUNK, len(images)))
-        x = load_batch(images, indices, preprocess, device)
-        y = torch.from_numpy(labels[indices]).to(device)
+    for start in range(rank * EVAL_CHUNK, len(indices), world_size * EVAL_CHUNK):
+        chunk = indices[start : start + EVAL_CHUNK]
+        x = load_batch(images, chunk, preprocess, device)
+        y = torch.from_numpy(labels[chunk]).to(device)
         with autocast(precision, device):
             logits = model(x).float()
             if test_time_flip:
                 logits = (logits + model(x.flip(3)).float()) / 2
         totals[0] += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         totals[1] += (logits.argmax(1) == y).sum().item()
-        totals[2] += len(indices)
+        totals[2] += len(chunk)
     if dist.is_initialized():
         dist.all_reduce(totals)
     model.train(was_training)

@@ -85,10 +85,11 @@ def choose_precision(
     key_text = f"{cpu_model_name()}|{model_name}|{image_size}|{local_batch_size}|{threads}|{torch.__version__}"
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     cache_file = cache_dir / "precision" / f"{key}.json"
-    cached = None
+    cached, cached_how = None, ""
     if cache_file.is_file():
         with contextlib.suppress(OSError, ValueError, KeyError):
-            cached = json.loads(cache_file.read_text())["precision"]
+            record = json.loads(cache_file.read_text())
+            cached, cached_how = record["precision"], record.get("how", "")
     # Ranks may disagree about the cache (separate machines): probe unless every rank has an answer.
     have_answer = torch.tensor([1.0 if cached in ("fp32", "bf16") else 0.0])
     if dist.is_initialized():
@@ -97,7 +98,7 @@ def choose_precision(
         vote = torch.tensor([1.0 if cached == "bf16" else 0.0])
         if dist.is_initialized():
             dist.all_reduce(vote, op=dist.ReduceOp.MIN)  # bf16 only where every node found it faster
-        return ("bf16" if vote.item() == 1.0 else "fp32"), "cached measurement"
+        return ("bf16" if vote.item() == 1.0 else "fp32"), f"cached, {cached_how}"
     # Every rank probes at once, as in training, and the slowest rank's times decide.
     probe_batch = min(local_batch_size, 128)
     times = torch.tensor(

@@ -6,7 +6,10 @@ fields one by one, and the recipe actually used is recorded in summary.json.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, fields, replace
+
+from distvision.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -30,12 +33,37 @@ class Recipe:
     cutout: int = 0
     test_time_flip: bool = False  # average predictions over the image and its mirror
 
+    def __post_init__(self):
+        if self.preprocessing not in ("standardize", "caffe"):
+            raise UserError(f"preprocessing must be 'standardize' or 'caffe', not {self.preprocessing!r}")
+        if not self.schedule or any(len(point) != 2 for point in self.schedule):
+            raise UserError("schedule must be a list of [fraction, multiplier] points")
+
     def with_overrides(self, **overrides) -> "Recipe":
         """A copy with the given fields replaced; None values keep the recipe's value."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_settings(self, settings: list[str]) -> "Recipe":
+        """A copy with "field=value" strings applied; values are JSON (numbers, true/false, lists)."""
+        known = {f.name: f for f in fields(self)}
+        values = {}
+        for setting in settings:
+            name, _, text = setting.partition("=")
+            name = name.strip().replace("-", "_")
+            if name not in known or not text:
+                raise UserError(f"--set {setting!r}: expected FIELD=VALUE with FIELD one of {', '.join(known)}")
+            try:
+                value = json.loads(text)
+            except ValueError:
+                value = text  # a bare word, e.g. preprocessing=caffe
+            values[name] = value
+        try:
+            return Recipe.from_dict({**self.to_dict(), **values})
+        except (TypeError, ValueError) as error:
+            raise UserError(f"--set: {error}") from None
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":

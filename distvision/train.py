@@ -37,7 +37,7 @@ def resolve_recipe(config: TrainConfig) -> Recipe:
     return recipe_for(config.model, config.recipe).with_overrides(
         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, momentum=config.momentum,
         weight_decay=config.weight_decay, label_smoothing=config.label_smoothing,
-    )
+    ).with_settings(config.recipe_settings)
 
 
 def pick_device(requested: str) -> torch.device:
@@ -155,9 +155,10 @@ def train(config: TrainConfig) -> dict | None:
             (loss * (world_size / len(batch))).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum += torch.tensor([loss.item(), len(local)], dtype=torch.float64)
+            local_loss = loss.item()
+            loss_sum += torch.tensor([local_loss, len(local)], dtype=torch.float64)
             step += 1
-            progress.update(loss.item() / max(len(local), 1))
+            progress.update(local_loss / len(local))
         progress.close()
         epoch_seconds = time.perf_counter() - epoch_started
         train_seconds += epoch_seconds
@@ -178,8 +179,8 @@ def train(config: TrainConfig) -> dict | None:
             "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"],
         }
         if len(val_indices):
-            val = evaluate_split(replica, prepared.train_images[val_indices], prepared.train_labels[val_indices],
-                                 preprocess, precision, device)
+            val = evaluate_split(replica, prepared.train_images, prepared.train_labels, preprocess, precision,
+                                 device, indices=val_indices)
             record.update(val_loss=val.loss, val_accuracy=val.accuracy)
         history.append(record)
         if rank == 0:

@@ -60,3 +60,17 @@ def test_output_path_that_is_a_file_is_left_alone(data: Path, tmp_path: Path):
 
 def test_evaluate_without_a_checkpoint(data: Path, tmp_path: Path):
     _fails_cleanly(["evaluate", "--checkpoint", str(tmp_path), "--data", str(data)], tmp_path, "no checkpoint")
+
+
+def test_unknown_recipe_setting(data: Path, tmp_path: Path):
+    _fails_cleanly(["train", "--data", str(data), "--set", "warp_speed=9"], tmp_path, "--set")
+
+
+def test_no_network_for_the_default_download_is_one_line(tmp_path: Path):
+    from distvision.data.download import download_cifar10
+    from distvision.errors import UserError
+
+    with pytest.raises(UserError, match="DATA=") as error:
+        download_cifar10(tmp_path, url="http://127.0.0.1:9/cifar-10-python.tar.gz", timeout=5)
+    assert "\n" not in str(error.value)
+    assert not list((tmp_path / "downloads").glob("*"))  # no partial file left behind
