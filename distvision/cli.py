@@ -10,6 +10,7 @@ from pathlib import Path
 
 from distvision.config import TrainConfig
 from distvision.errors import UserError
+from distvision.parallel.launch import WorkerFailed
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name != "data"}
 
@@ -43,7 +44,19 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="run folder (default runs/<model>-<time>)")
     parser.add_argument("--cache-dir", help="where prepared data is cached (default ~/.cache/distvision)")
     parser.add_argument("--collective-timeout", type=float, default=DEFAULTS["collective_timeout"],
-                        help="seconds to wait for a peer in a collective before failing")
+                        help="seconds a collective waits for a peer before the group restarts (default %(default)s)")
+    parser.add_argument("--checkpoint-every", type=float, default=DEFAULTS["checkpoint_every"],
+                        help="seconds of training between checkpoints; also at every epoch end (default %(default)s)")
+    parser.add_argument("--max-restarts", type=int, default=DEFAULTS["max_restarts"],
+                        help="restarts of the local worker group after a worker dies (default %(default)s)")
+    parser.add_argument("--join-timeout", type=float, default=DEFAULTS["join_timeout"],
+                        help="seconds to wait for the workers at rendezvous before failing (default %(default)s)")
+    parser.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    debug = parser.add_argument_group("debugging")
+    debug.add_argument("--audit-samples", action="store_true",
+                       help="log each rank's sample indices per step to RUN_DIR/audit/")
+    debug.add_argument("--debug-stop-at-step", type=int, help="stop resumably after this step, as on SIGTERM")
+    debug.add_argument("--debug-step-delay", type=float, default=0.0, help="sleep after every step (seconds)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_command(args: argparse.Namespace) -> None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from distvision.checkpoint import list_training_checkpoints
     from distvision.data.prepare import default_cache_dir, ensure_prepared
     from distvision.parallel.launch import launch_local, started_by_torchrun
 
@@ -80,6 +96,8 @@ def _train_command(args: argparse.Namespace) -> None:
         config.data = str(download_cifar10(cache_dir))
     config.out = str(config.run_dir())
     if started_by_torchrun():
+        # Under torchrun a run folder with checkpoints is always resumed: a node joining a running
+        # job and a restarted worker must continue it, and neither can tell itself from a new start.
         from distvision.parallel.launch import _worker
 
         _worker("distvision.train:train_worker", config.to_dict())
@@ -87,9 +105,21 @@ def _train_command(args: argparse.Namespace) -> None:
     if recipe.batch_size < config.workers:
         raise UserError(f"--batch-size {recipe.batch_size} is smaller than --workers {config.workers}: "
                         "every worker needs at least one sample per step")
+    has_checkpoints = bool(list_training_checkpoints(Path(config.out)))
+    if has_checkpoints and not config.resume:
+        raise UserError(f"--out {config.out} holds an unfinished run: add --resume to continue it, "
+                        "or choose another folder")
+    if config.resume and not has_checkpoints:
+        raise UserError(f"--resume: {config.out} holds no checkpoint to continue from")
     # Prepare once here so that bad data fails before any worker starts.
     ensure_prepared(Path(config.data), config.image_size, cache_dir)
-    launch_local("distvision.train:train_worker", config.to_dict(), config.workers)
+    try:
+        launch_local("distvision.train:train_worker", config.to_dict(), config.workers,
+                     max_restarts=config.max_restarts, join_timeout=config.join_timeout)
+    except SignalException as stop:
+        print(f"distvision: stopped by signal {stop.sigval}; continue with --resume --out {config.out}",
+              file=sys.stderr)
+        sys.exit(128 + int(stop.sigval))
 
 
 def _models_command() -> None:
@@ -136,3 +166,6 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("distvision: interrupted", file=sys.stderr)
         sys.exit(130)
+    except WorkerFailed as error:
+        print(f"distvision: error: {error}", file=sys.stderr)
+        sys.exit(1)

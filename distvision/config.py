@@ -31,8 +31,17 @@ class TrainConfig:
     image_size: int = 32
     out: str | None = None
     cache_dir: str | None = None
-    # Seconds a collective may wait for a peer before the run fails instead of hanging.
-    collective_timeout: float = 300.0
+    # Fault tolerance. A collective waits at most this long for a peer (then the group restarts)
+    # instead of torch's 30-minute default.
+    collective_timeout: float = 120.0
+    checkpoint_every: float = 60.0  # seconds of training between checkpoints (and at every epoch end)
+    max_restarts: int = 3  # local worker-group restarts after a worker dies
+    join_timeout: float = 600.0  # seconds to wait for the minimum number of workers at rendezvous
+    resume: bool = False
+    # Debugging aids for tests and demonstrations.
+    audit_samples: bool = False  # log every rank's sample indices per step to RUN_DIR/audit/
+    debug_stop_at_step: int | None = None  # stop (resumably) after this global step, as on SIGTERM
+    debug_step_delay: float = 0.0  # sleep this long after every step, to make a run slow
 
     def run_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / f"{self.model}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -58,3 +67,7 @@ class TrainConfig:
             raise UserError(f"--out {self.out} is a file; give a folder for the run's outputs")
         if self.out and (Path(self.out) / "summary.json").exists():
             raise UserError(f"--out {self.out} already holds a finished run; choose another folder")
+        if self.checkpoint_every <= 0:
+            raise UserError(f"--checkpoint-every must be positive (got {self.checkpoint_every})")
+        if self.max_restarts < 0:
+            raise UserError(f"--max-restarts must be 0 or more (got {self.max_restarts})")

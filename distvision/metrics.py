@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def write_json_atomic(path: Path, data: dict, durable: bool = True) -> None:
+    """Temp file, fsync (unless not durable), rename: readers never see half a file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -23,9 +25,27 @@ def append_metrics(run_dir: Path, record: dict) -> None:
         f.flush()
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def rewrite_log(run_dir: Path, records: list[dict]) -> None:
+    """Replace metrics.jsonl with these records (on resume: the log as the checkpoint knew it)."""
+    tmp = run_dir / f"metrics.jsonl.{os.getpid()}.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, run_dir / "metrics.jsonl")
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    """Every line of metrics.jsonl: epoch records and events."""
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The per-epoch records of metrics.jsonl (events left out)."""
+    return [r for r in read_log(run_dir) if "event" not in r]
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    """The event lines of metrics.jsonl (restarts, resumes)."""
+    return [r for r in read_log(run_dir) if "event" in r]
 
 
 def say(message: str) -> None:

@@ -39,14 +39,14 @@ class Recipe:
         if not self.schedule or any(len(point) != 2 for point in self.schedule):
             raise UserError("schedule must be a list of [fraction, multiplier] points")
 
-    def with_overrides(self, **overrides) -> "Recipe":
+    def with_overrides(self, **overrides) -> Recipe:
         """A copy with the given fields replaced; None values keep the recipe's value."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def with_settings(self, settings: list[str]) -> "Recipe":
+    def with_settings(self, settings: list[str]) -> Recipe:
         """A copy with "field=value" strings applied; values are JSON (numbers, true/false, lists)."""
         known = {f.name: f for f in fields(self)}
         values = {}
@@ -66,7 +66,7 @@ class Recipe:
             raise UserError(f"--set: {error}") from None
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Recipe":
+    def from_dict(cls, data: dict) -> Recipe:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         if "schedule" in values:

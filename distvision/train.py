@@ -3,12 +3,20 @@
 Each worker holds a full replica of the model (Pattern Parallel Training, Dahl et al. 2008),
 trains on its own slice of every global batch, and the gradients are combined every step
 (parallel/sync.py). Started by parallel/launch.py on one machine or by torchrun on many.
+
+Progress is a world-size-independent position: (epoch, cursor), the cursor counting the samples
+of the epoch's permutation already trained. Checkpoints carry it, so after a worker dies, a node
+joins or leaves, or the user stops and resumes, the rest of the epoch is split over whoever is
+there now and every sample is still seen exactly once per epoch.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
+import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -17,7 +25,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distvision.checkpoint import save_checkpoint
+from distvision.checkpoint import (
+    load_latest_training_checkpoint,
+    restore_optimizer,
+    save_checkpoint,
+    save_training_checkpoint,
+)
 from distvision.config import TrainConfig
 from distvision.data.augment import AugmentSettings
 from distvision.data.batches import Preprocessing, load_batch
@@ -25,11 +38,13 @@ from distvision.data.prepare import default_cache_dir, ensure_prepared, open_pre
 from distvision.data.sharding import epoch_permutation, global_batches, rank_slice
 from distvision.errors import UserError
 from distvision.evaluate import EVAL_CHUNK, evaluate_split
-from distvision.metrics import Progress, append_metrics, epoch_line, say, write_json_atomic
+from distvision.metrics import Progress, append_metrics, epoch_line, rewrite_log, say, write_json_atomic
 from distvision.models.registry import create, recipe_for
 from distvision.parallel.sync import unwrap, wrap_for_sync
 from distvision.precision import autocast, choose_precision
 from distvision.recipes import Recipe, lr_multiplier
+
+HEARTBEAT_INTERVAL = 0.5  # seconds between rank 0's "still training" marks, for recovery timing
 
 
 def resolve_recipe(config: TrainConfig) -> Recipe:
@@ -68,7 +83,7 @@ def init_distributed(device: torch.device, timeout_seconds: float) -> tuple[int,
 def split_validation(train_count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded (train indices, validation indices) carved out of the training set."""
     order = np.random.default_rng([seed, 7919]).permutation(train_count)
-    val_count = int(round(train_count * fraction))
+    val_count = round(train_count * fraction)
     return np.sort(order[val_count:]), np.sort(order[:val_count])
 
 
@@ -88,9 +103,44 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
                            nesterov=recipe.nesterov and recipe.momentum > 0)
 
 
+def fresh_state(world_size: int) -> dict:
+    """Where a new run starts. Everything here is independent of the world size but the record of it."""
+    return {"epoch": 0, "cursor": 0, "step": 0, "train_seconds": 0.0, "epoch_seconds": 0.0,
+            "epoch_loss": 0.0, "epoch_samples": 0, "log": [], "world_size": world_size}
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGINT so the loop can stop at a step boundary with a checkpoint."""
+
+    def __init__(self):
+        self.requested = False
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, self._handle)
+
+    def _handle(self, number, frame):
+        self.requested = True
+
+
+def agree_on_resume(run_dir: Path, rank: int) -> tuple[dict, dict, dict] | None:
+    """Every rank loads the checkpoint rank 0 picked (the newest intact one), or none."""
+    loaded = load_latest_training_checkpoint(run_dir, warn=say) if rank == 0 else None
+    choice = [loaded[2]["step"] if loaded else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
+        return None
+    if rank != 0:
+        loaded = load_latest_training_checkpoint(run_dir, warn=lambda message: None)
+        if loaded is None or loaded[2]["step"] != choice[0]:
+            raise UserError(f"rank {rank} cannot read checkpoint step {choice[0]} in {run_dir}: "
+                            "--out must be on a file system every node shares")
+    return loaded
+
+
 def train(config: TrainConfig) -> dict | None:
     """Train with the given settings in this process (one rank); return the summary on rank 0."""
     wall_started = time.time()
+    stop_signal = StopSignal()
     device = pick_device(config.device)
     threads = set_worker_threads() if device.type == "cpu" else torch.get_num_threads()
     rank, world_size = init_distributed(device, config.collective_timeout)
@@ -112,39 +162,79 @@ def train(config: TrainConfig) -> dict | None:
     torch.manual_seed(config.seed)
     model = create(config.model, num_classes=len(prepared.classes), image_size=config.image_size)
     model = model.to(device, memory_format=torch.channels_last)
-    local_batch = -(-recipe.batch_size // world_size)
     precision, precision_how = choose_precision(
-        config.precision, model, config.model, local_batch, config.image_size, device, cache_dir
+        config.precision, model, config.model, -(-recipe.batch_size // world_size), config.image_size,
+        device, cache_dir,
     )
+    optimizer = make_optimizer(model, recipe)
+
+    # Resume: from the newest intact checkpoint, whatever world size wrote it.
+    state = fresh_state(world_size)
+    # The same job id (the rendezvous id) means the agent restarted us after a failure or a membership
+    # change; another id means a user resumed a stopped run.
+    job_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    loaded = agree_on_resume(run_dir, rank)
+    resumed_event = None
+    if loaded:
+        weights, optimizer_tensors, saved = loaded
+        for key, expected in (("model", config.model), ("global_batch_size", recipe.batch_size),
+                              ("seed", config.seed), ("epochs", recipe.epochs)):
+            if saved["settings"][key] != expected:
+                raise UserError(f"{run_dir} holds a run with {key}={saved['settings'][key]!r}, not {expected!r}: "
+                                "resume it with the same settings or choose another --out")
+        model.load_state_dict(weights)
+        restore_optimizer(optimizer, optimizer_tensors, saved)
+        state = {key: saved[key] for key in fresh_state(world_size)}
+        resumed_event = {"event": "restart" if job_id and saved.get("job_id") == job_id else "resume",
+                         "old_world_size": saved["world_size"], "new_world_size": world_size,
+                         "step": saved["step"], "epoch": saved["epoch"] + 1, "cursor": saved["cursor"]}
+        heartbeat = read_heartbeat(run_dir)
+        if heartbeat and heartbeat["step"] >= saved["step"]:
+            resumed_event["seconds_lost"] = round(max(0.0, heartbeat["train_seconds"] - saved["train_seconds"]), 3)
+            resumed_event["last_alive"] = heartbeat["time"]
+        state["world_size"] = world_size
     say(f"distvision: {config.model} on {world_size} worker(s) x {threads} thread(s), {device.type}, "
         f"{precision} ({precision_how}), global batch {recipe.batch_size}, {recipe.epochs} epochs, "
-        f"{len(train_indices)} training images")
+        f"{len(train_indices)} training images" + (f", resuming at step {state['step']}" if loaded else ""))
     if prepared.manifest["skipped_files"]:
         say(f"distvision: skipped {len(prepared.manifest['skipped_files'])} unreadable file(s), "
             f"listed in {prepared.path / 'manifest.json'}")
     model = wrap_for_sync(model, config.sync, device)
-    optimizer = make_optimizer(model, recipe)
+
+    settings = {"model": config.model, "global_batch_size": recipe.batch_size, "seed": config.seed,
+                "epochs": recipe.epochs}
+
+    def checkpoint_now() -> None:
+        if rank == 0:
+            save_training_checkpoint(run_dir, unwrap(model).state_dict(), optimizer,
+                                     dict(state, settings=settings, saved_at=time.time(), job_id=job_id))
 
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-    history: list[dict] = []
-    total_steps = recipe.epochs * len(global_batches(train_indices, recipe.batch_size, world_size))
-    step = 0
-    train_seconds = 0.0
-    for epoch in range(recipe.epochs):
-        # The epoch's global batches, identical on every rank; this rank trains on its slice of each.
+        rewrite_log(run_dir, state["log"])  # the log as of the checkpoint: nothing counted twice
+    audit, attempt = open_audit(run_dir, rank) if config.audit_samples else (None, None)
+    total_samples = recipe.epochs * len(train_indices)
+    stop_reason = None
+    last_checkpoint = last_heartbeat = time.time()
+    while state["epoch"] < recipe.epochs and stop_reason is None:
+        epoch = state["epoch"]
+        # The epoch's global batches from the cursor on, identical on every rank; this rank trains on
+        # its slice of each.
         order = train_indices[epoch_permutation(config.seed, epoch, len(train_indices))]
-        batches = global_batches(order, recipe.batch_size, world_size)
+        batches = global_batches(order[state["cursor"]:], recipe.batch_size, world_size)
         progress = Progress(len(batches), f"epoch {epoch + 1}/{recipe.epochs}")
-        loss_sum = torch.zeros(2, dtype=torch.float64)  # summed loss, samples: this rank
-        epoch_started = time.perf_counter()
+        segment_started = time.perf_counter()
         model.train()
         for batch in batches:
             local = rank_slice(batch, rank, world_size)
+            if audit:
+                audit.write(json.dumps({"attempt": attempt, "epoch": epoch, "step": state["step"],
+                                        "world_size": world_size, "indices": local.tolist()}) + "\n")
             x = load_batch(prepared.train_images, local, preprocess, device, augment, config.seed, epoch)
             y = torch.from_numpy(prepared.train_labels[local]).to(device)
+            progress_fraction = (epoch * len(train_indices) + state["cursor"]) / total_samples
             for group in optimizer.param_groups:
-                group["lr"] = recipe.lr * group["lr_mult"] * lr_multiplier(recipe.schedule, step / total_steps)
+                group["lr"] = recipe.lr * group["lr_mult"] * lr_multiplier(recipe.schedule, progress_fraction)
             with autocast(precision, device):
                 logits = model(x)
             loss = nn.functional.cross_entropy(
@@ -155,26 +245,64 @@ def train(config: TrainConfig) -> dict | None:
             (loss * (world_size / len(batch))).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            local_loss = loss.item()
-            loss_sum += torch.tensor([local_loss, len(local)], dtype=torch.float64)
-            step += 1
-            progress.update(local_loss / len(local))
-        progress.close()
-        epoch_seconds = time.perf_counter() - epoch_started
-        train_seconds += epoch_seconds
+            if config.debug_step_delay:
+                time.sleep(config.debug_step_delay)
 
-        if dist.is_initialized():
-            dist.all_reduce(loss_sum)
+            # One small all-reduce per step: the global loss, and decisions every rank must share.
+            local_loss = loss.item()
+            now = time.time()
+            shared = torch.tensor([
+                local_loss if math.isfinite(local_loss) else 0.0,
+                len(local),
+                float(stop_signal.requested),
+                float(not math.isfinite(local_loss)),
+                float(rank == 0 and now - last_checkpoint >= config.checkpoint_every),
+            ], dtype=torch.float64)
+            if dist.is_initialized():
+                dist.all_reduce(shared)
+            global_loss, samples, stop_votes, diverged_votes, checkpoint_due = shared.tolist()
+            state["step"] += 1
+            state["cursor"] += len(batch)
+            state["epoch_loss"] += global_loss
+            state["epoch_samples"] += int(samples)
+            progress.update(global_loss / samples)
+            if resumed_event:
+                record_resume(run_dir, rank, state, resumed_event, now)
+                resumed_event = None
+            if rank == 0 and now - last_heartbeat >= HEARTBEAT_INTERVAL:
+                elapsed = state["train_seconds"] + time.perf_counter() - segment_started
+                write_heartbeat(run_dir, state["step"], elapsed)
+                last_heartbeat = now
+            if diverged_votes:
+                stop_reason = "diverged"
+                break
+            if stop_votes or state["step"] == config.debug_stop_at_step:
+                stop_reason = "stopped"
+                break
+            if checkpoint_due:
+                segment_seconds = time.perf_counter() - segment_started
+                state["train_seconds"] += segment_seconds
+                state["epoch_seconds"] += segment_seconds
+                checkpoint_now()
+                last_checkpoint = time.time()
+                segment_started = time.perf_counter()
+        progress.close()
+        segment_seconds = time.perf_counter() - segment_started
+        state["train_seconds"] += segment_seconds
+        state["epoch_seconds"] += segment_seconds
+        if stop_reason:
+            break
+
         replica = unwrap(model)
+        eval_started = time.perf_counter()
         test = evaluate_split(replica, prepared.test_images, prepared.test_labels, preprocess, precision, device)
         record = {
             "epoch": epoch + 1,
-            "train_loss": loss_sum[0].item() / loss_sum[1].item(),
+            "train_loss": state["epoch_loss"] / max(state["epoch_samples"], 1),
             "test_loss": test.loss,
             "test_accuracy": test.accuracy,
-            "images_per_second": loss_sum[1].item() / epoch_seconds,
-            "epoch_seconds": epoch_seconds,
-            "eval_seconds": time.perf_counter() - epoch_started - epoch_seconds,
+            "images_per_second": state["epoch_samples"] / state["epoch_seconds"],
+            "epoch_seconds": state["epoch_seconds"],
             "world_size": world_size,
             "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"],
         }
@@ -182,10 +310,20 @@ def train(config: TrainConfig) -> dict | None:
             val = evaluate_split(replica, prepared.train_images, prepared.train_labels, preprocess, precision,
                                  device, indices=val_indices)
             record.update(val_loss=val.loss, val_accuracy=val.accuracy)
-        history.append(record)
+        record["eval_seconds"] = time.perf_counter() - eval_started
+        state.update(epoch=epoch + 1, cursor=0, epoch_seconds=0.0, epoch_loss=0.0, epoch_samples=0)
+        state["log"].append(record)
+        checkpoint_now()  # before the line is written: a restart never logs an epoch twice
+        last_checkpoint = time.time()
         if rank == 0:
             append_metrics(run_dir, record)
             say(epoch_line(record))
+
+    if stop_reason == "stopped":
+        checkpoint_now()
+        say(f"distvision: stopped at step {state['step']} with a checkpoint; continue with --resume --out {run_dir}")
+        finish_distributed()
+        return None
 
     # Final evaluation with the recipe's test-time settings; the checkpoint holds exactly these weights.
     replica = unwrap(model)
@@ -193,14 +331,15 @@ def train(config: TrainConfig) -> dict | None:
                            recipe.test_time_flip)
     summary = None
     if rank == 0:
-        state = dict(replica.state_dict())
-        state.update({"preprocess.mean": preprocess.mean, "preprocess.scale": preprocess.scale})
-        save_checkpoint(run_dir / "checkpoint", state, {
+        weights = dict(replica.state_dict())
+        weights.update({"preprocess.mean": preprocess.mean, "preprocess.scale": preprocess.scale})
+        save_checkpoint(run_dir / "checkpoint", weights, {
             "model": config.model, "classes": prepared.classes, "image_size": config.image_size,
             "preprocessing": recipe.preprocessing, "precision": precision,
             "test_time_flip": recipe.test_time_flip, "eval_chunk": EVAL_CHUNK,
             "test_accuracy": final.accuracy, "epochs": recipe.epochs,
         })
+        history = [r for r in state["log"] if "epoch" in r and "event" not in r]
         steady = history[1:] or history
         summary = {
             "model": config.model,
@@ -208,7 +347,7 @@ def train(config: TrainConfig) -> dict | None:
             "recipe": recipe.to_dict(),
             "precision": precision,
             "precision_choice": precision_how,
-            "epochs": recipe.epochs,
+            "epochs": len(history),
             "world_size": world_size,
             "threads_per_worker": threads,
             "device": device.type,
@@ -218,24 +357,72 @@ def train(config: TrainConfig) -> dict | None:
             "test_accuracy": final.accuracy,
             "test_loss": final.loss,
             "best_test_accuracy": max([r["test_accuracy"] for r in history] + [final.accuracy]),
-            "val_accuracy": history[-1].get("val_accuracy"),
+            "val_accuracy": history[-1].get("val_accuracy") if history else None,
             "images_per_second": sum(r["images_per_second"] * r["epoch_seconds"] for r in steady)
-            / sum(r["epoch_seconds"] for r in steady),
-            "train_seconds": train_seconds,
+            / max(sum(r["epoch_seconds"] for r in steady), 1e-9),
+            "train_seconds": state["train_seconds"],
             "wall_seconds": time.time() - wall_started,
-            "stop_reason": "completed all epochs",
+            "stop_reason": "diverged" if stop_reason == "diverged" else "max_epochs",
+            "stop_step": state["step"],
+            "restarts": sum(1 for r in state["log"] if r.get("event") == "restart"),
             "skipped_files": prepared.manifest["skipped_files"],
             "data": str(prepared.manifest["source"]),
             "prepared_data": str(prepared.path),
             "config": config.to_dict(),
         }
         write_json_atomic(run_dir / "summary.json", summary)
-        say(f"distvision: test accuracy {final.accuracy:.4f} after {recipe.epochs} epochs, "
+        say(f"distvision: test accuracy {final.accuracy:.4f} after {len(history)} epochs, "
             f"{summary['images_per_second']:.0f} img/s, {summary['wall_seconds']:.0f}s wall; outputs in {run_dir}")
+    finish_distributed()
+    return summary
+
+
+def finish_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return summary
+
+
+def write_heartbeat(run_dir: Path, step: int, train_seconds: float) -> None:
+    """Rank 0's mark that training was alive at this moment (recovery time is measured from it)."""
+    write_json_atomic(run_dir / "heartbeat.json", {"time": time.time(), "step": step,
+                                                    "train_seconds": train_seconds}, durable=False)
+
+
+def read_heartbeat(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / "heartbeat.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def record_resume(run_dir: Path, rank: int, state: dict, event: dict, now: float) -> None:
+    """Log the restart or resume once the first step after it has trained."""
+    last_alive = event.pop("last_alive", None)
+    restarted = event["event"] == "restart" and last_alive is not None
+    event["recovery_seconds"] = round(now - last_alive, 3) if restarted else None
+    event["time"] = now
+    state["log"].append(event)
+    if rank == 0:
+        append_metrics(run_dir, event)
+        if restarted:
+            say(f"distvision: recovered in {event['recovery_seconds']:.1f} s after a membership change "
+                f"(world size {event['old_world_size']} -> {event['new_world_size']}), resumed at step "
+                f"{event['step']}, {event.get('seconds_lost', 0):.1f} s of work redone")
+
+
+def open_audit(run_dir: Path, rank: int):
+    """Per-rank log of the sample indices trained at each step (for coverage checks).
+
+    Each attempt (start, restart, resume) gets rank 0's clock as its id, shared by all ranks, so a
+    reader can tell a step redone after a restart from the attempt that was lost.
+    """
+    attempt = [time.time_ns()]
+    if dist.is_initialized():
+        dist.broadcast_object_list(attempt, src=0)
+    folder = run_dir / "audit"
+    folder.mkdir(parents=True, exist_ok=True)
+    return open(folder / f"attempt{attempt[0]}-rank{rank}.jsonl", "a", buffering=1), attempt[0]
 
 
 def train_worker(payload: dict) -> dict | None:

@@ -58,7 +58,7 @@ def write_cifar_batches(folder: Path, per_batch: int = 20, test_count: int = 20)
     for i in range(1, 6):
         dump(f"data_batch_{i}", per_batch)
     dump("test_batch", test_count)
-    names = [n.encode() for n in "airplane automobile bird cat deer dog frog horse ship truck".split()]
+    names = [n.encode() for n in ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]]
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
     return folder
 
@@ -74,4 +74,4 @@ def run_cli(args: list[str], cache_dir: Path, cwd: Path | None = None, timeout: 
     """Run `python -m distvision ...` as a user would; returns the CompletedProcess."""
     env = dict(os.environ, XDG_CACHE_HOME=str(cache_dir), PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "distvision", *args], cwd=cwd or REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)

@@ -15,8 +15,7 @@ from distvision.recipes import lr_multiplier, one_cycle, step_down
 @pytest.mark.parametrize("sample_count", [1000, 1001, 1023, 97, 5])
 def test_every_sample_exactly_once_per_epoch(world_size: int, sample_count: int):
     batch_size = 64 if sample_count > 10 else 4
-    if batch_size < world_size:
-        batch_size = world_size
+    batch_size = max(batch_size, world_size)
     for epoch in range(2):
         batches = global_batches(epoch_permutation(3, epoch, sample_count), batch_size, world_size)
         per_rank = [[rank_slice(b, r, world_size) for b in batches] for r in range(world_size)]

@@ -30,7 +30,7 @@ class Preprocessing:
             raise ValueError(f"unknown preprocessing {kind!r}")
         return cls(kind, mean.contiguous(), scale)
 
-    def to(self, device: torch.device) -> "Preprocessing":
+    def to(self, device: torch.device) -> Preprocessing:
         return Preprocessing(self.kind, self.mean.to(device), self.scale.to(device))
 
     def __call__(self, images_nhwc: torch.Tensor) -> torch.Tensor:

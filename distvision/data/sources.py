@@ -58,13 +58,13 @@ class Source:
 class _CifarUnpickler(pickle.Unpickler):
     """Admit only what the CIFAR-10 batch pickles hold: numpy arrays, dicts, lists, bytes."""
 
-    ALLOWED = {
+    ALLOWED = frozenset({
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
-    }
+    })
 
     def find_class(self, module: str, name: str):
         if (module, name) in self.ALLOWED:
@@ -75,7 +75,7 @@ class _CifarUnpickler(pickle.Unpickler):
 def _unpickle_batch(raw: bytes, name: str) -> dict:
     try:
         batch = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - unpickling can raise almost anything
         raise UserError(f"CIFAR-10 batch {name} is unreadable or not a CIFAR batch: {error}") from None
     if not isinstance(batch, dict):
         raise UserError(f"CIFAR-10 batch {name} does not hold a dict")
@@ -178,9 +178,9 @@ def _scan_split(root: Path, classes: list[str]) -> tuple[FileSplit, list[str]]:
 
 def _hold_out(split: FileSplit, fraction: float, seed: int) -> tuple[FileSplit, FileSplit]:
     order = np.random.default_rng(seed).permutation(len(split.paths))
-    test_count = int(round(len(order) * fraction))
+    test_count = round(len(order) * fraction)
     test_idx, train_idx = np.sort(order[:test_count]), np.sort(order[test_count:])
-    pick = lambda idx: FileSplit([split.paths[i] for i in idx], [split.labels[i] for i in idx])  # noqa: E731
+    pick = lambda idx: FileSplit([split.paths[i] for i in idx], [split.labels[i] for i in idx])
     return pick(train_idx), pick(test_idx)
 
 
@@ -218,7 +218,7 @@ def decode_image(path: str, image_size: int) -> np.ndarray | None:
             if image.size != (image_size, image_size):
                 image = image.resize((image_size, image_size), Image.BILINEAR)
             return np.asarray(image, dtype=np.uint8)
-    except Exception:  # any decoder failure means "not a usable image": the caller records it
+    except Exception:  # noqa: BLE001 - any decoder failure means "not a usable image": the caller records it
         return None
 
 

@@ -37,7 +37,7 @@ class WithinChannelLRN(nn.Module):
 
 
 def _caffe_trunk(lrn: bool) -> list[nn.Module]:
-    norm = (lambda: [WithinChannelLRN()]) if lrn else (lambda: [])
+    norm = (lambda: [WithinChannelLRN()]) if lrn else (list)
     return [
         _init(nn.Conv2d(3, 32, 5, padding=2), 1e-4),
         nn.MaxPool2d(3, 2, ceil_mode=True),

@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 import uuid
+from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -48,8 +49,13 @@ def _worker(function_path: str, payload: dict):
         sys.exit(USER_ERROR_EXIT)
 
 
-def launch_local(function_path: str, payload: dict, workers: int, max_restarts: int = 0) -> dict:
-    """Run "module:function"(payload) in `workers` local processes; return {rank: result}."""
+def launch_local(function_path: str, payload: dict, workers: int, max_restarts: int = 0,
+                 join_timeout: float = 600.0) -> dict:
+    """Run "module:function"(payload) in `workers` local processes; return {rank: result}.
+
+    A worker that dies makes the agent restart the whole group (up to max_restarts times); the
+    function is expected to resume from its own checkpoint.
+    """
     # The elastic agent logs every phase at INFO/WARNING; users need only failures.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     config = LaunchConfig(
@@ -58,7 +64,9 @@ def launch_local(function_path: str, payload: dict, workers: int, max_restarts: 
         nproc_per_node=workers,
         run_id=f"distvision-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d",
+        # Loopback only: the c10d store is unauthenticated (see the README).
         rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        rdzv_configs={"join_timeout": join_timeout},
         max_restarts=max_restarts,
         monitor_interval=0.1,
         start_method="spawn",
@@ -75,3 +83,34 @@ def launch_local(function_path: str, payload: dict, workers: int, max_restarts: 
 
 class WorkerFailed(Exception):
     """A worker process crashed (not a user error)."""
+
+
+def local_worker_pids(agent_pid: int) -> dict[int, int]:
+    """{local rank: pid} of the workers an agent process (distvision train or torchrun) runs now.
+
+    torchrun's workers carry LOCAL_RANK in their start-up environment; workers our launcher spawns
+    get it only after start, but are spawned in local-rank order.
+    """
+    workers, spawned = {}, []
+    for child in _children(agent_pid):
+        try:
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        variables = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+        if b"LOCAL_RANK" in variables:
+            workers[int(variables[b"LOCAL_RANK"])] = child
+        elif b"spawn_main" in command:
+            spawned.append(child)
+    return workers or dict(enumerate(sorted(spawned)))
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return children

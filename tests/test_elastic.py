@@ -1,0 +1,236 @@
+"""Fault tolerance with real processes: dead workers, resumes at other world sizes, nodes joining and
+leaving, stopped peers, corrupt checkpoints, and a clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli, write_image_tree
+from safetensors.torch import load_file
+
+from distvision.checkpoint import (
+    list_training_checkpoints,
+    load_latest_training_checkpoint,
+    save_training_checkpoint,
+)
+from distvision.errors import UserError
+from distvision.metrics import read_events, read_metrics
+from distvision.parallel.launch import local_worker_pids
+
+TRAIN_COUNT = 3 * 40
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return write_image_tree(tmp_path / "data", classes=3, train_per_class=40, test_per_class=4)
+
+
+def _env(tmp_path: Path) -> dict:
+    return dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+
+
+def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(data), "--out", str(out), "--model", "mlp", "--precision", "fp32",
+            "--batch-size", "8", "--lr", "0.05", "--audit-samples", *extra]
+
+
+def _start(args: list[str], tmp_path: Path, module: list[str] | None = None) -> subprocess.Popen:
+    command = [sys.executable, *(module or ["-m", "distvision"]), *args]
+    return subprocess.Popen(command, cwd=REPO, env=_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for(condition, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _steps_done(run_dir: Path) -> int:
+    try:
+        return json.loads((run_dir / "heartbeat.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def assert_each_epoch_covered_once(run_dir: Path, epochs: int, sample_count: int = TRAIN_COUNT) -> None:
+    """From the audit logs: per epoch, the steps that counted (the latest attempt of each) cover every
+    sample exactly once, whatever restarts and world-size changes happened."""
+    attempts: dict[tuple[int, int], dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for path in (run_dir / "audit").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            # A later attempt at the same step (after a restart) supersedes the one that was lost.
+            attempts[(record["epoch"], record["step"])][record["attempt"]].extend(record["indices"])
+    for epoch in range(epochs):
+        seen = []
+        for (record_epoch, _), by_attempt in attempts.items():
+            if record_epoch == epoch:
+                seen += by_attempt[max(by_attempt)]
+        assert sorted(seen) == list(range(sample_count)), f"epoch {epoch}: {len(seen)} samples, not each once"
+
+
+def test_a_killed_worker_is_restarted_and_no_sample_is_lost(data: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    run = _start(_train_args(data, out, "--workers", "2", "--epochs", "4", "--debug-step-delay", "0.05",
+                             "--checkpoint-every", "0.3"), tmp_path)
+    _wait_for(lambda: _steps_done(out) >= 20, 120, "training to make progress")
+    workers = _wait_for(lambda: local_worker_pids(run.pid), 10, "worker processes")
+    os.kill(workers[1], signal.SIGKILL)
+    output = run.communicate(timeout=180)[0]
+    assert run.returncode == 0, output[-3000:]
+    restarts = [e for e in read_events(out) if e["event"] == "restart"]
+    assert len(restarts) == 1 and restarts[0]["new_world_size"] == 2
+    assert restarts[0]["recovery_seconds"] < 30
+    assert "recovered in" in output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["restarts"] == 1 and summary["epochs"] == 4
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3, 4]
+    assert_each_epoch_covered_once(out, 4)
+
+
+def test_resume_at_other_world_sizes_matches_an_uninterrupted_run(data: Path, tmp_path: Path):
+    common = ["--epochs", "3", "--checkpoint-every", "1000"]
+    reference = run_cli(_train_args(data, tmp_path / "whole", "--workers", "2", *common), tmp_path / "cache")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    out = tmp_path / "pieces"
+    for extra in (["--workers", "2", "--debug-stop-at-step", "7"],
+                  ["--workers", "1", "--resume", "--debug-stop-at-step", "25"],
+                  ["--workers", "2", "--resume"]):
+        piece = run_cli(_train_args(data, out, *common, *extra), tmp_path / "cache")
+        assert piece.returncode == 0, piece.stderr[-2000:]
+    whole = load_file(tmp_path / "whole" / "checkpoint" / "model.safetensors")
+    resumed = load_file(out / "checkpoint" / "model.safetensors")
+    for name, value in whole.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-4, atol=1e-5)
+    events = read_events(out)
+    assert [(e["event"], e["old_world_size"], e["new_world_size"]) for e in events] == [
+        ("resume", 2, 1), ("resume", 1, 2)]
+    assert_each_epoch_covered_once(out, 3)
+
+
+def test_an_unfinished_run_is_not_overwritten_without_resume(data: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    first = run_cli(_train_args(data, out, "--workers", "1", "--epochs", "2", "--debug-stop-at-step", "3"),
+                    tmp_path / "cache")
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run_cli(_train_args(data, out, "--workers", "1", "--epochs", "2"), tmp_path / "cache")
+    assert again.returncode == 2 and "--resume" in again.stderr
+    assert list_training_checkpoints(out)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path: Path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    for step in (10, 20, 30):
+        save_training_checkpoint(tmp_path, model.state_dict(), optimizer, {"step": step})
+    assert [p.name for p in list_training_checkpoints(tmp_path)] == ["step-000000020", "step-000000030"]
+    newest = list_training_checkpoints(tmp_path)[-1] / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-7])
+    warnings = []
+    _, _, state = load_latest_training_checkpoint(tmp_path, warn=warnings.append)
+    assert state["step"] == 20 and "corrupt" in warnings[0]
+    (list_training_checkpoints(tmp_path)[0] / "state.json").write_text("{not json")
+    with pytest.raises(UserError, match="every checkpoint"):
+        load_latest_training_checkpoint(tmp_path, warn=warnings.append)
+
+
+def test_sigterm_stops_workers_and_agent_cleanly_with_a_resumable_checkpoint(data: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    args = _train_args(data, out, "--workers", "2", "--epochs", "3", "--debug-step-delay", "0.05")
+    run = _start(args, tmp_path)
+    _wait_for(lambda: _steps_done(out) >= 10, 120, "training to make progress")
+    workers = local_worker_pids(run.pid)
+    run.send_signal(signal.SIGTERM)
+    output = run.communicate(timeout=60)[0]
+    assert run.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert "--resume" in output and "Traceback" not in output
+    for pid in workers.values():
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    assert list_training_checkpoints(out)
+    finished = run_cli(args[:-2] + ["--resume"], tmp_path / "cache")
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert_each_epoch_covered_once(out, 3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _agent(data: Path, out: Path, tmp_path: Path, endpoint: str, *extra: str) -> subprocess.Popen:
+    """One torchrun agent ("node") with one worker, in an elastic job of 1 to 2 nodes."""
+    torchrun = ["-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=1", "--max-restarts=5",
+                "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=elastic-test",
+                "--rdzv-conf=join_timeout=60,last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=2",
+                "--monitor-interval=0.2", "-m", "distvision"]
+    return _start(_train_args(data, out, "--collective-timeout", "8", "--checkpoint-every", "0.5", *extra),
+                  tmp_path, module=torchrun)
+
+
+def _world_sizes(out: Path) -> list[tuple[int, int]]:
+    return [(e["old_world_size"], e["new_world_size"]) for e in read_events(out) if e["event"] == "restart"]
+
+
+@pytest.mark.timeout(400)
+def test_a_node_joins_a_running_job_and_leaves_it(data: Path, tmp_path: Path):
+    out, endpoint = tmp_path / "run", f"127.0.0.1:{_free_port()}"
+    extra = ("--epochs", "12", "--debug-step-delay", "0.1")
+    first = _agent(data, out, tmp_path, endpoint, *extra)
+    _wait_for(lambda: _steps_done(out) >= 10, 120, "the first node to train alone")
+    second = _agent(data, out, tmp_path, endpoint, *extra)
+    _wait_for(lambda: (2 if (1, 2) in _world_sizes(out) else 0), 120, "the second node to join")
+    _wait_for(lambda: _steps_done(out) >= read_events(out)[-1]["step"] + 10, 120, "training at world size 2")
+    os.killpg(second.pid, signal.SIGKILL)
+    second.communicate(timeout=30)
+    output = first.communicate(timeout=300)[0]
+    assert first.returncode == 0, output[-3000:]
+    assert (1, 2) in _world_sizes(out) and (2, 1) in _world_sizes(out)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 1
+    assert_each_epoch_covered_once(out, 12)
+
+
+@pytest.mark.timeout(400)
+def test_a_stopped_node_does_not_hang_the_survivor(data: Path, tmp_path: Path):
+    """SIGSTOP (not kill) a node: the survivor's collective times out, it regroups alone and finishes."""
+    out, endpoint = tmp_path / "run", f"127.0.0.1:{_free_port()}"
+    extra = ("--epochs", "6", "--debug-step-delay", "0.05")
+    first = _agent(data, out, tmp_path, endpoint, *extra)
+    second = _agent(data, out, tmp_path, endpoint, *extra)
+    _wait_for(lambda: _steps_done(out) >= 15, 120, "two nodes to train")
+    os.killpg(second.pid, signal.SIGSTOP)
+    try:
+        output = first.communicate(timeout=240)[0]
+    finally:
+        os.killpg(second.pid, signal.SIGKILL)
+        second.communicate(timeout=30)
+    assert first.returncode == 0, output[-3000:]
+    assert (2, 1) in _world_sizes(out)
+    assert_each_epoch_covered_once(out, 6)
+
+
+def test_missing_workers_at_rendezvous_is_an_error_not_a_hang(data: Path, tmp_path: Path):
+    torchrun = ["-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-conf=join_timeout=5", "-m", "distvision"]
+    started = time.time()
+    lonely = _start(_train_args(data, tmp_path / "run", "--epochs", "1"), tmp_path, module=torchrun)
+    output = lonely.communicate(timeout=120)[0]
+    assert lonely.returncode != 0 and time.time() - started < 90
+    assert "timeout" in output.lower() or "Timeout" in output
