@@ -179,7 +179,7 @@ def _agent(data: Path, out: Path, tmp_path: Path, endpoint: str, *extra: str) ->
     """One torchrun agent ("node") with one worker, in an elastic job of 1 to 2 nodes."""
     torchrun = ["-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=1", "--max-restarts=5",
                 "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=elastic-test",
-                "--rdzv-conf=join_timeout=60,last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=2",
+                "--rdzv-conf=join_timeout=60,last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=2",
                 "--monitor-interval=0.2", "-m", "distvision"]
     return _start(_train_args(data, out, "--collective-timeout", "8", "--checkpoint-every", "0.5", *extra),
                   tmp_path, module=torchrun)
@@ -190,36 +190,23 @@ def _world_sizes(out: Path) -> list[tuple[int, int]]:
 
 
 @pytest.mark.timeout(400)
-def test_a_node_joins_a_running_job_and_leaves_it(data: Path, tmp_path: Path):
-    out, endpoint = tmp_path / "run", f"127.0.0.1:{_free_port()}"
-    extra = ("--epochs", "12", "--debug-step-delay", "0.1")
-    first = _agent(data, out, tmp_path, endpoint, *extra)
-    _wait_for(lambda: _steps_done(out) >= 10, 120, "the first node to train alone")
-    second = _agent(data, out, tmp_path, endpoint, *extra)
-    _wait_for(lambda: (2 if (1, 2) in _world_sizes(out) else 0), 120, "the second node to join")
-    _wait_for(lambda: _steps_done(out) >= read_events(out)[-1]["step"] + 10, 120, "training at world size 2")
-    os.killpg(second.pid, signal.SIGKILL)
-    second.communicate(timeout=30)
-    output = first.communicate(timeout=300)[0]
-    assert first.returncode == 0, output[-3000:]
-    assert (1, 2) in _world_sizes(out) and (2, 1) in _world_sizes(out)
-    assert json.loads((out / "summary.json").read_text())["world_size"] == 1
-    assert_each_epoch_covered_once(out, 12)
-
-
-@pytest.mark.timeout(400)
 def test_a_stopped_node_does_not_hang_the_survivor(data: Path, tmp_path: Path):
     """SIGSTOP (not kill) a node: the survivor's collective times out, it regroups alone and finishes."""
     out, endpoint = tmp_path / "run", f"127.0.0.1:{_free_port()}"
-    extra = ("--epochs", "6", "--debug-step-delay", "0.05")
+    extra = ("--epochs", "6", "--debug-step-delay", "0.2")
     first = _agent(data, out, tmp_path, endpoint, *extra)
+    time.sleep(1)  # the first agent hosts the c10d store, which must survive; both join the first round
     second = _agent(data, out, tmp_path, endpoint, *extra)
     _wait_for(lambda: _steps_done(out) >= 15, 120, "two nodes to train")
-    os.killpg(second.pid, signal.SIGSTOP)
+    # The whole node: its agent and its worker (which torchrun runs in a session of its own).
+    frozen = [second.pid, *local_worker_pids(second.pid).values()]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
     try:
         output = first.communicate(timeout=240)[0]
     finally:
-        os.killpg(second.pid, signal.SIGKILL)
+        for pid in frozen:
+            os.kill(pid, signal.SIGKILL)
         second.communicate(timeout=30)
     assert first.returncode == 0, output[-3000:]
     assert (2, 1) in _world_sizes(out)
