@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_command(args: argparse.Namespace) -> None:
+def _train_command(args: argparse.Namespace, argv: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
     from distvision.checkpoint import list_training_checkpoints
@@ -114,7 +114,8 @@ def _train_command(args: argparse.Namespace) -> None:
     # Prepare once here so that bad data fails before any worker starts.
     ensure_prepared(Path(config.data), config.image_size, cache_dir)
     try:
-        launch_local("distvision.train:train_worker", config.to_dict(), config.workers,
+        # The workers get the user's arguments, with the data path and run folder settled here.
+        launch_local(["train", *argv, "--data", config.data, "--out", config.out], config.workers,
                      max_restarts=config.max_restarts, join_timeout=config.join_timeout)
     except SignalException as stop:
         print(f"distvision: stopped by signal {stop.sigval}; continue with --resume --out {config.out}",
@@ -136,9 +137,10 @@ def _models_command() -> None:
 
 
 def run(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     if args.command == "train":
-        _train_command(args)
+        _train_command(args, argv[1:])
     elif args.command == "prepare":
         from distvision.data.prepare import prepare
 

@@ -13,10 +13,12 @@ there now and every sample is still seen exactly once per epoch.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import math
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -45,6 +47,7 @@ from distvision.precision import autocast, choose_precision
 from distvision.recipes import Recipe, lr_multiplier
 
 HEARTBEAT_INTERVAL = 0.5  # seconds between rank 0's "still training" marks, for recovery timing
+STOP_GRACE_SECONDS = 20.0  # after SIGTERM: time to finish the step and checkpoint before a hard exit
 
 
 def resolve_recipe(config: TrainConfig) -> Recipe:
@@ -110,7 +113,12 @@ def fresh_state(world_size: int) -> dict:
 
 
 class StopSignal:
-    """Remembers SIGTERM/SIGINT so the loop can stop at a step boundary with a checkpoint."""
+    """Remembers SIGTERM/SIGINT so the loop can stop at a step boundary with a checkpoint.
+
+    Installed only around the training loop: anywhere else a signal ends the process at once. A
+    worker that cannot reach a step boundary (stuck in a collective with a dead peer) still exits
+    after STOP_GRACE_SECONDS, so the agent's restart never waits on it.
+    """
 
     def __init__(self):
         self.requested = False
@@ -118,6 +126,10 @@ class StopSignal:
             signal.signal(number, self._handle)
 
     def _handle(self, number, frame):
+        if not self.requested:
+            watchdog = threading.Timer(STOP_GRACE_SECONDS, os._exit, args=(128 + number,))
+            watchdog.daemon = True
+            watchdog.start()
         self.requested = True
 
 
@@ -137,10 +149,38 @@ def agree_on_resume(run_dir: Path, rank: int) -> tuple[dict, dict, dict] | None:
     return loaded
 
 
+def resume_state(run_dir: Path, rank: int, world_size: int, settings: dict, job_id: str,
+                 model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict | None]:
+    """Load the newest checkpoint into model and optimizer; return (state, the event to log) or a fresh start.
+
+    The same job id (torchrun's rendezvous id) means the agent restarted us after a failure or a
+    membership change ("restart"); another id means a user resumed a stopped run ("resume").
+    """
+    loaded = agree_on_resume(run_dir, rank)
+    if not loaded:
+        return fresh_state(world_size), None
+    weights, optimizer_tensors, saved = loaded
+    for key, expected in settings.items():
+        if saved["settings"][key] != expected:
+            raise UserError(f"{run_dir} holds a run with {key}={saved['settings'][key]!r}, not {expected!r}: "
+                            "resume it with the same settings or choose another --out")
+    model.load_state_dict(weights)
+    restore_optimizer(optimizer, optimizer_tensors, saved)
+    state = {key: saved[key] for key in fresh_state(world_size)}
+    event = {"event": "restart" if job_id and saved.get("job_id") == job_id else "resume",
+             "old_world_size": saved["world_size"], "new_world_size": world_size,
+             "step": saved["step"], "epoch": saved["epoch"] + 1, "cursor": saved["cursor"]}
+    heartbeat = read_heartbeat(run_dir)
+    if heartbeat and heartbeat["step"] >= saved["step"]:
+        event["seconds_lost"] = round(max(0.0, heartbeat["train_seconds"] - saved["train_seconds"]), 3)
+        event["last_alive"] = heartbeat["time"]
+    state["world_size"] = world_size
+    return state, event
+
+
 def train(config: TrainConfig) -> dict | None:
     """Train with the given settings in this process (one rank); return the summary on rank 0."""
     wall_started = time.time()
-    stop_signal = StopSignal()
     device = pick_device(config.device)
     threads = set_worker_threads() if device.type == "cpu" else torch.get_num_threads()
     rank, world_size = init_distributed(device, config.collective_timeout)
@@ -169,40 +209,17 @@ def train(config: TrainConfig) -> dict | None:
     optimizer = make_optimizer(model, recipe)
 
     # Resume: from the newest intact checkpoint, whatever world size wrote it.
-    state = fresh_state(world_size)
-    # The same job id (the rendezvous id) means the agent restarted us after a failure or a membership
-    # change; another id means a user resumed a stopped run.
+    settings = {"model": config.model, "global_batch_size": recipe.batch_size, "seed": config.seed,
+                "epochs": recipe.epochs}
     job_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    loaded = agree_on_resume(run_dir, rank)
-    resumed_event = None
-    if loaded:
-        weights, optimizer_tensors, saved = loaded
-        for key, expected in (("model", config.model), ("global_batch_size", recipe.batch_size),
-                              ("seed", config.seed), ("epochs", recipe.epochs)):
-            if saved["settings"][key] != expected:
-                raise UserError(f"{run_dir} holds a run with {key}={saved['settings'][key]!r}, not {expected!r}: "
-                                "resume it with the same settings or choose another --out")
-        model.load_state_dict(weights)
-        restore_optimizer(optimizer, optimizer_tensors, saved)
-        state = {key: saved[key] for key in fresh_state(world_size)}
-        resumed_event = {"event": "restart" if job_id and saved.get("job_id") == job_id else "resume",
-                         "old_world_size": saved["world_size"], "new_world_size": world_size,
-                         "step": saved["step"], "epoch": saved["epoch"] + 1, "cursor": saved["cursor"]}
-        heartbeat = read_heartbeat(run_dir)
-        if heartbeat and heartbeat["step"] >= saved["step"]:
-            resumed_event["seconds_lost"] = round(max(0.0, heartbeat["train_seconds"] - saved["train_seconds"]), 3)
-            resumed_event["last_alive"] = heartbeat["time"]
-        state["world_size"] = world_size
+    state, resumed_event = resume_state(run_dir, rank, world_size, settings, job_id, model, optimizer)
     say(f"distvision: {config.model} on {world_size} worker(s) x {threads} thread(s), {device.type}, "
         f"{precision} ({precision_how}), global batch {recipe.batch_size}, {recipe.epochs} epochs, "
-        f"{len(train_indices)} training images" + (f", resuming at step {state['step']}" if loaded else ""))
+        f"{len(train_indices)} training images" + (f", resuming at step {state['step']}" if resumed_event else ""))
     if prepared.manifest["skipped_files"]:
         say(f"distvision: skipped {len(prepared.manifest['skipped_files'])} unreadable file(s), "
             f"listed in {prepared.path / 'manifest.json'}")
     model = wrap_for_sync(model, config.sync, device)
-
-    settings = {"model": config.model, "global_batch_size": recipe.batch_size, "seed": config.seed,
-                "epochs": recipe.epochs}
 
     def checkpoint_now() -> None:
         if rank == 0:
@@ -211,9 +228,11 @@ def train(config: TrainConfig) -> dict | None:
 
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        run_lock = lock_run_dir(run_dir)  # noqa: F841 - held until this process exits
         rewrite_log(run_dir, state["log"])  # the log as of the checkpoint: nothing counted twice
     audit, attempt = open_audit(run_dir, rank) if config.audit_samples else (None, None)
     total_samples = recipe.epochs * len(train_indices)
+    stop_signal = StopSignal()
     stop_reason = None
     last_checkpoint = last_heartbeat = time.time()
     while state["epoch"] < recipe.epochs and stop_reason is None:
@@ -375,6 +394,17 @@ def train(config: TrainConfig) -> dict | None:
             f"{summary['images_per_second']:.0f} img/s, {summary['wall_seconds']:.0f}s wall; outputs in {run_dir}")
     finish_distributed()
     return summary
+
+
+def lock_run_dir(run_dir: Path):
+    """Hold an exclusive lock on the run folder, so two jobs can never write one run."""
+    handle = open(run_dir / "run.lock", "a")  # noqa: SIM115 - kept open for the life of the process
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise UserError(f"another job is writing {run_dir}; give this one its own --out") from None
+    return handle
 
 
 def finish_distributed() -> None:

@@ -28,7 +28,7 @@ def download_cifar10(cache_dir: Path, url: str = CIFAR10_URL, timeout: float = 3
     if target.is_file() and _md5(target) == CIFAR10_MD5:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".part")
+    partial = target.with_name(f"{target.name}.{os.getpid()}.part")  # concurrent ranks never share one
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
             from tqdm import tqdm

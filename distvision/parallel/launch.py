@@ -49,12 +49,13 @@ def _worker(function_path: str, payload: dict):
         sys.exit(USER_ERROR_EXIT)
 
 
-def launch_local(function_path: str, payload: dict, workers: int, max_restarts: int = 0,
-                 join_timeout: float = 600.0) -> dict:
-    """Run "module:function"(payload) in `workers` local processes; return {rank: result}.
+def launch_local(command_args: list[str], workers: int, max_restarts: int = 0,
+                 join_timeout: float = 600.0) -> None:
+    """Run `python -m distvision <command_args>` as `workers` local worker processes, as torchrun does.
 
-    A worker that dies makes the agent restart the whole group (up to max_restarts times); the
-    function is expected to resume from its own checkpoint.
+    Workers are plain subprocesses (torchrun's own process model), so a worker run here and one
+    run by torchrun on a cluster are the same. A worker that dies makes the agent restart the whole
+    group (up to max_restarts times); the workers resume from their own checkpoint.
     """
     # The elastic agent logs every phase at INFO/WARNING; users need only failures.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
@@ -69,10 +70,9 @@ def launch_local(function_path: str, payload: dict, workers: int, max_restarts: 
         rdzv_configs={"join_timeout": join_timeout},
         max_restarts=max_restarts,
         monitor_interval=0.1,
-        start_method="spawn",
     )
     try:
-        return elastic_launch(config, _worker)(function_path, payload)
+        elastic_launch(config, sys.executable)("-u", "-m", "distvision", *command_args)
     except ChildFailedError as error:
         codes = {failure.exitcode for failure in error.failures.values()}
         if codes == {USER_ERROR_EXIT}:
