@@ -81,13 +81,12 @@ def _train_command(args: argparse.Namespace, argv: list[str]) -> None:
 
     from distvision.checkpoint import list_training_checkpoints
     from distvision.data.prepare import default_cache_dir, ensure_prepared
-    from distvision.parallel.launch import launch_local, started_by_torchrun
+    from distvision.parallel.launch import launch_local, run_worker, started_by_torchrun
+    from distvision.train import resolve_recipe
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     config = TrainConfig(**values)
     config.validate()
-    from distvision.train import resolve_recipe
-
     recipe = resolve_recipe(config)  # unknown model, recipe or setting fails here, before any launch
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     if config.data is None:
@@ -98,9 +97,7 @@ def _train_command(args: argparse.Namespace, argv: list[str]) -> None:
     if started_by_torchrun():
         # Under torchrun a run folder with checkpoints is always resumed: a node joining a running
         # job and a restarted worker must continue it, and neither can tell itself from a new start.
-        from distvision.parallel.launch import _worker
-
-        _worker("distvision.train:train_worker", config.to_dict())
+        run_worker(config)
         return
     if recipe.batch_size < config.workers:
         raise UserError(f"--batch-size {recipe.batch_size} is smaller than --workers {config.workers}: "

@@ -453,8 +453,3 @@ def open_audit(run_dir: Path, rank: int):
     folder = run_dir / "audit"
     folder.mkdir(parents=True, exist_ok=True)
     return open(folder / f"attempt{attempt[0]}-rank{rank}.jsonl", "a", buffering=1), attempt[0]
-
-
-def train_worker(payload: dict) -> dict | None:
-    """Worker entry for the launcher: settings arrive as a plain dict (picklable under spawn)."""
-    return train(TrainConfig(**payload))

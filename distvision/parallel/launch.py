@@ -13,9 +13,13 @@ import socket
 import sys
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+if TYPE_CHECKING:
+    from distvision.config import TrainConfig
 
 # Exit status a worker uses for a UserError, so the launcher can tell it from a crash.
 USER_ERROR_EXIT = 2
@@ -33,16 +37,17 @@ def _free_port() -> int:
 
 
 @record
-def _worker(function_path: str, payload: dict):
-    """Entry point of each worker process: run function(payload); a UserError exits with status 2."""
-    import importlib
+def run_worker(config: TrainConfig) -> None:
+    """Entry point of each worker process (started by torchrun or launch_local): train one rank.
 
+    A UserError is printed once, by rank 0, and ends the worker with status 2; anything else
+    propagates to @record, which hands the traceback to the agent.
+    """
     from distvision.errors import UserError
+    from distvision.train import train
 
-    module_name, function_name = function_path.rsplit(":", 1)
-    function = getattr(importlib.import_module(module_name), function_name)
     try:
-        return function(payload)
+        train(config)
     except UserError as error:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"distvision: error: {error}", file=sys.stderr, flush=True)
