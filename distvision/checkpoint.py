@@ -22,7 +22,8 @@ INFO_FILE = "checkpoint.json"
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save_checkpoint(folder: Path, state: dict[str, torch.Tensor], info: dict) -> None:

@@ -15,11 +15,8 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 
 
 def _md5(path: Path) -> str:
-    digest = hashlib.md5()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def download_cifar10(cache_dir: Path, url: str = CIFAR10_URL, timeout: float = 30.0) -> Path:

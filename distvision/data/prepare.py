@@ -101,11 +101,8 @@ def _write_split(split: ArraySplit | FileSplit, out: Path, name: str, image_size
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    with open(path, "rb") as f:  # streamed: prepared arrays may be larger than RAM
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
