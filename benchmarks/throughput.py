@@ -14,7 +14,6 @@ noisy; (3) runs once per precision. Lightning is optional (`pip install -e .[ben
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import math
@@ -33,6 +32,7 @@ from torch import nn
 from distvision.data.augment import AugmentSettings
 from distvision.data.batches import Preprocessing, load_batch
 from distvision.data.prepare import FORMAT_VERSION, Prepared, ensure_prepared, open_prepared
+from distvision.fileio import sha256_file
 from distvision.models.registry import create, recipe_for
 from distvision.precision import cpu_model_name
 from distvision.recipes import Recipe, lr_multiplier
@@ -51,10 +51,6 @@ class BenchmarkError(Exception):
 
 # ---------------------------------------------------------------------------------------------------------
 # Data: one small prepared folder that all three measurements read.
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def write_subset(source: Prepared, out: Path, train_count: int, test_count: int) -> Path:
@@ -90,7 +86,7 @@ def write_subset(source: Prepared, out: Path, train_count: int, test_count: int)
         "class_counts": np.bincount(train_labels, minlength=len(source.classes)).tolist(),
         "mean": (pixels.mean(axis=0) / 255).tolist(),
         "std": (pixels.std(axis=0) / 255).tolist(),
-        "checksums": {name: _sha256(out / name) for name in files},
+        "checksums": {name: sha256_file(out / name) for name in files},
         "skipped_files": [],
         "prepare_seconds": 0.0,
     }

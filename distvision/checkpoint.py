@@ -6,7 +6,6 @@ checkpoint is detected on load instead of silently used. Never pickles.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,14 +15,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distvision.errors import UserError
+from distvision.fileio import sha256_file, write_json_atomic
 
 WEIGHTS_FILE = "model.safetensors"
 INFO_FILE = "checkpoint.json"
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save_checkpoint(folder: Path, state: dict[str, torch.Tensor], info: dict) -> None:
@@ -33,11 +28,8 @@ def save_checkpoint(folder: Path, state: dict[str, torch.Tensor], info: dict) ->
     tmp.mkdir(parents=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
     save_file(tensors, tmp / WEIGHTS_FILE)
-    info = dict(info, weights_sha256=_sha256(tmp / WEIGHTS_FILE))
-    with open(tmp / INFO_FILE, "w") as f:
-        json.dump(info, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
+    info = dict(info, weights_sha256=sha256_file(tmp / WEIGHTS_FILE))
+    write_json_atomic(tmp / INFO_FILE, info)
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -57,7 +49,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         info = json.loads((folder / INFO_FILE).read_text())
     except ValueError as error:
         raise UserError(f"checkpoint info {folder / INFO_FILE} is corrupt: {error}") from None
-    if info.get("weights_sha256") != _sha256(folder / WEIGHTS_FILE):
+    if info.get("weights_sha256") != sha256_file(folder / WEIGHTS_FILE):
         raise UserError(f"checkpoint {folder / WEIGHTS_FILE} is corrupt (checksum mismatch)")
     try:
         weights = load_file(folder / WEIGHTS_FILE)
@@ -118,7 +110,7 @@ def save_training_checkpoint(run_dir: Path, model_state: dict[str, torch.Tensor]
         with open(tmp / name, "rb+") as f:
             os.fsync(f.fileno())
     record = dict(state, optimizer=optimizer_meta,
-                  sha256={name: _sha256(tmp / name) for name in (WEIGHTS_FILE, OPTIMIZER_FILE)})
+                  sha256={name: sha256_file(tmp / name) for name in (WEIGHTS_FILE, OPTIMIZER_FILE)})
     with open(tmp / STATE_FILE, "w") as f:
         json.dump(record, f)
         f.flush()
@@ -140,7 +132,7 @@ def _read_training_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
     try:
         state = json.loads((folder / STATE_FILE).read_text())
         for name, expected in state["sha256"].items():
-            if _sha256(folder / name) != expected:
+            if sha256_file(folder / name) != expected:
                 raise ValueError(f"{name} checksum mismatch")
         return load_file(folder / WEIGHTS_FILE), load_file(folder / OPTIMIZER_FILE), state
     except Exception as error:  # noqa: BLE001 - any damage (missing file, bad JSON, bad tensor) means unusable

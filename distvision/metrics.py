@@ -8,17 +8,6 @@ import sys
 from pathlib import Path
 
 
-def write_json_atomic(path: Path, data: dict, durable: bool = True) -> None:
-    """Temp file, fsync (unless not durable), rename: readers never see half a file."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def append_metrics(run_dir: Path, record: dict) -> None:
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -40,7 +40,8 @@ from distvision.data.prepare import default_cache_dir, ensure_prepared, open_pre
 from distvision.data.sharding import epoch_permutation, global_batches, rank_slice
 from distvision.errors import UserError
 from distvision.evaluate import EVAL_CHUNK, evaluate_split
-from distvision.metrics import Progress, append_metrics, epoch_line, rewrite_log, say, write_json_atomic
+from distvision.fileio import write_json_atomic
+from distvision.metrics import Progress, append_metrics, epoch_line, rewrite_log, say
 from distvision.models.registry import create, recipe_for
 from distvision.parallel.sync import unwrap, wrap_for_sync
 from distvision.precision import autocast, choose_precision

@@ -25,6 +25,7 @@ import numpy as np
 
 from distvision.data.sources import ArraySplit, FileSplit, Source, decode_image, open_source
 from distvision.errors import UserError
+from distvision.fileio import sha256_file, write_json_atomic
 
 FORMAT_VERSION = 1
 DECODE_CHUNK = 512
@@ -100,20 +101,6 @@ def _write_split(split: ArraySplit | FileSplit, out: Path, name: str, image_size
     return count, skipped
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:  # streamed: prepared arrays may be larger than RAM
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def prepare(data_path: Path, out: Path, image_size: int = 32, processes: int | None = None) -> dict:
     """Decode the source at data_path into out; return the manifest."""
     source: Source = open_source(Path(data_path))
@@ -156,11 +143,11 @@ def prepare(data_path: Path, out: Path, image_size: int = 32, processes: int | N
         "class_counts": np.bincount(train_labels, minlength=len(source.classes)).tolist(),
         "mean": (mean / 255).tolist(),
         "std": (std / 255).tolist(),
-        "checksums": {name: _sha256(build / name) for name in files},
+        "checksums": {name: sha256_file(build / name) for name in files},
         "skipped_files": skipped,
         "prepare_seconds": round(time.time() - started, 2),
     }
-    _write_json_atomic(build / "manifest.json", manifest)
+    write_json_atomic(build / "manifest.json", manifest)
     if out.exists():
         shutil.rmtree(out)
     os.replace(build, out)
@@ -177,7 +164,7 @@ def open_prepared(path: Path, verify: bool = False) -> Prepared:
         raise UserError(f"{path} was prepared by another distvision version: run `distvision prepare` again")
     if verify:
         for name, expected in manifest["checksums"].items():
-            if _sha256(path / name) != expected:
+            if sha256_file(path / name) != expected:
                 raise UserError(f"{path / name} is corrupt (checksum mismatch): prepare the data again")
     size = manifest["image_size"]
 

@@ -1,0 +1,25 @@
+"""Small file helpers shared by the data cache, checkpoints and run outputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, streamed (prepared arrays may be larger than RAM)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_json_atomic(path: Path, data: dict, durable: bool = True) -> None:
+    """Temp file, fsync (unless not durable), rename: readers never see half a file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        if durable:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
