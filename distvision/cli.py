@@ -82,7 +82,7 @@ def _train_command(args: argparse.Namespace, argv: list[str]) -> None:
     from distvision.checkpoint import list_training_checkpoints
     from distvision.data.prepare import default_cache_dir, ensure_prepared
     from distvision.parallel.launch import launch_local, run_worker, started_by_torchrun
-    from distvision.train import resolve_recipe
+    from distvision.train import pick_device, resolve_recipe
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     config = TrainConfig(**values)
@@ -102,6 +102,7 @@ def _train_command(args: argparse.Namespace, argv: list[str]) -> None:
     if recipe.batch_size < config.workers:
         raise UserError(f"--batch-size {recipe.batch_size} is smaller than --workers {config.workers}: "
                         "every worker needs at least one sample per step")
+    pick_device(config.device, config.workers)  # too few GPUs fails here, not in every worker
     has_checkpoints = bool(list_training_checkpoints(Path(config.out)))
     if has_checkpoints and not config.resume:
         raise UserError(f"--out {config.out} holds an unfinished run: add --resume to continue it, "
