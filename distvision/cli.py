@@ -68,6 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", required=True)
     prepare.add_argument("--image-size", type=int, default=32)
     prepare.add_argument("--processes", type=int, help="decoding processes (default: all cores)")
+    each = commands.add_parser("train-each", help="train one independent model per data subset, several at once")
+    _add_train_arguments(each)
+    each.set_defaults(workers=1)
+    group = each.add_argument_group("train-each")
+    group.add_argument("--parallel", type=int, default=1, help="subsets trained at once here, each on its share "
+                       "of the cores (default %(default)s)")
+    group.add_argument("--workers-per-job", type=int, default=1,
+                       help="data-parallel workers inside each subset's training (default %(default)s)")
+    group.add_argument("--compare-global", action="store_true",
+                       help="also train one model on all subsets and compare it on each subset's test split")
+    group.add_argument("--only", help="train just this subset (for schedulers' array jobs)")
+    group.add_argument("--only-index", type=int, help="train just the I-th job (subsets by name, then the "
+                       "global model), e.g. $SLURM_ARRAY_TASK_ID")
+    group.add_argument("--lease-seconds", type=float, default=60.0, help="a claim not renewed this long is "
+                       "taken over by another train-each process (default %(default)s)")
     commands.add_parser("models", help="list the registered models and their default recipes")
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a data set's test split")
     evaluate.add_argument("--checkpoint", required=True, help="run folder or its checkpoint/ folder")
@@ -121,6 +136,41 @@ def _train_command(args: argparse.Namespace, argv: list[str]) -> None:
         sys.exit(128 + int(stop.sigval))
 
 
+# train-each's own flags, and the train flags it settles itself for each subset's run.
+_EACH_ONLY = {"parallel", "workers_per_job", "compare_global", "only", "only_index", "lease_seconds",
+              "data", "out", "workers", "resume", "command", "help"}
+
+
+def _train_each_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from distvision.train_each import PoolSettings, train_each
+
+    if args.data is None or args.out is None:
+        raise UserError("train-each needs --data ROOT (subset folders or a path,label,subset CSV) and --out EACH_DIR")
+    for name in ("parallel", "workers_per_job"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    TrainConfig(**dict(values, workers=args.workers_per_job, out=None)).validate()  # EACH_DIR is no run folder
+    # Every train flag the user set, passed on unchanged to each subset's `distvision train`.
+    train_args = []
+    for action in parser._actions:
+        if action.dest in _EACH_ONLY or not action.option_strings:
+            continue
+        value = getattr(args, action.dest)
+        if value == action.default or value is None:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            train_args.append(action.option_strings[0])
+        elif isinstance(action, argparse._AppendAction):
+            train_args += [item for v in value for item in (action.option_strings[0], v)]
+        else:
+            train_args += [action.option_strings[0], str(value)]
+    settings = PoolSettings(args.parallel, args.workers_per_job, args.lease_seconds, train_args)
+    return train_each(Path(args.data), Path(args.out), settings, args.image_size,
+                      Path(args.cache_dir) if args.cache_dir else None, args.compare_global, args.only,
+                      args.only_index)
+
+
 def _models_command() -> None:
     from distvision.models.registry import count_parameters, list_models, mflops_per_image
 
@@ -136,9 +186,13 @@ def _models_command() -> None:
 
 def run(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "train":
         _train_command(args, argv[1:])
+    elif args.command == "train-each":
+        each_parser = parser._subparsers._group_actions[0].choices["train-each"]
+        sys.exit(_train_each_command(args, each_parser))
     elif args.command == "prepare":
         from distvision.data.prepare import prepare
 
