@@ -35,8 +35,32 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=DEFAULTS["precision"],
                         help="auto measures which is faster here (default)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=DEFAULTS["device"])
-    parser.add_argument("--sync", choices=["allreduce"], default=DEFAULTS["sync"],
-                        help="how replicas combine their updates (default: gradient all-reduce every step)")
+    sync = parser.add_argument_group("synchronisation and batch balancing")
+    sync.add_argument("--sync", choices=["allreduce", "local-sgd"], default=DEFAULTS["sync"],
+                      help="allreduce: gradients averaged every step (default); local-sgd: local steps, "
+                      "replicas averaged every --sync-every steps (Dahl et al.'s Pattern Parallel Training)")
+    sync.add_argument("--sync-every", default=DEFAULTS["sync_every"], metavar="K|epoch",
+                      help="local-sgd: optimizer steps between averagings, or 'epoch' (default %(default)s)")
+    sync.add_argument("--sync-warmup", type=int, default=DEFAULTS["sync_warmup"], metavar="S",
+                      help="local-sgd: all-reduce every step for the first S steps (default %(default)s)")
+    sync.add_argument("--compress", choices=["none", "fp16", "bf16", "powersgd"], default=DEFAULTS["compress"],
+                      help="allreduce: compress gradients through a DDP communication hook")
+    sync.add_argument("--powersgd-rank", type=int, default=DEFAULTS["powersgd_rank"])
+    sync.add_argument("--lr-scaling", choices=["none", "linear", "sqrt"], default=DEFAULTS["lr_scaling"],
+                      help="scale the lr given for --base-batch-size to the global batch (Goyal et al.)")
+    sync.add_argument("--base-batch-size", type=int, help="batch size the lr is given for (default: the recipe's)")
+    sync.add_argument("--warmup-epochs", type=float, default=DEFAULTS["warmup_epochs"],
+                      help="linear lr warmup over the first epochs (default %(default)s)")
+    sync.add_argument("--balance", choices=["even", "throughput"], default=DEFAULTS["balance"],
+                      help="throughput: split each global batch across workers in proportion to measured speed")
+    stopping = parser.add_argument_group("stopping (every worker stops at the same step)")
+    stopping.add_argument("--target-accuracy", type=float, help="stop at the first epoch reaching this accuracy")
+    stopping.add_argument("--patience", type=int, help="stop after N epochs without improvement")
+    stopping.add_argument("--min-delta", type=float, default=DEFAULTS["min_delta"],
+                          help="smallest accuracy gain that counts as an improvement (default %(default)s)")
+    stopping.add_argument("--monitor", choices=["test", "val"], default=DEFAULTS["monitor"],
+                          help="accuracy that --target-accuracy and --patience watch (default %(default)s)")
+    stopping.add_argument("--max-time", type=float, help="stop after this many seconds of training")
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     parser.add_argument("--val-fraction", type=float, default=DEFAULTS["val_fraction"],
                         help="seeded share of the training set held out for validation (default 0)")
@@ -57,6 +81,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                        help="log each rank's sample indices per step to RUN_DIR/audit/")
     debug.add_argument("--debug-stop-at-step", type=int, help="stop resumably after this step, as on SIGTERM")
     debug.add_argument("--debug-step-delay", type=float, default=0.0, help="sleep after every step (seconds)")
+    debug.add_argument("--debug-slowdown", metavar="RANK:FACTOR",
+                       help="make one worker FACTOR times slower (sleeps in proportion to its compute)")
+    debug.add_argument("--debug-nan-at", metavar="RANK:STEP", help="make one worker's loss NaN at a global step")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -79,12 +79,14 @@ def train_each(data: Path, out: Path, settings: PoolSettings, image_size: int, c
     jobs = sorted((j for j in selected if j.subset.problem is None), key=lambda j: -j.subset.samples)
     say(f"train-each: {len(jobs)} job(s), {settings.parallel} at once on {len(settings.cores)} core(s), "
         f"{settings.workers_per_job} worker(s) each; outputs in {out}")
+    pool_started = time.time()
     failed = run_pool(jobs, settings, out)
+    pool_seconds = time.time() - pool_started
     rows = collect_rows([j for j in everything if j.subset.problem is None], out)
     if union and (out / GLOBAL_NAME / "summary.json").is_file():
         add_global_accuracy(rows, trainable, out / GLOBAL_NAME, union.data)
         plot_comparison(rows, out / "comparison.png")
-    write_outputs(out, rows, subsets, failed, time.time() - started)
+    write_outputs(out, rows, subsets, failed, time.time() - started, pool_seconds)
     problems = [j for j in selected if j.subset.problem]
     return 1 if failed or problems else 0
 
@@ -258,7 +260,8 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def write_outputs(out: Path, rows: list[dict], subsets: list[Subset], failed: list[str], wall: float) -> None:
+def write_outputs(out: Path, rows: list[dict], subsets: list[Subset], failed: list[str], wall: float,
+                  pool_seconds: float) -> None:
     with open(out / "subsets.csv.tmp", "w", newline="") as handle:
         writer = csv.DictWriter(handle, CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -271,10 +274,11 @@ def write_outputs(out: Path, rows: list[dict], subsets: list[Subset], failed: li
         "trained": [r["subset"] for r in rows],
         "not_trainable": {s.name: s.problem for s in subsets if s.problem},
         "failed": failed,
-        "wall_seconds": round(wall, 2),
+        "wall_seconds": round(wall, 2),  # everything, data preparation and comparison included
+        "pool_seconds": round(pool_seconds, 2),  # from the first job's start to the last one's end
         "job_core_seconds": round(core_seconds, 2),
-        # The ideal: every core busy all the time (meaningful when this process ran every job).
-        "ideal_wall_seconds": round(core_seconds / cores, 2),
+        # The ideal pool: every core busy all the time (meaningful when this process ran every job).
+        "ideal_pool_seconds": round(core_seconds / cores, 2),
         "cores": cores,
     })
     say(f"train-each: {len(rows)} model(s) trained, {len(failed)} failed, "
