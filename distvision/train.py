@@ -296,6 +296,8 @@ def train(config: TrainConfig) -> dict | None:
         order = train_indices[epoch_permutation(config.seed, epoch, len(train_indices))]
         batches = global_batches(order[state["cursor"]:], recipe.batch_size, world_size)
         progress = Progress(len(batches), f"epoch {epoch + 1}/{recipe.epochs}")
+        pending = np.zeros(4)  # this worker's loss sum, samples, compute seconds, non-finite losses
+        progress_steps = 0
         segment_started = time.perf_counter()
         model.train()
         for batch_index, batch in enumerate(batches):
@@ -333,31 +335,37 @@ def train(config: TrainConfig) -> dict | None:
             if config.debug_step_delay:
                 time.sleep(config.debug_step_delay)
 
-            # One small all-reduce per step: the global loss, decisions every rank must share, and each
-            # rank's compute time and sample count (for throughput balancing).
             local_loss = loss.item()
+            pending += (local_loss if math.isfinite(local_loss) else 0.0, len(local), compute_seconds,
+                        not math.isfinite(local_loss))
+            state["step"] += 1
+            state["cursor"] += len(batch)
             now = time.time()
+            if not sync.exchanges_stats(batch_index, in_sync, batch_index == len(batches) - 1):
+                continue  # local SGD between averagings: nothing leaves this worker
+
+            # One small all-reduce: the global loss, decisions every rank must share, and each rank's
+            # compute time and sample count (for throughput balancing).
             elapsed = state["train_seconds"] + time.perf_counter() - segment_started
             shared = torch.zeros(6 + 2 * world_size, dtype=torch.float64)
             shared[:6] = torch.tensor([
-                local_loss if math.isfinite(local_loss) else 0.0,
-                len(local),
-                float(stop_signal.requested),
-                float(not math.isfinite(local_loss)),
+                pending[0], pending[1],
+                float(stop_signal.requested or (rank == 0 and state["step"] == config.debug_stop_at_step)),
+                pending[3],
                 float(rank == 0 and now - last_checkpoint >= config.checkpoint_every),
                 float(rank == 0 and time_is_up(rules, elapsed)),
             ])
-            shared[6 + rank], shared[6 + world_size + rank] = compute_seconds, len(local)
+            shared[6 + rank], shared[6 + world_size + rank] = pending[2], pending[1]
+            pending[:] = 0
             sync.small_all_reduce(shared)
             global_loss, samples, stop_votes, diverged_votes, checkpoint_due, time_up = shared[:6].tolist()
             if balancer.observe(shared[6 : 6 + world_size].numpy(), shared[6 + world_size :].numpy()):
                 say(f"distvision: batch shares re-split by measured speed: "
                     f"{', '.join(f'{share:.2f}' for share in balancer.shares)}")
-            state["step"] += 1
-            state["cursor"] += len(batch)
             state["epoch_loss"] += global_loss
             state["epoch_samples"] += int(samples)
-            progress.update(global_loss / samples)
+            progress.update(global_loss / samples, steps=batch_index + 1 - progress_steps)
+            progress_steps = batch_index + 1
             if resumed_event:
                 record_resume(run_dir, rank, state, resumed_event, now)
                 resumed_event = None
@@ -368,7 +376,7 @@ def train(config: TrainConfig) -> dict | None:
             if diverged_votes:
                 stop_reason = "diverged"
                 break
-            if stop_votes or state["step"] == config.debug_stop_at_step:
+            if stop_votes:
                 stop_reason = "stopped"
                 break
             if time_up:

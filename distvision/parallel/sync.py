@@ -28,6 +28,7 @@ from distvision.errors import UserError
 
 SYNC_MODES = ("allreduce", "local-sgd")
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
+LOCAL_STATS_EVERY = 16  # local SGD: steps between the small all-reduces of losses and votes
 
 
 @dataclass
@@ -103,6 +104,18 @@ class Synchronizer:
         if due:
             self.average_replicas()
         return due
+
+    def exchanges_stats(self, batch_index: int, in_sync: bool, last_of_epoch: bool) -> bool:
+        """Whether the small all-reduce of losses and votes runs after this step.
+
+        Under all-reduce the replicas meet every step anyway. Under local SGD they meet when they
+        average, and every LOCAL_STATS_EVERY steps so that a stop request or a diverged replica is
+        still seen soon; a per-step meeting would make each fast worker wait for the slowest at every
+        step, which is what local SGD exists to avoid.
+        """
+        if self.settings.mode == "allreduce" or not self.distributed:
+            return True
+        return in_sync or last_of_epoch or (batch_index + 1) % LOCAL_STATS_EVERY == 0
 
     def average_replicas(self) -> None:
         replica = unwrap(self.model)
