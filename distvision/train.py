@@ -204,7 +204,16 @@ def resume_state(run_dir: Path, rank: int, world_size: int, settings: dict, job_
     """
     loaded = agree_on_resume(run_dir, rank)
     if not loaded:
-        return fresh_state(world_size), None
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+            return fresh_state(world_size), None
+        # Restarted before the first checkpoint: everything so far is redone, and the log says so.
+        event = {"event": "restart", "old_world_size": None, "new_world_size": world_size, "step": 0,
+                 "epoch": 1, "cursor": 0, "from_scratch": True}
+        heartbeat = read_heartbeat(run_dir)
+        if heartbeat:
+            event["seconds_lost"] = round(heartbeat["train_seconds"], 3)
+            event["last_alive"] = heartbeat["time"]
+        return fresh_state(world_size), event
     weights, optimizer_tensors, saved = loaded
     for key, expected in settings.items():
         if saved["settings"][key] != expected:
@@ -538,7 +547,7 @@ def record_resume(run_dir: Path, rank: int, state: dict, event: dict, now: float
         append_metrics(run_dir, event)
         if restarted:
             say(f"distvision: recovered in {event['recovery_seconds']:.1f} s after a membership change "
-                f"(world size {event['old_world_size']} -> {event['new_world_size']}), resumed at step "
+                f"(world size {event['old_world_size'] or '?'} -> {event['new_world_size']}), resumed at step "
                 f"{event['step']}, {event.get('seconds_lost', 0):.1f} s of work redone")
 
 
