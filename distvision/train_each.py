@@ -254,7 +254,7 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
     axes.set_xticks(positions, [r["subset"] for r in shown])
     axes.set_ylabel("test accuracy on the subset's test split")
     axes.set_ylim(0, 1)
-    axes.legend()
+    axes.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
