@@ -12,7 +12,7 @@ from torch import nn
 
 from distvision.data.batches import Preprocessing, load_batch
 from distvision.errors import UserError
-from distvision.precision import autocast
+from distvision.inference import forward_logits, load_inference_model
 
 # Fixed chunks of the evaluation set: the same chunks in training and in `evaluate`, so both
 # compute identical numbers whatever the worker count.
@@ -48,10 +48,7 @@ def evaluate_split(
         chunk = indices[start : start + EVAL_CHUNK]
         x = load_batch(images, chunk, preprocess, device)
         y = torch.from_numpy(labels[chunk]).to(device)
-        with autocast(precision, device):
-            logits = model(x).float()
-            if test_time_flip:
-                logits = (logits + model(x.flip(3)).float()) / 2
+        logits = forward_logits(model, x, precision, device, test_time_flip)
         totals[0] += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         totals[1] += (logits.argmax(1) == y).sum().item()
         totals[2] += len(chunk)
@@ -64,24 +61,14 @@ def evaluate_split(
 
 def evaluate_checkpoint(checkpoint: Path, data: Path, cache_dir: Path | None = None) -> dict:
     """Evaluate a saved checkpoint on the test split of data, with the settings it was saved with."""
-    from distvision.checkpoint import load_checkpoint
     from distvision.data.prepare import ensure_prepared, open_prepared
-    from distvision.models import create
 
-    weights, info = load_checkpoint(checkpoint)
-    prepared = open_prepared(ensure_prepared(data, info["image_size"], cache_dir))
-    if prepared.classes != info["classes"]:
-        raise UserError(f"{data} has classes {prepared.classes}, the checkpoint was trained on {info['classes']}")
-    # The preprocessing tensors travel in the checkpoint, so the data set's statistics cannot drift.
-    preprocess = Preprocessing(
-        info["preprocessing"], weights.pop("preprocess.mean"), weights.pop("preprocess.scale")
-    )
-    model = create(info["model"], num_classes=len(info["classes"]), image_size=info["image_size"])
-    model.load_state_dict(weights)
-    device = torch.device("cpu")
-    model = model.to(device, memory_format=torch.channels_last)
+    loaded = load_inference_model(checkpoint, torch.device("cpu"))
+    prepared = open_prepared(ensure_prepared(data, loaded.image_size, cache_dir))
+    if prepared.classes != loaded.classes:
+        raise UserError(f"{data} has classes {prepared.classes}, the checkpoint was trained on {loaded.classes}")
     result = evaluate_split(
-        model, prepared.test_images, prepared.test_labels, preprocess, info["precision"], device,
-        info["test_time_flip"],
+        loaded.model, prepared.test_images, prepared.test_labels, loaded.preprocess, loaded.precision,
+        loaded.device, loaded.test_time_flip,
     )
     return {"test_accuracy": result.accuracy, "test_loss": result.loss, "test_count": result.count}
