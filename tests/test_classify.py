@@ -132,6 +132,8 @@ def test_two_workers_classify_every_good_image_once_and_list_every_bad_file(one_
 
     summary = json.loads((out.parent / "summary.json").read_text())
     assert summary["images"] == len(good) and summary["unreadable"] == len(bad) and summary["workers"] == 2
+    ranks = {json.loads(part.read_text())["rank"] for part in (out.parent / "parts").glob("chunk-*.json")}
+    assert ranks == {0, 1}  # both workers claimed chunks
     assert summary["chunks"] == summary["chunks_this_run"] == -(-(len(good) + len(bad)) // 100)
     for key in ("steady_state_images_per_second", "end_to_end_images_per_second", "startup_seconds",
                 "end_to_end_seconds"):

@@ -151,7 +151,7 @@ def throughput(parts: list[dict], launch: str) -> dict:
     mine = [p for p in parts if p["launch"] == launch]
     if not mine:
         return {"images_this_run": 0, "chunks_this_run": 0, "steady_state_images_per_second": None,
-                "first_ready_at": None, "all_ready_at": None, "last_finished_at": None}
+                "decode_wait_seconds": 0.0, "first_ready_at": None, "all_ready_at": None, "last_finished_at": None}
     by_attempt: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for part in mine:
         by_attempt[part["attempt"]][part["rank"]].append(part)
@@ -167,6 +167,8 @@ def throughput(parts: list[dict], launch: str) -> dict:
         "images_this_run": sum(p["images"] for p in mine),
         "chunks_this_run": len(mine),
         "steady_state_images_per_second": sum(rates) if rates else None,
+        # Time workers waited for decoding to finish: near 0 when it overlapped with the model.
+        "decode_wait_seconds": sum(p["decode_wait_seconds"] for p in mine),
         "first_ready_at": min(ready),
         "all_ready_at": max(ready),
         "last_finished_at": max(p["finished_at"] for p in mine),

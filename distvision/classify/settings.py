@@ -15,7 +15,9 @@ class ClassifyConfig:
     out: str = "predictions.csv"  # the CSV; the other outputs and parts/ go into the same folder
     workers: int = 2  # local worker processes when not started by torchrun
     top_k: int = 5
-    batch_size: int = 500  # images per forward pass (500: the batches `evaluate` uses)
+    # Images per forward pass: 128 ran ~15% faster than 500 for fastnet on one thread here (its
+    # activations stay small enough for the allocator to reuse instead of mapping fresh pages).
+    batch_size: int = 128
     chunk_size: int = 1000  # files per unit of work: one claim, one part file
     decode_threads: int | None = None  # per worker; None: the worker's share of the cores
     resume: bool | None = None  # None: continue when parts exist

@@ -30,7 +30,7 @@ PART_PREFIX = "chunk-"
 
 @dataclass
 class Plan:
-    settings: dict  # what decides the results besides the items: checkpoint, sizes, top-k
+    settings: dict  # what decides the parts besides the items: checkpoint, image size, chunk size, top-k
     data: ClassifyInput
     fingerprint: str
 
@@ -56,7 +56,6 @@ def make_plan(config: ClassifyConfig, checkpoint_info: dict) -> Plan:
         "image_size": checkpoint_info["image_size"],
         "top_k": min(config.top_k, len(checkpoint_info["classes"])),
         "chunk_size": config.chunk_size,
-        "batch_size": config.batch_size,
         "input": data.location,
     }
     return Plan(settings, data, _fingerprint(settings, data))

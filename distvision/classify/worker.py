@@ -238,6 +238,7 @@ def finish(plan: Plan, config: ClassifyConfig, model: InferenceModel, launch: st
         "startup_seconds": speed["all_ready_at"] - launched_at if speed["all_ready_at"] else None,
         "classify_seconds": (speed["last_finished_at"] - speed["first_ready_at"]) if speed["first_ready_at"] else None,
         "end_to_end_seconds": end_to_end,
+        "decode_wait_seconds": speed["decode_wait_seconds"],
     }
     if accuracy:
         summary.update(accuracy)
