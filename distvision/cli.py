@@ -105,6 +105,7 @@ def _add_classify_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for the workers at rendezvous (default %(default)s)")
     debug = parser.add_argument_group("debugging")
     debug.add_argument("--debug-chunk-delay", type=float, default=0.0, help="sleep after every chunk (seconds)")
+    debug.add_argument("--debug-slow-rank", type=int, help="only this rank sleeps after its chunks")
     # Set by the local launcher for its workers.
     parser.add_argument("--launched-at", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--planned", action="store_true", help=argparse.SUPPRESS)

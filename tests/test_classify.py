@@ -114,8 +114,10 @@ def one_worker(trained, messy, workdir: Path) -> Path:
 def test_two_workers_classify_every_good_image_once_and_list_every_bad_file(one_worker, trained, messy, workdir):
     root, good, bad = messy
     out = workdir / "two" / "predictions.csv"
+    # Rank 1 is made slow: it should do fewer chunks, and the results must not change.
     classify(["--checkpoint", str(trained[0]), "--input", str(root), "--out", str(out), "--workers", "2",
-              "--chunk-size", "100", "--top-k", "3"], workdir / "cache")
+              "--chunk-size", "100", "--top-k", "3", "--debug-chunk-delay", "1.0", "--debug-slow-rank", "1"],
+             workdir / "cache")
     rows = read_csv(out)
     assert list(rows[0]) == ["path", "predicted_class", "probability", "top_classes", "top_probabilities"]
     paths = [row["path"] for row in rows]
@@ -132,8 +134,8 @@ def test_two_workers_classify_every_good_image_once_and_list_every_bad_file(one_
 
     summary = json.loads((out.parent / "summary.json").read_text())
     assert summary["images"] == len(good) and summary["unreadable"] == len(bad) and summary["workers"] == 2
-    ranks = {json.loads(part.read_text())["rank"] for part in (out.parent / "parts").glob("chunk-*.json")}
-    assert ranks == {0, 1}  # both workers claimed chunks
+    ranks = [json.loads(part.read_text())["rank"] for part in (out.parent / "parts").glob("chunk-*.json")]
+    assert ranks.count(1) >= 1 and ranks.count(0) >= 2 * ranks.count(1), ranks  # the slow worker did fewer
     assert summary["chunks"] == summary["chunks_this_run"] == -(-(len(good) + len(bad)) // 100)
     for key in ("steady_state_images_per_second", "end_to_end_images_per_second", "startup_seconds",
                 "end_to_end_seconds"):

@@ -25,6 +25,7 @@ class ClassifyConfig:
     max_restarts: int = 3  # local worker-group restarts after a worker dies
     join_timeout: float = 600.0  # seconds to wait for the workers at rendezvous
     debug_chunk_delay: float = 0.0  # sleep after every chunk, to make a run slow (tests)
+    debug_slow_rank: int | None = None  # only this rank sleeps: one slow worker among fast ones
     # Set by the local launcher for its workers.
     launched_at: float | None = None  # when the user's command started (start-up time is measured from it)
     planned: bool = False  # the launcher wrote parts/plan.json just now: use it without scanning again

@@ -30,8 +30,8 @@ from distvision.classify.work import (
     ChunkQueue,
     Plan,
     finished_chunks,
-    lock_job,
     load_plan,
+    lock_job,
     settle_plan,
     write_part,
 )
@@ -131,7 +131,7 @@ def classify(config: ClassifyConfig) -> dict | None:
                 "rows": [[item, top, probabilities] for item, (top, probabilities) in zip(images.items, rows)],
                 "errors": images.errors,
             })
-            if config.debug_chunk_delay:
+            if config.debug_chunk_delay and config.debug_slow_rank in (None, rank):
                 time.sleep(config.debug_chunk_delay)
             chunk, decoding = next_chunk, next_decoding
     finally:
