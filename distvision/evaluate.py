@@ -63,7 +63,7 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, cache_dir: Path | None = N
     """Evaluate a saved checkpoint on the test split of data, with the settings it was saved with."""
     from distvision.data.prepare import ensure_prepared, open_prepared
 
-    loaded = load_inference_model(checkpoint, torch.device("cpu"))
+    loaded = load_inference_model(checkpoint)
     prepared = open_prepared(ensure_prepared(data, loaded.image_size, cache_dir))
     if prepared.classes != loaded.classes:
         raise UserError(f"{data} has classes {prepared.classes}, the checkpoint was trained on {loaded.classes}")

@@ -1,5 +1,6 @@
 """The one inference path: a checkpoint becomes a model plus its preprocessing, and uint8 images
-become logits with the precision and test-time augmentation the checkpoint records.
+become logits with the precision (autocast, on a GPU as on a CPU) and the test-time augmentation
+the checkpoint records.
 
 `distvision evaluate`, the evaluation inside training and `distvision classify` all go through
 `forward_logits`, so the three can never disagree about how a prediction is made.
@@ -28,14 +29,6 @@ def forward_logits(model: nn.Module, x: torch.Tensor, precision: str, device: to
     return logits
 
 
-def inference_precision(checkpoint_precision: str, device: torch.device) -> str:
-    """The checkpoint's precision (what `--precision auto` found faster when it trained) on a CPU;
-    bf16 autocast on a GPU that supports it."""
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return checkpoint_precision
-
-
 @dataclass
 class InferenceModel:
     """A trained model ready to predict, with everything its checkpoint says about how."""
@@ -58,11 +51,15 @@ class InferenceModel:
 
 
 def load_inference_model(checkpoint: Path, device: torch.device | None = None) -> InferenceModel:
-    """Load a checkpoint (run folder or its checkpoint/ folder) into an eval-mode, channels_last model."""
+    """Load a checkpoint (run folder or its checkpoint/ folder) into an eval-mode, channels_last model.
+
+    Without a device: the GPU when there is one, else the CPU, the device type training evaluated on
+    where possible, so accuracies match exactly.
+    """
     from distvision.checkpoint import load_checkpoint
     from distvision.models import create
 
-    device = device or torch.device("cpu")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     weights, info = load_checkpoint(checkpoint)
     # The preprocessing tensors travel in the checkpoint, so the data set's statistics cannot drift.
     preprocess = Preprocessing(info["preprocessing"], weights.pop("preprocess.mean"), weights.pop("preprocess.scale"))
@@ -71,6 +68,6 @@ def load_inference_model(checkpoint: Path, device: torch.device | None = None) -
     model = model.to(device, memory_format=torch.channels_last).eval()
     return InferenceModel(
         model=model, preprocess=preprocess.to(device), classes=list(info["classes"]),
-        image_size=int(info["image_size"]), precision=inference_precision(info["precision"], device),
+        image_size=int(info["image_size"]), precision=info["precision"],
         test_time_flip=bool(info["test_time_flip"]), device=device, info=info,
     )

@@ -39,7 +39,13 @@ from distvision.errors import UserError
 from distvision.fileio import write_json_atomic
 from distvision.inference import InferenceModel, load_inference_model
 from distvision.metrics import say
-from distvision.parallel.launch import USER_ERROR_EXIT, WorkerFailed, launch_local, started_by_torchrun
+from distvision.parallel.launch import (
+    USER_ERROR_EXIT,
+    WorkerFailed,
+    launch_local,
+    started_by_torchrun,
+    stop_when_parent_dies,
+)
 
 # Workers reach the final barrier up to one chunk apart; a peer that died is the agent's to notice.
 BARRIER_TIMEOUT_SECONDS = 1800
@@ -81,6 +87,7 @@ def classify_command(config: ClassifyConfig, argv: list[str]) -> None:
 @record
 def run_classify_worker(config: ClassifyConfig) -> None:
     """Entry point of each worker process: a UserError is printed once, by rank 0, and ends it with status 2."""
+    stop_when_parent_dies()  # a worker whose agent was killed stops instead of running on as an orphan
     try:
         classify(config)
     except UserError as error:
