@@ -56,12 +56,14 @@ def classify_command(config: ClassifyConfig, argv: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
     from distvision.checkpoint import load_checkpoint
+    from distvision.train import pick_device
 
     config.validate()
     if started_by_torchrun():
         run_classify_worker(config)
         return
     launched_at = _process_started_at()  # start-up is measured from the user's command, imports included
+    pick_device(config.device, config.workers)  # too few GPUs fails here, not in every worker
     # Bad input (checkpoint, input, leftover parts of another job) fails here, before any worker starts.
     _, info = load_checkpoint(Path(config.checkpoint))
     outputs = config.outputs()
