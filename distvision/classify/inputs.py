@@ -43,14 +43,14 @@ class ClassifyInput:
         return dict(vars(self))
 
 
-def find_input(path: Path, classes: list[str], image_size: int) -> ClassifyInput:
-    """Detect the kind of input at path and list its items."""
+def find_input(path: Path, classes: list[str], image_size: int, skip: tuple[str, ...] = ()) -> ClassifyInput:
+    """Detect the kind of input at path and list its items; a folder's files at or under skip are left out."""
     if not path.exists():
         raise UserError(f"input {path} does not exist")
     if path.is_dir() and is_prepared(path):
         found = _prepared_input(path, classes, image_size)
     elif path.is_dir():
-        found = _folder_input(path, classes)
+        found = _folder_input(path, classes, skip)
     else:
         found = _list_input(path)
     if not found.paths:
@@ -58,9 +58,10 @@ def find_input(path: Path, classes: list[str], image_size: int) -> ClassifyInput
     return found
 
 
-def _folder_input(root: Path, classes: list[str]) -> ClassifyInput:
+def _folder_input(root: Path, classes: list[str], skip: tuple[str, ...]) -> ClassifyInput:
     images, others = list_files(root)
-    paths = sorted((os.path.relpath(full, root), full) for full in images + others)
+    # The command's own outputs, when they are written inside the input folder, are not inputs.
+    paths = sorted((os.path.relpath(full, root), full) for full in images + others if not _is_within(full, skip))
     top_folders = {p.split(os.sep)[0] for p, _ in paths if os.sep in p}
     labelled = bool(top_folders) and top_folders <= set(classes)
     labels = None
@@ -68,6 +69,11 @@ def _folder_input(root: Path, classes: list[str]) -> ClassifyInput:
         index = {name: i for i, name in enumerate(classes)}
         labels = [index[p.split(os.sep)[0]] if os.sep in p else UNLABELLED for p, _ in paths]
     return ClassifyInput("folder", os.path.realpath(root), [p for p, _ in paths], [f for _, f in paths], labels)
+
+
+def _is_within(path: str, places: tuple[str, ...]) -> bool:
+    real = os.path.realpath(path)
+    return any(real == place or real.startswith(place + os.sep) for place in places)
 
 
 def _list_input(list_file: Path) -> ClassifyInput:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,3 +80,8 @@ class Outputs:
     @property
     def confusion_png(self) -> Path:
         return self.folder / "confusion_matrix.png"
+
+    def own_files(self) -> tuple[str, ...]:
+        """Real paths of everything this command writes, so an input folder that holds them skips them."""
+        files = (self.predictions, self.errors, self.summary, self.per_class, self.confusion_csv, self.confusion_png)
+        return tuple(os.path.realpath(path) for path in (self.parts, *files))

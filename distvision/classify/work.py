@@ -48,7 +48,8 @@ class Plan:
 
 def make_plan(config: ClassifyConfig, checkpoint_info: dict) -> Plan:
     """Scan the input and fix the job's settings and chunks."""
-    data = find_input(Path(config.input), checkpoint_info["classes"], checkpoint_info["image_size"])
+    data = find_input(Path(config.input), checkpoint_info["classes"], checkpoint_info["image_size"],
+                      skip=config.outputs().own_files())
     settings = {
         "checkpoint_sha256": checkpoint_info["weights_sha256"],
         "classes": checkpoint_info["classes"],
