@@ -115,7 +115,51 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, help="run folder or its checkpoint/ folder")
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--cache-dir")
+    _add_classify_arguments(commands.add_parser(
+        "classify", help="classify a folder tree, a list of image paths or a prepared folder with a checkpoint"))
     return parser
+
+
+# ---------------------------------------------------------------------------------------------- classify
+def _add_classify_arguments(parser: argparse.ArgumentParser) -> None:
+    from distvision.classify.settings import ClassifyConfig
+
+    defaults = {f.name: f.default for f in fields(ClassifyConfig)}
+    parser.add_argument("--checkpoint", required=True, help="run folder or its checkpoint/ folder")
+    parser.add_argument("--input", required=True,
+                        help="folder tree of images, text file listing image paths, or prepared folder")
+    parser.add_argument("--out", default=defaults["out"],
+                        help="predictions CSV (default %(default)s); errors.csv, summary.json and parts/ go beside it")
+    parser.add_argument("--workers", type=int, default=defaults["workers"],
+                        help="local worker processes (default %(default)s); ignored under torchrun")
+    parser.add_argument("--top-k", type=int, default=defaults["top_k"], help="classes per row (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"],
+                        help="images per forward pass (default %(default)s)")
+    parser.add_argument("--chunk-size", type=int, default=defaults["chunk_size"],
+                        help="files per unit of work handed to a worker (default %(default)s)")
+    parser.add_argument("--decode-threads", type=int, help="decoding threads per worker (default: its cores)")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=defaults["resume"],
+                        help="continue from the parts of an earlier run (default: when there are parts)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=defaults["device"])
+    parser.add_argument("--max-restarts", type=int, default=defaults["max_restarts"],
+                        help="restarts of the local worker group after a worker dies (default %(default)s)")
+    parser.add_argument("--join-timeout", type=float, default=defaults["join_timeout"],
+                        help="seconds to wait for the workers at rendezvous (default %(default)s)")
+    debug = parser.add_argument_group("debugging")
+    debug.add_argument("--debug-chunk-delay", type=float, default=0.0, help="sleep after every chunk (seconds)")
+    debug.add_argument("--debug-slow-rank", type=int, help="only this rank sleeps after its chunks")
+    # Set by the local launcher for its workers.
+    parser.add_argument("--launched-at", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--planned", action="store_true", help=argparse.SUPPRESS)
+
+
+def _classify_command(args: argparse.Namespace, argv: list[str]) -> None:
+    from distvision.classify.settings import ClassifyConfig
+    from distvision.classify.worker import classify_command
+
+    config = ClassifyConfig(**{f.name: getattr(args, f.name) for f in fields(ClassifyConfig)})
+    classify_command(config, argv)
+# ------------------------------------------------------------------------------------------ end classify
 
 
 def _train_command(args: argparse.Namespace, argv: list[str]) -> None:
@@ -236,6 +280,8 @@ def run(argv: list[str] | None = None) -> None:
         result = evaluate_checkpoint(Path(args.checkpoint), Path(args.data),
                                      Path(args.cache_dir) if args.cache_dir else None)
         print(json.dumps(result))
+    elif args.command == "classify":
+        _classify_command(args, argv[1:])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 
 from distvision.data.batches import Preprocessing, load_batch
 from distvision.errors import UserError
-from distvision.precision import autocast
+from distvision.inference import forward_logits, load_inference_model
 
 # Fixed chunks of the evaluation set: the same chunks in training and in `evaluate`, so both
 # compute identical numbers whatever the worker count.
@@ -48,10 +48,7 @@ def evaluate_split(
         chunk = indices[start : start + EVAL_CHUNK]
         x = load_batch(images, chunk, preprocess, device)
         y = torch.from_numpy(labels[chunk]).to(device)
-        with autocast(precision, device):
-            logits = model(x).float()
-            if test_time_flip:
-                logits = (logits + model(x.flip(3)).float()) / 2
+        logits = forward_logits(model, x, precision, device, test_time_flip)
         totals[0] += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         totals[1] += (logits.argmax(1) == y).sum().item()
         totals[2] += len(chunk)
@@ -62,35 +59,16 @@ def evaluate_split(
     return EvalResult(loss_sum / max(count, 1), correct / max(count, 1), int(correct), int(count))
 
 
-def load_for_inference(checkpoint: Path) -> tuple[nn.Module, Preprocessing, dict, torch.device]:
-    """(model in eval mode, preprocessing, info, device) from a checkpoint, on the GPU when there is one.
-
-    The device type is the one training evaluated on where possible, so accuracies match exactly.
-    """
-    from distvision.checkpoint import load_checkpoint
-    from distvision.models import create
-
-    weights, info = load_checkpoint(checkpoint)
-    # The preprocessing tensors travel in the checkpoint, so the data set's statistics cannot drift.
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    preprocess = Preprocessing(
-        info["preprocessing"], weights.pop("preprocess.mean"), weights.pop("preprocess.scale")
-    ).to(device)
-    model = create(info["model"], num_classes=len(info["classes"]), image_size=info["image_size"])
-    model.load_state_dict(weights)
-    return model.to(device, memory_format=torch.channels_last).eval(), preprocess, info, device
-
-
 def evaluate_checkpoint(checkpoint: Path, data: Path, cache_dir: Path | None = None) -> dict:
     """Evaluate a saved checkpoint on the test split of data, with the settings it was saved with."""
     from distvision.data.prepare import ensure_prepared, open_prepared
 
-    model, preprocess, info, device = load_for_inference(checkpoint)
-    prepared = open_prepared(ensure_prepared(data, info["image_size"], cache_dir))
-    if prepared.classes != info["classes"]:
-        raise UserError(f"{data} has classes {prepared.classes}, the checkpoint was trained on {info['classes']}")
+    loaded = load_inference_model(checkpoint)
+    prepared = open_prepared(ensure_prepared(data, loaded.image_size, cache_dir))
+    if prepared.classes != loaded.classes:
+        raise UserError(f"{data} has classes {prepared.classes}, the checkpoint was trained on {loaded.classes}")
     result = evaluate_split(
-        model, prepared.test_images, prepared.test_labels, preprocess, info["precision"], device,
-        info["test_time_flip"],
+        loaded.model, prepared.test_images, prepared.test_labels, loaded.preprocess, loaded.precision,
+        loaded.device, loaded.test_time_flip,
     )
     return {"test_accuracy": result.accuracy, "test_loss": result.loss, "test_count": result.count}

@@ -227,14 +227,15 @@ def collect_rows(jobs: list[Job], out: Path) -> list[dict]:
 
 def add_global_accuracy(rows: list[dict], subsets: list[Subset], global_run: Path, union_data: Path) -> None:
     """The global model's accuracy on each subset's own test images (all classes compete)."""
-    from distvision.evaluate import evaluate_split, load_for_inference
+    from distvision.evaluate import evaluate_split
+    from distvision.inference import load_inference_model
 
-    model, preprocess, info, device = load_for_inference(global_run)
+    loaded = load_inference_model(global_run)
     union = open_prepared(union_data)
     for name, part in union_test_slices(subsets).items():
         indices = np.arange(part.start, part.stop)
-        result = evaluate_split(model, union.test_images, union.test_labels, preprocess, info["precision"],
-                                device, info["test_time_flip"], indices=indices)
+        result = evaluate_split(loaded.model, union.test_images, union.test_labels, loaded.preprocess,
+                                loaded.precision, loaded.device, loaded.test_time_flip, indices=indices)
         for row in rows:
             if row["subset"] == name:
                 row["global_test_accuracy"] = result.accuracy

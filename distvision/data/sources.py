@@ -139,7 +139,7 @@ def load_cifar_python(path: Path) -> Source:
 # ---------------------------------------------------------------- image folder trees
 
 
-def _list_files(folder: Path) -> tuple[list[str], list[str]]:
+def list_files(folder: Path) -> tuple[list[str], list[str]]:
     """All image files under folder, following symlinks (each real folder once), and non-images."""
     images, others, seen = [], [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -169,7 +169,7 @@ def _scan_split(root: Path, classes: list[str]) -> tuple[FileSplit, list[str]]:
     for label, name in enumerate(classes):
         if not (root / name).is_dir():
             continue
-        images, others = _list_files(root / name)
+        images, others = list_files(root / name)
         paths += images
         labels += [label] * len(images)
         skipped += others
@@ -205,19 +205,24 @@ def scan_image_folder(root: Path) -> Source:
     return Source(kind="image-folder", classes=classes, train=train, test=test, skipped=skipped)
 
 
+def read_image(path: str, image_size: int) -> np.ndarray:
+    """Decode any image PIL reads to (size, size, 3) uint8 RGB; raises when the file is not a readable image."""
+    with Image.open(path) as image:
+        image.load()
+        if image.mode != "RGB":
+            # Palette and LA images with transparency go through RGBA so the alpha is dropped cleanly.
+            image = image.convert("RGBA").convert("RGB") if "A" in image.mode or image.mode == "P" else (
+                image.convert("RGB")
+            )
+        if image.size != (image_size, image_size):
+            image = image.resize((image_size, image_size), Image.BILINEAR)
+        return np.asarray(image, dtype=np.uint8)
+
+
 def decode_image(path: str, image_size: int) -> np.ndarray | None:
-    """Decode any supported image to (size, size, 3) uint8 RGB; None when it is not a readable image."""
+    """read_image, or None when the file is not a readable image."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode != "RGB":
-                # Palette and LA images with transparency go through RGBA so the alpha is dropped cleanly.
-                image = image.convert("RGBA").convert("RGB") if "A" in image.mode or image.mode == "P" else (
-                    image.convert("RGB")
-                )
-            if image.size != (image_size, image_size):
-                image = image.resize((image_size, image_size), Image.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
+        return read_image(path, image_size)
     except Exception:  # noqa: BLE001 - any decoder failure means "not a usable image": the caller records it
         return None
 
