@@ -145,6 +145,9 @@ def _add_classify_arguments(parser: argparse.ArgumentParser) -> None:
                         help="restarts of the local worker group after a worker dies (default %(default)s)")
     parser.add_argument("--join-timeout", type=float, default=defaults["join_timeout"],
                         help="seconds to wait for the workers at rendezvous (default %(default)s)")
+    parser.add_argument("--fallback", choices=["none", "global"], default="none",
+                        help="with a train-each folder as --checkpoint: images of a subset without a model go "
+                        "to the global model instead of errors.csv")
     debug = parser.add_argument_group("debugging")
     debug.add_argument("--debug-chunk-delay", type=float, default=0.0, help="sleep after every chunk (seconds)")
     debug.add_argument("--debug-slow-rank", type=int, help="only this rank sleeps after its chunks")
@@ -155,9 +158,13 @@ def _add_classify_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _classify_command(args: argparse.Namespace, argv: list[str]) -> None:
     from distvision.classify.settings import ClassifyConfig
+    from distvision.classify.routed import classify_routed, is_each_dir
     from distvision.classify.worker import classify_command
 
     config = ClassifyConfig(**{f.name: getattr(args, f.name) for f in fields(ClassifyConfig)})
+    if is_each_dir(Path(config.checkpoint)):  # train-each's models: each image to its subset's model
+        classify_routed(config, argv, args.fallback)
+        return
     classify_command(config, argv)
 # ------------------------------------------------------------------------------------------ end classify
 

@@ -34,8 +34,9 @@ def write_subset(root: Path, name: str, classes: list[str], train: int = 24, tes
     return root / name
 
 
-@pytest.fixture
-def subsets(tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def subsets(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("each")
     root = tmp_path / "subsets"
     write_subset(root, "vehicles", ["car", "ship", "truck"], train=30)
     write_subset(root, "pets", ["cat", "dog"])
@@ -46,15 +47,21 @@ def subsets(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def trained(subsets: Path) -> tuple[Path, object]:
+    out = subsets.parent / "each"
+    result = run_cli(["train-each", "--data", str(subsets), "--parallel", "2", "--compare-global",
+                      "--out", str(out), *FAST], subsets.parent / "cache", timeout=400)
+    return out, result
+
+
 def read_rows(each_dir: Path) -> dict[str, dict]:
     with open(each_dir / "subsets.csv", newline="") as handle:
         return {row["subset"]: row for row in csv.DictReader(handle)}
 
 
-def test_parallel_pool_trains_every_subset_and_compares_with_a_global_model(subsets: Path, tmp_path: Path):
-    out = tmp_path / "each"
-    result = run_cli(["train-each", "--data", str(subsets), "--parallel", "2", "--compare-global",
-                      "--out", str(out), *FAST], tmp_path / "cache", timeout=400)
+def test_parallel_pool_trains_every_subset_and_compares_with_a_global_model(subsets: Path, trained, tmp_path: Path):
+    out, result = trained
     assert result.returncode == 1, result.stderr  # 'lonely' cannot be trained; the others are
     assert "lonely: not trained" in result.stdout and "only one class" in result.stdout
     rows = read_rows(out)
@@ -134,3 +141,38 @@ def test_two_processes_split_the_subsets_and_take_over_from_a_dead_one(tmp_path:
     assert sorted(trained) == ["a", "b", "c"], logs  # each subset exactly once between them
     assert any(e["event"] == "resume" for e in read_events(out / claimed[0])), "not resumed from its checkpoint"
     assert set(read_rows(out)) <= {"a", "b", "c"}
+
+
+def test_routed_classify_sends_each_image_to_its_subset_model(trained, tmp_path: Path):
+    each_dir, _ = trained
+    new_images = tmp_path / "new"
+    write_subset(new_images, "vehicles", ["car", "truck"], train=0, test=5)
+    write_subset(new_images, "pets", ["dog"], train=0, test=5)
+    write_subset(new_images, "mars", ["car"], train=0, test=2)  # a subset no model was trained for
+    out = tmp_path / "predictions" / "predictions.csv"
+    result = run_cli(["classify", "--checkpoint", str(each_dir), "--input", str(new_images), "--out", str(out),
+                      "--workers", "1"], tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 15 and list(rows[0])[:5] == ["path", "predicted_class", "probability", "top_classes",
+                                                      "top_probabilities"]
+    for row in rows:
+        subset = row["path"].split("/")[0]
+        assert row["subset"] == row["model"] == subset
+        own_classes = {"vehicles": {"car", "ship", "truck"}, "pets": {"cat", "dog"}}[subset]
+        # The right model: only its own classes can come out.
+        assert set(row["top_classes"].split(";")) <= own_classes and row["predicted_class"] in own_classes
+    correct = sum(row["predicted_class"] == row["path"].split("/")[2] for row in rows)
+    assert correct >= 13
+    with open(out.parent / "errors.csv", newline="") as handle:
+        errors = list(csv.DictReader(handle))
+    assert len(errors) == 2 and all("no model for subset 'mars'" in e["reason"] for e in errors)
+
+    fallback = tmp_path / "fallback" / "predictions.csv"
+    result = run_cli(["classify", "--checkpoint", str(each_dir), "--input", str(new_images), "--out",
+                      str(fallback), "--workers", "1", "--fallback", "global"], tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(fallback, newline="") as handle:
+        models = {row["path"].split("/")[0]: row["model"] for row in csv.DictReader(handle)}
+    assert models == {"vehicles": "vehicles", "pets": "pets", "mars": "_global"}
