@@ -75,7 +75,10 @@ class Synchronizer:
         self.model = model
         if self.distributed:
             device_ids = [device.index] if device.type == "cuda" else None
-            self.model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+            # Under local SGD, DDP must not broadcast rank 0's buffers at every forward: that would be a
+            # hidden exchange (and a wait) per step. The buffers are averaged with the parameters instead.
+            self.model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True,
+                                                 broadcast_buffers=settings.mode == "allreduce")
             self._register_hook(device)
         self._since_average = 0
 
