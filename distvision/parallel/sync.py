@@ -13,6 +13,7 @@ puts into them are counted in SyncStats, so the cost of each mode is measured, n
 
 from __future__ import annotations
 
+import inspect
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -77,8 +78,12 @@ class Synchronizer:
             device_ids = [device.index] if device.type == "cuda" else None
             # Under local SGD, DDP must not broadcast rank 0's buffers at every forward: that would be a
             # hidden exchange (and a wait) per step. The buffers are averaged with the parameters instead.
+            sync_buffers = settings.mode == "allreduce"
+            # torch 2.13 renamed the option (broadcast_buffers is deprecated there); older torch has the old name.
+            buffers_option = ("forward_sync_buffers" if "forward_sync_buffers" in
+                              inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers")
             self.model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True,
-                                                 broadcast_buffers=settings.mode == "allreduce")
+                                                 **{buffers_option: sync_buffers})
             self._register_hook(device)
         self._since_average = 0
 
