@@ -1,0 +1,137 @@
+"""One trial: an ordinary `distvision train` run in a subprocess, followed epoch by epoch.
+
+The trial's run folder (TUNE_DIR/trials/<number>/) is a normal run folder: config.toml (the
+settings, loadable by `distvision train --config`), train.log, metrics.jsonl, summary.json and the
+checkpoint. After every epoch the child's validation accuracy goes to the pruner; a pruned trial's
+child is stopped at once with SIGTERM (train stops cleanly at the next step).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+
+from distvision.config import write_config_file
+from distvision.tune.config import TuneConfig
+from distvision.tune.space import Dimension, train_settings
+
+POLL_SECONDS = 0.5  # how often the parent looks for a new epoch line
+STOP_WAIT_SECONDS = 60.0  # after SIGTERM: time the child gets to stop before it is killed
+PR_SET_PDEATHSIG = 1
+
+
+class TrialFailed(Exception):
+    """The trial's training run failed; the trial is recorded as FAIL and the search goes on."""
+
+
+def process_identity(pid: int) -> str:
+    """host:pid:start-time, which tells a live process from a later one that reuses its pid."""
+    try:
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = "?"
+    return f"{socket.gethostname()}:{pid}:{start}"
+
+
+def trial_config(config: TuneConfig, params: dict) -> dict:
+    """The TrainConfig values of one trial: the search's fixed settings plus the trial's parameters."""
+    values = {"model": config.model, "recipe": config.recipe, "data": config.data, "epochs": config.epochs,
+              "seed": config.seed, "val_fraction": config.val_fraction, "precision": config.precision,
+              "image_size": config.image_size, "workers": config.workers_per_trial}
+    if config.cache_dir:
+        values["cache_dir"] = config.cache_dir
+    return values | train_settings(params)
+
+
+def die_with_parent() -> None:
+    """In a child process: get SIGTERM when the parent dies, so no training outlives its trial."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def make_objective(config: TuneConfig, space: list[Dimension], cores_per_trial: int, on_start=None):
+    """The Optuna objective: suggest a configuration, train it, report validation accuracy per epoch."""
+
+    def objective(trial: optuna.Trial) -> float:
+        if on_start:
+            on_start()
+        trial.set_user_attr("worker", process_identity(os.getpid()))
+        params = {dimension.name: dimension.suggest(trial) for dimension in space}
+        run_dir = Path(config.out) / "trials" / str(trial.number)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = run_dir / "config.toml"
+        write_config_file(config_path, trial_config(config, params), f"trial {trial.number}")
+        trial.set_user_attr("run_dir", str(run_dir))
+        command = [sys.executable, "-m", "distvision", "train", "--config", str(config_path), "--out", str(run_dir)]
+        env = dict(os.environ, DISTVISION_CORES=str(cores_per_trial), PYTHONUNBUFFERED="1")
+        with open(run_dir / "train.log", "ab") as log:
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=die_with_parent)
+        try:
+            return _follow(trial, child, run_dir)
+        finally:
+            if child.poll() is None:
+                _stop(child)
+
+    return objective
+
+
+def _follow(trial: optuna.Trial, child: subprocess.Popen, run_dir: Path) -> float:
+    """Report each new epoch's validation accuracy; prune, or return the final one."""
+    metrics_path, seen = run_dir / "metrics.jsonl", 0
+    while True:
+        finished = child.poll() is not None  # read the log after this, so no last line is missed
+        records = _epoch_records(metrics_path)
+        for record in records[seen:]:
+            trial.report(record["val_accuracy"], record["epoch"])
+            trial.set_user_attr("epochs", record["epoch"])
+            if trial.should_prune():
+                _stop(child)
+                raise optuna.TrialPruned(f"pruned after epoch {record['epoch']}")
+        seen = len(records)
+        if finished:
+            break
+        time.sleep(POLL_SECONDS)
+    if child.returncode != 0:
+        tail = (run_dir / "train.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
+        trial.set_user_attr("error", f"exit {child.returncode}: {tail[0][:300]}")
+        raise TrialFailed(f"trial {trial.number}: training exited with status {child.returncode}: {tail[0]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    trial.set_user_attr("precision", summary["precision"])
+    trial.set_user_attr("stop_reason", summary["stop_reason"])
+    # A diverged run ends early and may have no epoch at all: it scores what it last reached, or 0.
+    return records[-1]["val_accuracy"] if records else 0.0
+
+
+def _epoch_records(metrics_path: Path) -> list[dict]:
+    try:
+        lines = metrics_path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break  # a line still being written
+        if "event" not in record and "val_accuracy" in record:
+            records.append(record)
+    return records
+
+
+def _stop(child: subprocess.Popen) -> None:
+    """SIGTERM (train checkpoints and exits at the next step), SIGKILL if it does not."""
+    child.send_signal(signal.SIGTERM)
+    try:
+        child.wait(STOP_WAIT_SECONDS)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
