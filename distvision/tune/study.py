@@ -8,7 +8,9 @@ run and recovers trials whose worker died.
 from __future__ import annotations
 
 import fcntl
+import random
 import socket
+import time
 import warnings
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -27,6 +29,7 @@ GRACE_SECONDS = 60  # ... and a trial without a mark for this long belongs to a 
 MAX_RETRIES = 3  # a trial whose worker died is run again at most this often
 UNOWNED_GRACE = timedelta(seconds=60)  # a RUNNING trial not yet claimed by its worker, after this: dead
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+STORAGE_ATTEMPTS = 5  # opening a new database from several machines at once
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -42,17 +45,26 @@ def open_storage(config: TuneConfig) -> optuna.storages.BaseStorage:
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(str(journal_path(Path(config.out)))))
-    try:
-        return optuna.storages.RDBStorage(
-            config.storage, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
-            engine_kwargs={"pool_pre_ping": True},
-        )
-    except ImportError as error:
-        raise UserError(f"--storage {redact(config.storage)}: missing database driver ({error})") from None
-    except Exception as error:  # sqlalchemy's errors: bad URL, unreachable server, bad login
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"--storage {redact(config.storage)}: cannot open it ({first_line})") from None
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(
+                config.storage, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
+                engine_kwargs={"pool_pre_ping": True},
+            )
+        except IntegrityError:
+            # Machines starting together on a new database race to create Optuna's tables; the
+            # loser finds them made on its next try.
+            if attempt == STORAGE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 + random.random())
+        except ImportError as error:
+            raise UserError(f"--storage {redact(config.storage)}: missing database driver ({error})") from None
+        except Exception as error:  # sqlalchemy's errors: bad URL, unreachable server, bad login
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"--storage {redact(config.storage)}: cannot open it ({first_line})") from None
 
 
 def redact(url: str) -> str:
@@ -161,10 +173,12 @@ def work_on_study(config: TuneConfig, space: list[Dimension], epochs: int, cores
     from distvision.tune.trial import TrialFailed, make_objective
 
     study = load_study(config, space, epochs, create=False)
-    failures = []
+    failures, full = [], []
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if trial.state == TrialState.FAIL:
+        if trial.user_attrs.get("error", "").startswith("surplus"):
+            full.append(trial.number)
+        elif trial.state == TrialState.FAIL:
             failures.append(trial.number)
         print(progress_line(study, trial, config.trials), flush=True)
 
@@ -177,6 +191,8 @@ def work_on_study(config: TuneConfig, space: list[Dimension], epochs: int, cores
                 return
             objective = make_objective(config, space, cores_per_trial, on_start=release)
             study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=[after_trial])
+        if full:
+            return
 
 
 def worker_process(config: TuneConfig, space: list[Dimension], epochs: int, cores_per_trial: int) -> None:

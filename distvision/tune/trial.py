@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
 from distvision.config import write_config_file
 from distvision.tune.config import TuneConfig
@@ -31,6 +32,10 @@ PR_SET_PDEATHSIG = 1
 
 class TrialFailed(Exception):
     """The trial's training run failed; the trial is recorded as FAIL and the search goes on."""
+
+
+class StudyFull(TrialFailed):
+    """Another machine started the study's last trial at the same moment: this one is not run."""
 
 
 def process_identity(pid: int) -> str:
@@ -64,6 +69,9 @@ def make_objective(config: TuneConfig, space: list[Dimension], cores_per_trial: 
         if on_start:
             on_start()
         trial.set_user_attr("worker", process_identity(os.getpid()))
+        if trials_before(trial.study, trial.number) >= config.trials:
+            trial.set_user_attr("error", f"surplus: the study already had {config.trials} trials when it started")
+            raise StudyFull(f"trial {trial.number} not run: the study already has {config.trials} trials")
         params = {dimension.name: dimension.suggest(trial) for dimension in space}
         run_dir = Path(config.out) / "trials" / str(trial.number)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -82,6 +90,16 @@ def make_objective(config: TuneConfig, space: list[Dimension], cores_per_trial: 
                 _stop(child)
 
     return objective
+
+
+def trials_before(study: optuna.Study, number: int) -> int:
+    """Trials numbered below this one that count toward --trials (finished or running).
+
+    Trial numbers are handed out by the storage, so this is exact even when workers on several
+    machines claim the study's last trial at once: the later number is the surplus one.
+    """
+    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=counted) if t.number < number)
 
 
 def _follow(trial: optuna.Trial, child: subprocess.Popen, run_dir: Path) -> float:
