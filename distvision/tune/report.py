@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import optuna
@@ -121,7 +122,9 @@ def write_plots(study: optuna.Study, out: Path) -> list[str]:
     plt.close(figure)
 
     try:
-        importances = optuna.importance.get_param_importances(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "importances will be equal" on tiny studies
+            importances = optuna.importance.get_param_importances(study)
     except (ValueError, RuntimeError) as error:
         importances = None
         skipped.append(f"param_importances.png: {error}")

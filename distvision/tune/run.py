@@ -46,6 +46,8 @@ def run_tune(config: TuneConfig) -> dict:
 
         config.data = str(download_cifar10(cache_dir))
     ensure_prepared(Path(config.data), config.image_size, cache_dir)  # bad data fails before any trial
+    # Absolute, so best.toml and trials.csv work from any folder.
+    config.data, config.out = str(Path(config.data).resolve()), str(Path(config.out).resolve())
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -108,7 +110,8 @@ def write_outputs(study, config: TuneConfig, epochs: int, wall_seconds: float) -
     summary = write_summary(study, out / "summary.json", {
         "trials_wanted": config.trials,
         "max_epochs_per_trial": epochs,
-        "epochs_without_pruning": config.trials * epochs,
+        # The same finished trials, each trained for every epoch: what the pruner is measured against.
+        "epochs_without_pruning": sum(t.state in FINISHED for t in trials) * epochs,
         "wall_seconds": round(wall_seconds, 1),
         "study_wall_seconds": round((max(ends) - min(starts)).total_seconds(), 1) if starts and ends else None,
         "skipped_plots": skipped_plots,

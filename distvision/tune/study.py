@@ -131,9 +131,12 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
                 continue
         elif not _owner_is_dead(owner):
             continue
-        if study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-            retry(study, study._storage.get_trial(trial._trial_id))
-            recovered.append(trial.number)
+        try:
+            study.tell(trial.number, state=TrialState.FAIL)
+        except ValueError:
+            continue  # finished meanwhile, or another command recovered it first
+        retry(study, trial)
+        recovered.append(trial.number)
     return recovered
 
 
@@ -205,3 +208,5 @@ def worker_process(config: TuneConfig, space: list[Dimension], epochs: int, core
     except UserError as error:
         print(f"distvision: error: {error}", flush=True)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None  # Ctrl-C: the command itself says so, once
