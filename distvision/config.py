@@ -80,14 +80,19 @@ CONFIG_FILE_FIELDS = {f.name: f for f in fields(TrainConfig)}
 _FIELD_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "list[str]": list}
 
 
+def read_toml(path: Path, flag: str) -> dict:
+    """A TOML file's content; unreadable or invalid is a UserError naming the flag that gave it."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except OSError as error:
+        raise UserError(f"{flag} {path}: cannot read it ({error.strerror})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"{flag} {path}: not valid TOML ({error})") from None
+
+
 def read_config_file(path: Path) -> dict:
     """TrainConfig values from a TOML file; unknown keys or wrong types are a UserError."""
-    try:
-        values = tomllib.loads(Path(path).read_text())
-    except OSError as error:
-        raise UserError(f"--config {path}: cannot read it ({error.strerror})") from None
-    except tomllib.TOMLDecodeError as error:
-        raise UserError(f"--config {path}: not valid TOML ({error})") from None
+    values = read_toml(path, "--config")
     for key, value in values.items():
         field_ = CONFIG_FILE_FIELDS.get(key)
         if field_ is None:

@@ -70,7 +70,7 @@ def test_parallel_workers_share_the_journal_and_best_toml_reproduces_the_best_tr
     env_cores = dict(os.environ, DISTVISION_CORES="1")
     rerun = subprocess.run([sys.executable, "-m", "distvision", "train", "--config", str(out / "best.toml"),
                             "--out", str(tmp_path / "again")], cwd=REPO, capture_output=True, text=True,
-                           env=env_cores | {"XDG_CACHE_HOME": str(tmp_path / "cache")}, timeout=240)
+                           env=env_cores | {"XDG_CACHE_HOME": str(tmp_path / "cache")}, timeout=240, check=False)
     assert rerun.returncode == 0, rerun.stderr
     again = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert again["val_accuracy"] == best["val_accuracy"]

@@ -24,12 +24,12 @@ The grid sampler needs a finite set: float and log settings then also give `grid
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import optuna
 
+from distvision.config import read_toml
 from distvision.errors import UserError
 from distvision.recipes import Recipe
 
@@ -99,12 +99,7 @@ def default_space(recipe: Recipe) -> list[Dimension]:
 
 def load_space(path: Path) -> list[Dimension]:
     """Read and check a search-space TOML file; anything wrong is a one-line UserError."""
-    try:
-        tables = tomllib.loads(Path(path).read_text())
-    except OSError as error:
-        raise UserError(f"--space {path}: cannot read it ({error.strerror})") from None
-    except tomllib.TOMLDecodeError as error:
-        raise UserError(f"--space {path}: not valid TOML ({error})") from None
+    tables = read_toml(path, "--space")
     if not tables:
         raise UserError(f"--space {path}: no settings to search; add a table such as [lr]")
     return [parse_dimension(name, table, path) for name, table in tables.items()]

@@ -45,7 +45,7 @@ def open_storage(config: TuneConfig) -> optuna.storages.BaseStorage:
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(str(journal_path(Path(config.out)))))
-    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
     for attempt in range(STORAGE_ATTEMPTS):
         try:
@@ -62,7 +62,7 @@ def open_storage(config: TuneConfig) -> optuna.storages.BaseStorage:
             time.sleep(0.5 + random.random())
         except ImportError as error:
             raise UserError(f"--storage {redact(config.storage)}: missing database driver ({error})") from None
-        except Exception as error:  # sqlalchemy's errors: bad URL, unreachable server, bad login
+        except SQLAlchemyError as error:  # a bad URL, an unreachable server, a bad login
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(f"--storage {redact(config.storage)}: cannot open it ({first_line})") from None
 
@@ -70,10 +70,11 @@ def open_storage(config: TuneConfig) -> optuna.storages.BaseStorage:
 def redact(url: str) -> str:
     """The URL without its password, for messages and summaries."""
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:
+    except ArgumentError:
         return "<unparseable URL>"
 
 

@@ -57,9 +57,12 @@ def trial_config(config: TuneConfig, params: dict) -> dict:
     return values | train_settings(params)
 
 
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up once: preexec_fn must do next to nothing
+
+
 def die_with_parent() -> None:
     """In a child process: get SIGTERM when the parent dies, so no training outlives its trial."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def make_objective(config: TuneConfig, space: list[Dimension], cores_per_trial: int, on_start=None):
@@ -82,7 +85,7 @@ def make_objective(config: TuneConfig, space: list[Dimension], cores_per_trial: 
         env = dict(os.environ, DISTVISION_CORES=str(cores_per_trial), PYTHONUNBUFFERED="1")
         with open(run_dir / "train.log", "ab") as log:
             child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     preexec_fn=die_with_parent)
+                                     preexec_fn=die_with_parent)  # noqa: PLW1509 - one prctl call
         try:
             return _follow(trial, child, run_dir)
         finally:
