@@ -171,3 +171,13 @@ def test_train_config_file_rejects_unknown_settings(tiny_images, tmp_path, capsy
     stderr = capsys.readouterr().err
     assert exit_status.value.code == 2 and stderr.count("\n") == 1
     assert "unknown setting 'learning_rate'" in stderr
+
+
+def test_train_config_file_values_are_defaults_that_flags_override(tmp_path):
+    from distvision.cli import build_parser
+    from distvision.config import read_config_file
+
+    (tmp_path / "best.toml").write_text('lr = 0.5\nepochs = 3\nrecipe_settings = ["flip=true"]\n')
+    argv = ["train", "--config", str(tmp_path / "best.toml"), "--lr", "0.1", "--set", "translate=2"]
+    args = build_parser(read_config_file(tmp_path / "best.toml")).parse_args(argv)
+    assert (args.lr, args.epochs, args.recipe_settings) == (0.1, 3, ["flip=true", "translate=2"])
