@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from distvision.metrics import read_events
+from distvision.metrics import read_events, read_metrics
 from distvision.parallel.launch import local_worker_pids
 
 
@@ -54,7 +54,8 @@ def main() -> None:
     run = subprocess.Popen(command, start_new_session=True)
     rng = random.Random(args.kill_seed)
     # Spread the kills over the run: wait for the first epoch to pass, then kill at random steps.
-    while run.poll() is None and not (out / "metrics.jsonl").exists():
+    # metrics.jsonl exists from the start; the first epoch record says the first epoch is over.
+    while run.poll() is None and not ((out / "metrics.jsonl").exists() and read_metrics(out)):
         time.sleep(1)
     steps_per_epoch = heartbeat_step(out)
     total_steps = steps_per_epoch * args.epochs

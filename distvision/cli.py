@@ -35,8 +35,32 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=DEFAULTS["precision"],
                         help="auto measures which is faster here (default)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=DEFAULTS["device"])
-    parser.add_argument("--sync", choices=["allreduce"], default=DEFAULTS["sync"],
-                        help="how replicas combine their updates (default: gradient all-reduce every step)")
+    sync = parser.add_argument_group("synchronisation and batch balancing")
+    sync.add_argument("--sync", choices=["allreduce", "local-sgd"], default=DEFAULTS["sync"],
+                      help="allreduce: gradients averaged every step (default); local-sgd: local steps, "
+                      "replicas averaged every --sync-every steps (Dahl et al.'s Pattern Parallel Training)")
+    sync.add_argument("--sync-every", default=DEFAULTS["sync_every"], metavar="K|epoch",
+                      help="local-sgd: optimizer steps between averagings, or 'epoch' (default %(default)s)")
+    sync.add_argument("--sync-warmup", type=int, default=DEFAULTS["sync_warmup"], metavar="S",
+                      help="local-sgd: all-reduce every step for the first S steps (default %(default)s)")
+    sync.add_argument("--compress", choices=["none", "fp16", "bf16", "powersgd"], default=DEFAULTS["compress"],
+                      help="allreduce: compress gradients through a DDP communication hook")
+    sync.add_argument("--powersgd-rank", type=int, default=DEFAULTS["powersgd_rank"])
+    sync.add_argument("--lr-scaling", choices=["none", "linear", "sqrt"], default=DEFAULTS["lr_scaling"],
+                      help="scale the lr given for --base-batch-size to the global batch (Goyal et al.)")
+    sync.add_argument("--base-batch-size", type=int, help="batch size the lr is given for (default: the recipe's)")
+    sync.add_argument("--warmup-epochs", type=float, default=DEFAULTS["warmup_epochs"],
+                      help="linear lr warmup over the first epochs (default %(default)s)")
+    sync.add_argument("--balance", choices=["even", "throughput"], default=DEFAULTS["balance"],
+                      help="throughput: split each global batch across workers in proportion to measured speed")
+    stopping = parser.add_argument_group("stopping (every worker stops at the same step)")
+    stopping.add_argument("--target-accuracy", type=float, help="stop at the first epoch reaching this accuracy")
+    stopping.add_argument("--patience", type=int, help="stop after N epochs without improvement")
+    stopping.add_argument("--min-delta", type=float, default=DEFAULTS["min_delta"],
+                          help="smallest accuracy gain that counts as an improvement (default %(default)s)")
+    stopping.add_argument("--monitor", choices=["test", "val"], default=DEFAULTS["monitor"],
+                          help="accuracy that --target-accuracy and --patience watch (default %(default)s)")
+    stopping.add_argument("--max-time", type=float, help="stop after this many seconds of training")
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     parser.add_argument("--val-fraction", type=float, default=DEFAULTS["val_fraction"],
                         help="seeded share of the training set held out for validation (default 0)")
@@ -59,6 +83,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                        help="log each rank's sample indices per step to RUN_DIR/audit/")
     debug.add_argument("--debug-stop-at-step", type=int, help="stop resumably after this step, as on SIGTERM")
     debug.add_argument("--debug-step-delay", type=float, default=0.0, help="sleep after every step (seconds)")
+    debug.add_argument("--debug-slowdown", metavar="RANK:FACTOR",
+                       help="make one worker FACTOR times slower (sleeps in proportion to its compute)")
+    debug.add_argument("--debug-nan-at", metavar="RANK:STEP", help="make one worker's loss NaN at a global step")
 
 
 def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
@@ -73,6 +100,21 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     prepare.add_argument("--out", required=True)
     prepare.add_argument("--image-size", type=int, default=32)
     prepare.add_argument("--processes", type=int, help="decoding processes (default: all cores)")
+    each = commands.add_parser("train-each", help="train one independent model per data subset, several at once")
+    _add_train_arguments(each)
+    each.set_defaults(workers=1)
+    group = each.add_argument_group("train-each")
+    group.add_argument("--parallel", type=int, default=1, help="subsets trained at once here, each on its share "
+                       "of the cores (default %(default)s)")
+    group.add_argument("--workers-per-job", type=int, default=1,
+                       help="data-parallel workers inside each subset's training (default %(default)s)")
+    group.add_argument("--compare-global", action="store_true",
+                       help="also train one model on all subsets and compare it on each subset's test split")
+    group.add_argument("--only", help="train just this subset (for schedulers' array jobs)")
+    group.add_argument("--only-index", type=int, help="train just the I-th job (subsets by name, then the "
+                       "global model), e.g. $SLURM_ARRAY_TASK_ID")
+    group.add_argument("--lease-seconds", type=float, default=60.0, help="a claim not renewed this long is "
+                       "taken over by another train-each process (default %(default)s)")
     commands.add_parser("models", help="list the registered models and their default recipes")
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a data set's test split")
     evaluate.add_argument("--checkpoint", required=True, help="run folder or its checkpoint/ folder")
@@ -126,7 +168,7 @@ def _train_command(args: argparse.Namespace, argv: list[str]) -> None:
     from distvision.checkpoint import list_training_checkpoints
     from distvision.data.prepare import default_cache_dir, ensure_prepared
     from distvision.parallel.launch import launch_local, run_worker, started_by_torchrun
-    from distvision.train import resolve_recipe
+    from distvision.train import pick_device, resolve_recipe
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     config = TrainConfig(**values)
@@ -146,6 +188,7 @@ def _train_command(args: argparse.Namespace, argv: list[str]) -> None:
     if recipe.batch_size < config.workers:
         raise UserError(f"--batch-size {recipe.batch_size} is smaller than --workers {config.workers}: "
                         "every worker needs at least one sample per step")
+    pick_device(config.device, config.workers)  # too few GPUs fails here, not in every worker
     has_checkpoints = bool(list_training_checkpoints(Path(config.out)))
     if has_checkpoints and not config.resume:
         raise UserError(f"--out {config.out} holds an unfinished run: add --resume to continue it, "
@@ -164,6 +207,41 @@ def _train_command(args: argparse.Namespace, argv: list[str]) -> None:
         sys.exit(128 + int(stop.sigval))
 
 
+# train-each's own flags, and the train flags it settles itself for each subset's run.
+_EACH_ONLY = {"parallel", "workers_per_job", "compare_global", "only", "only_index", "lease_seconds",
+              "data", "out", "workers", "resume", "command", "help"}
+
+
+def _train_each_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from distvision.train_each import PoolSettings, train_each
+
+    if args.data is None or args.out is None:
+        raise UserError("train-each needs --data ROOT (subset folders or a path,label,subset CSV) and --out EACH_DIR")
+    for name in ("parallel", "workers_per_job"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    TrainConfig(**dict(values, workers=args.workers_per_job, out=None)).validate()  # EACH_DIR is no run folder
+    # Every train flag the user set, passed on unchanged to each subset's `distvision train`.
+    train_args = []
+    for action in parser._actions:
+        if action.dest in _EACH_ONLY or not action.option_strings:
+            continue
+        value = getattr(args, action.dest)
+        if value == action.default or value is None:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            train_args.append(action.option_strings[0])
+        elif isinstance(action, argparse._AppendAction):
+            train_args += [item for v in value for item in (action.option_strings[0], v)]
+        else:
+            train_args += [action.option_strings[0], str(value)]
+    settings = PoolSettings(args.parallel, args.workers_per_job, args.lease_seconds, train_args)
+    return train_each(Path(args.data), Path(args.out), settings, args.image_size,
+                      Path(args.cache_dir) if args.cache_dir else None, args.compare_global, args.only,
+                      args.only_index)
+
+
 def _models_command() -> None:
     from distvision.models.registry import count_parameters, list_models, mflops_per_image
 
@@ -179,7 +257,8 @@ def _models_command() -> None:
 
 def run(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "train" and args.config:
         from distvision.config import read_config_file
 
@@ -189,6 +268,9 @@ def run(argv: list[str] | None = None) -> None:
         _train_command(args, argv[1:])
     elif args.command == "tune":
         _tune_command(args)
+    elif args.command == "train-each":
+        each_parser = parser._subparsers._group_actions[0].choices["train-each"]
+        sys.exit(_train_each_command(args, each_parser))
     elif args.command == "prepare":
         from distvision.data.prepare import prepare
 

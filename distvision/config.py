@@ -27,7 +27,22 @@ class TrainConfig:
     recipe_settings: list[str] = field(default_factory=list)  # "field=value" for any recipe field
     precision: str = "auto"
     device: str = "auto"
-    sync: str = "allreduce"
+    # Synchronisation (parallel/sync.py) and batch balancing (parallel/balance.py).
+    sync: str = "allreduce"  # or "local-sgd"
+    sync_every: str = "8"  # local-sgd: average the replicas every K optimizer steps, or "epoch"
+    sync_warmup: int = 0  # local-sgd: plain all-reduce for the first S steps (post-local SGD)
+    compress: str = "none"  # allreduce: none | fp16 | bf16 | powersgd
+    powersgd_rank: int = 2
+    lr_scaling: str = "none"  # none | linear | sqrt: scale the lr given for base_batch_size to the global batch
+    base_batch_size: int | None = None  # default: the recipe's batch size
+    warmup_epochs: float = 0.0  # linear lr warmup over the first epochs, on top of the schedule
+    balance: str = "even"  # or "throughput": per-worker batch shares follow measured speed
+    # Stopping criteria (parallel/stopping.py); --epochs is the maximum.
+    target_accuracy: float | None = None
+    patience: int | None = None  # epochs without an improvement of more than min_delta
+    min_delta: float = 0.0
+    monitor: str = "test"  # which accuracy target and patience watch: test | val
+    max_time: float | None = None  # seconds of training (evaluation excluded), across resumes
     seed: int = 0
     val_fraction: float = 0.0
     image_size: int = 32
@@ -44,6 +59,8 @@ class TrainConfig:
     audit_samples: bool = False  # log every rank's sample indices per step to RUN_DIR/audit/
     debug_stop_at_step: int | None = None  # stop (resumably) after this global step, as on SIGTERM
     debug_step_delay: float = 0.0  # sleep this long after every step, to make a run slow
+    debug_slowdown: str | None = None  # "RANK:FACTOR": that worker computes FACTOR times slower
+    debug_nan_at: str | None = None  # "RANK:STEP": that worker's loss turns NaN at that global step
 
     def run_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / f"{self.model}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -65,6 +82,7 @@ class TrainConfig:
             raise UserError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
         if self.image_size < 8:
             raise UserError(f"--image-size must be at least 8 (got {self.image_size})")
+        self._validate_parallel_settings()
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
             raise UserError(f"--out {self.out} is a file; give a folder for the run's outputs")
         if self.out and (Path(self.out) / "summary.json").exists():
@@ -74,6 +92,38 @@ class TrainConfig:
         if self.max_restarts < 0:
             raise UserError(f"--max-restarts must be 0 or more (got {self.max_restarts})")
 
+    def _validate_parallel_settings(self) -> None:
+        if self.sync_every != "epoch" and not (self.sync_every.isdigit() and int(self.sync_every) >= 1):
+            raise UserError(f"--sync-every must be a step count >= 1 or 'epoch' (got {self.sync_every!r})")
+        if self.sync_warmup < 0:
+            raise UserError(f"--sync-warmup must be >= 0 (got {self.sync_warmup})")
+        if self.compress != "none" and self.sync != "allreduce":
+            raise UserError(f"--compress {self.compress} applies to --sync allreduce only")
+        if self.powersgd_rank < 1:
+            raise UserError(f"--powersgd-rank must be at least 1 (got {self.powersgd_rank})")
+        if self.base_batch_size is not None and self.base_batch_size < 1:
+            raise UserError(f"--base-batch-size must be at least 1 (got {self.base_batch_size})")
+        if self.warmup_epochs < 0:
+            raise UserError(f"--warmup-epochs must be >= 0 (got {self.warmup_epochs})")
+        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+            raise UserError(f"--target-accuracy is a fraction in (0, 1] (got {self.target_accuracy})")
+        if self.patience is not None and self.patience < 1:
+            raise UserError(f"--patience must be at least 1 epoch (got {self.patience})")
+        if self.max_time is not None and self.max_time <= 0:
+            raise UserError(f"--max-time must be positive (got {self.max_time})")
+        if self.monitor == "val" and self.val_fraction <= 0:
+            raise UserError("--monitor val needs a validation split: add --val-fraction, e.g. 0.1")
+        for flag, setting, minimum in (("--debug-slowdown", self.debug_slowdown, 1.0),
+                                       ("--debug-nan-at", self.debug_nan_at, 0.0)):
+            if setting is None:
+                continue
+            parts = setting.split(":")
+            try:
+                rank, value = int(parts[0]), float(parts[1])
+            except (IndexError, ValueError):
+                raise UserError(f"{flag} takes RANK:NUMBER, e.g. 1:2 (got {setting!r})") from None
+            if rank < 0 or value < minimum or len(parts) != 2:
+                raise UserError(f"{flag} needs RANK >= 0 and a number >= {minimum:g} (got {setting!r})")
 
 # --- Config files (`distvision train --config FILE`, written by `distvision tune` as best.toml) ---
 CONFIG_FILE_FIELDS = {f.name: f for f in fields(TrainConfig)}

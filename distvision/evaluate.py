@@ -62,24 +62,33 @@ def evaluate_split(
     return EvalResult(loss_sum / max(count, 1), correct / max(count, 1), int(correct), int(count))
 
 
-def evaluate_checkpoint(checkpoint: Path, data: Path, cache_dir: Path | None = None) -> dict:
-    """Evaluate a saved checkpoint on the test split of data, with the settings it was saved with."""
+def load_for_inference(checkpoint: Path) -> tuple[nn.Module, Preprocessing, dict, torch.device]:
+    """(model in eval mode, preprocessing, info, device) from a checkpoint, on the GPU when there is one.
+
+    The device type is the one training evaluated on where possible, so accuracies match exactly.
+    """
     from distvision.checkpoint import load_checkpoint
-    from distvision.data.prepare import ensure_prepared, open_prepared
     from distvision.models import create
 
     weights, info = load_checkpoint(checkpoint)
+    # The preprocessing tensors travel in the checkpoint, so the data set's statistics cannot drift.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preprocess = Preprocessing(
+        info["preprocessing"], weights.pop("preprocess.mean"), weights.pop("preprocess.scale")
+    ).to(device)
+    model = create(info["model"], num_classes=len(info["classes"]), image_size=info["image_size"])
+    model.load_state_dict(weights)
+    return model.to(device, memory_format=torch.channels_last).eval(), preprocess, info, device
+
+
+def evaluate_checkpoint(checkpoint: Path, data: Path, cache_dir: Path | None = None) -> dict:
+    """Evaluate a saved checkpoint on the test split of data, with the settings it was saved with."""
+    from distvision.data.prepare import ensure_prepared, open_prepared
+
+    model, preprocess, info, device = load_for_inference(checkpoint)
     prepared = open_prepared(ensure_prepared(data, info["image_size"], cache_dir))
     if prepared.classes != info["classes"]:
         raise UserError(f"{data} has classes {prepared.classes}, the checkpoint was trained on {info['classes']}")
-    # The preprocessing tensors travel in the checkpoint, so the data set's statistics cannot drift.
-    preprocess = Preprocessing(
-        info["preprocessing"], weights.pop("preprocess.mean"), weights.pop("preprocess.scale")
-    )
-    model = create(info["model"], num_classes=len(info["classes"]), image_size=info["image_size"])
-    model.load_state_dict(weights)
-    device = torch.device("cpu")
-    model = model.to(device, memory_format=torch.channels_last)
     result = evaluate_split(
         model, prepared.test_images, prepared.test_labels, preprocess, info["precision"], device,
         info["test_time_flip"],

@@ -53,9 +53,9 @@ class Progress:
 
             self.bar = tqdm(total=total_steps, desc=description, leave=False, dynamic_ncols=True)
 
-    def update(self, loss: float | None = None) -> None:
+    def update(self, loss: float | None = None, steps: int = 1) -> None:
         if self.bar:
-            self.bar.update(1)
+            self.bar.update(steps)
             if loss is not None:
                 self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 

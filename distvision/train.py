@@ -43,7 +43,9 @@ from distvision.evaluate import EVAL_CHUNK, evaluate_split
 from distvision.fileio import write_json_atomic
 from distvision.metrics import Progress, append_metrics, epoch_line, rewrite_log, say
 from distvision.models.registry import create, recipe_for
-from distvision.parallel.sync import unwrap, wrap_for_sync
+from distvision.parallel.balance import ThroughputBalancer, scaled_lr, warmup_factor, weighted_slice
+from distvision.parallel.stopping import StopRules, stop_after_epoch, time_is_up
+from distvision.parallel.sync import Synchronizer, SyncSettings, unwrap
 from distvision.precision import autocast, choose_precision
 from distvision.recipes import Recipe, lr_multiplier
 
@@ -52,19 +54,35 @@ STOP_GRACE_SECONDS = 20.0  # after SIGTERM: time to finish the step and checkpoi
 
 
 def resolve_recipe(config: TrainConfig) -> Recipe:
-    """The model's recipe with the user's flags laid over it."""
-    return recipe_for(config.model, config.recipe).with_overrides(
+    """The model's recipe with the user's flags laid over it, its lr scaled to the global batch if asked."""
+    base = recipe_for(config.model, config.recipe)
+    recipe = base.with_overrides(
         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, momentum=config.momentum,
         weight_decay=config.weight_decay, label_smoothing=config.label_smoothing,
     ).with_settings(config.recipe_settings)
+    if config.lr_scaling == "none":
+        return recipe
+    base_batch = config.base_batch_size or base.batch_size
+    return recipe.with_overrides(lr=scaled_lr(recipe.lr, recipe.batch_size, base_batch, config.lr_scaling))
 
 
-def pick_device(requested: str) -> torch.device:
+def pick_device(requested: str, local_workers: int | None = None) -> torch.device:
+    """This worker's device: its own GPU (by local rank) on CUDA, else the CPU.
+
+    nccl cannot run two ranks on one GPU, so more local workers than GPUs is a user error.
+    """
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(requested)
+    if requested != "cuda":
+        return torch.device(requested)
+    gpus = torch.cuda.device_count()
+    local_workers = local_workers or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if gpus == 0:
+        raise UserError("--device cuda: no CUDA GPU is visible here")
+    if local_workers > gpus:
+        raise UserError(f"{local_workers} workers on this machine need {local_workers} GPUs, it has {gpus}: "
+                        f"use --workers {gpus} (or --device cpu)")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def set_worker_threads() -> int:
@@ -83,7 +101,10 @@ def init_distributed(device: torch.device, timeout_seconds: float) -> tuple[int,
     """Join the process group torchrun's rendezvous set up (or run alone without one)."""
     if "RANK" not in os.environ:
         return 0, 1
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # On CUDA, gradients go over nccl and the small CPU tensors (loss, votes, counts) over gloo.
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds))
     return dist.get_rank(), dist.get_world_size()
 
@@ -109,6 +130,30 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     ]
     return torch.optim.SGD(param_groups, lr=recipe.lr, momentum=recipe.momentum,
                            nesterov=recipe.nesterov and recipe.momentum > 0)
+
+
+def parse_rank_setting(setting: str | None, off: float) -> tuple[int, float]:
+    """A debug setting RANK:NUMBER as (rank, number); (-1, off) when not given."""
+    if not setting:
+        return -1, off
+    rank, number = setting.split(":")
+    return int(rank), float(number)
+
+
+def communication_by_worker(sync: Synchronizer, epoch_seconds: float, rank: int, world_size: int) -> dict:
+    """Each worker's compute and communication seconds and bytes this epoch (then reset): lists by rank."""
+    mine = torch.zeros(3 * world_size, dtype=torch.float64)
+    communication = sync.stats.communication_seconds
+    mine[rank] = max(epoch_seconds - communication, 0.0)
+    mine[world_size + rank] = communication
+    mine[2 * world_size + rank] = sync.stats.bytes_exchanged
+    if dist.is_initialized():
+        dist.all_reduce(mine)
+    sync.stats.communication_seconds, sync.stats.bytes_exchanged = 0.0, 0
+    values = mine.view(3, world_size).tolist()
+    return {"compute_seconds": [round(v, 3) for v in values[0]],
+            "communication_seconds": [round(v, 3) for v in values[1]],
+            "bytes_exchanged": [int(v) for v in values[2]]}
 
 
 def fresh_state(world_size: int) -> dict:
@@ -163,7 +208,16 @@ def resume_state(run_dir: Path, rank: int, world_size: int, settings: dict, job_
     """
     loaded = agree_on_resume(run_dir, rank)
     if not loaded:
-        return fresh_state(world_size), None
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+            return fresh_state(world_size), None
+        # Restarted before the first checkpoint: everything so far is redone, and the log says so.
+        event = {"event": "restart", "old_world_size": None, "new_world_size": world_size, "step": 0,
+                 "epoch": 1, "cursor": 0, "from_scratch": True}
+        heartbeat = read_heartbeat(run_dir)
+        if heartbeat:
+            event["seconds_lost"] = round(heartbeat["train_seconds"], 3)
+            event["last_alive"] = heartbeat["time"]
+        return fresh_state(world_size), event
     weights, optimizer_tensors, saved = loaded
     for key, expected in settings.items():
         if saved["settings"][key] != expected:
@@ -224,7 +278,15 @@ def train(config: TrainConfig) -> dict | None:
     if prepared.manifest["skipped_files"]:
         say(f"distvision: skipped {len(prepared.manifest['skipped_files'])} unreadable file(s), "
             f"listed in {prepared.path / 'manifest.json'}")
-    model = wrap_for_sync(model, config.sync, device)
+    sync = Synchronizer(model, SyncSettings(config.sync, config.sync_every, config.sync_warmup, config.compress,
+                                            config.powersgd_rank), device)
+    model = sync.model
+    balancer = ThroughputBalancer(world_size, config.balance == "throughput")
+    rules = StopRules(recipe.epochs, config.target_accuracy, config.patience, config.min_delta, config.monitor,
+                      config.max_time)
+    slow_rank, slow_factor = parse_rank_setting(config.debug_slowdown, 1.0)
+    nan_rank, nan_step = parse_rank_setting(config.debug_nan_at, -1)
+    in_sync = True  # replicas identical (always so under allreduce; after each averaging under local SGD)
 
     def checkpoint_now() -> None:
         if rank == 0:
@@ -247,49 +309,76 @@ def train(config: TrainConfig) -> dict | None:
         order = train_indices[epoch_permutation(config.seed, epoch, len(train_indices))]
         batches = global_batches(order[state["cursor"]:], recipe.batch_size, world_size)
         progress = Progress(len(batches), f"epoch {epoch + 1}/{recipe.epochs}")
+        pending = np.zeros(4)  # this worker's loss sum, samples, compute seconds, non-finite losses
+        progress_steps = 0
         segment_started = time.perf_counter()
         model.train()
-        for batch in batches:
-            local = rank_slice(batch, rank, world_size)
+        for batch_index, batch in enumerate(batches):
+            step_started = time.perf_counter()
+            communication_before = sync.stats.communication_seconds
+            local = weighted_slice(batch, rank, balancer.shares) if balancer.enabled else rank_slice(
+                batch, rank, world_size)
             if audit:
                 audit.write(json.dumps({"attempt": attempt, "epoch": epoch, "step": state["step"],
                                         "world_size": world_size, "indices": local.tolist()}) + "\n")
             x = load_batch(prepared.train_images, local, preprocess, device, augment, config.seed, epoch)
             y = torch.from_numpy(prepared.train_labels[local]).to(device)
             progress_fraction = (epoch * len(train_indices) + state["cursor"]) / total_samples
+            lr = recipe.lr * lr_multiplier(recipe.schedule, progress_fraction) * warmup_factor(
+                progress_fraction * recipe.epochs, config.warmup_epochs)
             for group in optimizer.param_groups:
-                group["lr"] = recipe.lr * group["lr_mult"] * lr_multiplier(recipe.schedule, progress_fraction)
-            with autocast(precision, device):
-                logits = model(x)
-            loss = nn.functional.cross_entropy(
-                logits.float(), y, reduction="sum", label_smoothing=recipe.label_smoothing
-            )
-            # DDP averages over ranks; scaling by world/len(batch) makes that the mean over the
-            # global batch even when ranks hold unequal slices.
-            (loss * (world_size / len(batch))).backward()
+                group["lr"] = lr * group["lr_mult"]
+            with sync.step_context(state["step"]):
+                with autocast(precision, device):
+                    logits = model(x)
+                loss = nn.functional.cross_entropy(
+                    logits.float(), y, reduction="sum", label_smoothing=recipe.label_smoothing
+                )
+                if rank == nan_rank and state["step"] == nan_step:  # --debug-nan-at
+                    loss = loss * float("nan")
+                sync.backward(loss, len(local), len(batch), world_size, state["step"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            in_sync = sync.after_step(state["step"], batch_index == len(batches) - 1)
+            compute_seconds = (time.perf_counter() - step_started
+                               - (sync.stats.communication_seconds - communication_before))
+            if rank == slow_rank:  # --debug-slowdown: a slower machine, simulated
+                time.sleep((slow_factor - 1) * compute_seconds)
+                compute_seconds *= slow_factor
             if config.debug_step_delay:
                 time.sleep(config.debug_step_delay)
 
-            # One small all-reduce per step: the global loss, and decisions every rank must share.
             local_loss = loss.item()
-            now = time.time()
-            shared = torch.tensor([
-                local_loss if math.isfinite(local_loss) else 0.0,
-                len(local),
-                float(stop_signal.requested),
-                float(not math.isfinite(local_loss)),
-                float(rank == 0 and now - last_checkpoint >= config.checkpoint_every),
-            ], dtype=torch.float64)
-            if dist.is_initialized():
-                dist.all_reduce(shared)
-            global_loss, samples, stop_votes, diverged_votes, checkpoint_due = shared.tolist()
+            pending += (local_loss if math.isfinite(local_loss) else 0.0, len(local), compute_seconds,
+                        not math.isfinite(local_loss))
             state["step"] += 1
             state["cursor"] += len(batch)
+            now = time.time()
+            if not sync.exchanges_stats(batch_index, in_sync, batch_index == len(batches) - 1):
+                continue  # local SGD between averagings: nothing leaves this worker
+
+            # One small all-reduce: the global loss, decisions every rank must share, and each rank's
+            # compute time and sample count (for throughput balancing).
+            elapsed = state["train_seconds"] + time.perf_counter() - segment_started
+            shared = torch.zeros(6 + 2 * world_size, dtype=torch.float64)
+            shared[:6] = torch.tensor([
+                pending[0], pending[1],
+                float(stop_signal.requested or (rank == 0 and state["step"] == config.debug_stop_at_step)),
+                pending[3],
+                float(rank == 0 and now - last_checkpoint >= config.checkpoint_every),
+                float(rank == 0 and time_is_up(rules, elapsed)),
+            ])
+            shared[6 + rank], shared[6 + world_size + rank] = pending[2], pending[1]
+            pending[:] = 0
+            sync.small_all_reduce(shared)
+            global_loss, samples, stop_votes, diverged_votes, checkpoint_due, time_up = shared[:6].tolist()
+            if balancer.observe(shared[6 : 6 + world_size].numpy(), shared[6 + world_size :].numpy()):
+                say(f"distvision: batch shares re-split by measured speed: "
+                    f"{', '.join(f'{share:.2f}' for share in balancer.shares)}")
             state["epoch_loss"] += global_loss
             state["epoch_samples"] += int(samples)
-            progress.update(global_loss / samples)
+            progress.update(global_loss / samples, steps=batch_index + 1 - progress_steps)
+            progress_steps = batch_index + 1
             if resumed_event:
                 record_resume(run_dir, rank, state, resumed_event, now)
                 resumed_event = None
@@ -300,10 +389,13 @@ def train(config: TrainConfig) -> dict | None:
             if diverged_votes:
                 stop_reason = "diverged"
                 break
-            if stop_votes or state["step"] == config.debug_stop_at_step:
+            if stop_votes:
                 stop_reason = "stopped"
                 break
-            if checkpoint_due:
+            if time_up:
+                stop_reason = "max_time"
+                break
+            if checkpoint_due and in_sync:  # local SGD: only averaged replicas are worth a checkpoint
                 segment_seconds = time.perf_counter() - segment_started
                 state["train_seconds"] += segment_seconds
                 state["epoch_seconds"] += segment_seconds
@@ -315,6 +407,8 @@ def train(config: TrainConfig) -> dict | None:
         state["train_seconds"] += segment_seconds
         state["epoch_seconds"] += segment_seconds
         if stop_reason:
+            if not in_sync and stop_reason != "diverged":
+                sync.average_replicas()  # stopping between local-SGD averagings: keep the average
             break
 
         replica = unwrap(model)
@@ -335,6 +429,7 @@ def train(config: TrainConfig) -> dict | None:
                                  device, indices=val_indices)
             record.update(val_loss=val.loss, val_accuracy=val.accuracy)
         record["eval_seconds"] = time.perf_counter() - eval_started
+        record.update(communication_by_worker(sync, state["epoch_seconds"], rank, world_size))
         state.update(epoch=epoch + 1, cursor=0, epoch_seconds=0.0, epoch_loss=0.0, epoch_samples=0)
         state["log"].append(record)
         checkpoint_now()  # before the line is written: a restart never logs an epoch twice
@@ -342,6 +437,9 @@ def train(config: TrainConfig) -> dict | None:
         if rank == 0:
             append_metrics(run_dir, record)
             say(epoch_line(record))
+        stop_reason = stop_after_epoch(rules, [r for r in state["log"] if "event" not in r])
+        if stop_reason == "max_epochs":
+            stop_reason = None  # the loop's own condition ends the run
 
     if stop_reason == "stopped":
         checkpoint_now()
@@ -386,8 +484,19 @@ def train(config: TrainConfig) -> dict | None:
             / max(sum(r["epoch_seconds"] for r in steady), 1e-9),
             "train_seconds": state["train_seconds"],
             "wall_seconds": time.time() - wall_started,
-            "stop_reason": "diverged" if stop_reason == "diverged" else "max_epochs",
+            "stop_reason": stop_reason or "max_epochs",
+            "stop_epoch": len(history),
             "stop_step": state["step"],
+            "sync": {"mode": config.sync, "every": config.sync_every, "warmup": config.sync_warmup,
+                     "compress": config.compress, "balance": config.balance},
+            # Per worker and summed over epochs; seconds blocked in collectives include waiting for peers.
+            "compute_seconds": [sum(r["compute_seconds"][i] for r in history) for i in range(world_size)]
+            if all(len(r.get("compute_seconds", [])) == world_size for r in history) else None,
+            "communication_seconds": [sum(r["communication_seconds"][i] for r in history)
+                                      for i in range(world_size)]
+            if all(len(r.get("communication_seconds", [])) == world_size for r in history) else None,
+            "bytes_exchanged": sum(sum(r.get("bytes_exchanged", [])) for r in history),
+            "batch_shares": balancer.shares.round(4).tolist(),
             "restarts": sum(1 for r in state["log"] if r.get("event") == "restart"),
             "skipped_files": prepared.manifest["skipped_files"],
             "data": str(prepared.manifest["source"]),
@@ -442,7 +551,7 @@ def record_resume(run_dir: Path, rank: int, state: dict, event: dict, now: float
         append_metrics(run_dir, event)
         if restarted:
             say(f"distvision: recovered in {event['recovery_seconds']:.1f} s after a membership change "
-                f"(world size {event['old_world_size']} -> {event['new_world_size']}), resumed at step "
+                f"(world size {event['old_world_size'] or '?'} -> {event['new_world_size']}), resumed at step "
                 f"{event['step']}, {event.get('seconds_lost', 0):.1f} s of work redone")
 
 

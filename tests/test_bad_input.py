@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_cli, write_image_tree
 
 
@@ -74,3 +75,8 @@ def test_no_network_for_the_default_download_is_one_line(tmp_path: Path):
         download_cifar10(tmp_path, url="http://127.0.0.1:9/cifar-10-python.tar.gz", timeout=5)
     assert "\n" not in str(error.value)
     assert not list((tmp_path / "downloads").glob("*"))  # no partial file left behind
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_requested_without_a_gpu(data: Path, tmp_path: Path):
+    _fails_cleanly(["train", "--data", str(data), "--device", "cuda"], tmp_path, "no CUDA GPU")

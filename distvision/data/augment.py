@@ -51,10 +51,11 @@ def augment_batch(
     if not settings.active:
         return images
     count, height, width, _ = images.shape
-    u = torch.from_numpy(sample_uniforms(seed, epoch, indices, 5))
+    device = images.device  # on a GPU the gather runs there; the uniforms are tiny
+    u = torch.from_numpy(sample_uniforms(seed, epoch, indices, 5)).to(device)
     pad = settings.translate
-    rows = torch.arange(height).expand(count, height)
-    cols = torch.arange(width).expand(count, width)
+    rows = torch.arange(height, device=device).expand(count, height)
+    cols = torch.arange(width, device=device).expand(count, width)
     if settings.flip:
         flip = u[:, 0] < 0.5
         cols = torch.where(flip[:, None], width - 1 - cols, cols)
@@ -68,14 +69,14 @@ def augment_batch(
         images = padded.to(images.dtype).permute(0, 2, 3, 1)
         rows = rows + dy[:, None]
         cols = cols + dx[:, None]
-    batch = torch.arange(count)[:, None, None]
+    batch = torch.arange(count, device=device)[:, None, None]
     out = images[batch, rows[:, :, None], cols[:, None, :]]
     if settings.cutout:
         size = settings.cutout
         cy = (u[:, 3] * height).long()[:, None, None]
         cx = (u[:, 4] * width).long()[:, None, None]
-        ys = torch.arange(height)[None, :, None]
-        xs = torch.arange(width)[None, None, :]
+        ys = torch.arange(height, device=device)[None, :, None]
+        xs = torch.arange(width, device=device)[None, None, :]
         inside = ((ys - cy).abs() <= size // 2) & ((xs - cx).abs() <= size // 2)
         out = out.masked_fill(inside[..., None], 0)
     return out.contiguous()

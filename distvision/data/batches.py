@@ -53,7 +53,8 @@ def load_batch(
     order = np.argsort(indices, kind="stable")
     gathered = np.empty((len(indices),) + images.shape[1:], dtype=np.uint8)
     gathered[order] = images[indices[order]]
-    batch = torch.from_numpy(gathered)
+    # uint8 travels to the device (4x fewer bytes than float) and is augmented there.
+    batch = torch.from_numpy(gathered).to(device, non_blocking=True)
     if augment is not None and augment.active:
         batch = augment_batch(batch, indices, augment, seed, epoch)
-    return preprocess(batch.to(device, non_blocking=True))
+    return preprocess(batch)

@@ -103,7 +103,12 @@ def _write_split(split: ArraySplit | FileSplit, out: Path, name: str, image_size
 
 def prepare(data_path: Path, out: Path, image_size: int = 32, processes: int | None = None) -> dict:
     """Decode the source at data_path into out; return the manifest."""
-    source: Source = open_source(Path(data_path))
+    return prepare_source(open_source(Path(data_path)), out, str(Path(data_path).resolve()), image_size, processes)
+
+
+def prepare_source(source: Source, out: Path, origin: str, image_size: int = 32,
+                   processes: int | None = None) -> dict:
+    """Decode an opened source into out (origin names it in the manifest and messages); return the manifest."""
     processes = processes or os.cpu_count() or 1
     if out.exists() and out.is_file():
         raise UserError(f"output path {out} is a file, not a folder")
@@ -116,7 +121,7 @@ def prepare(data_path: Path, out: Path, image_size: int = 32, processes: int | N
     skipped = source.skipped + skipped_train + skipped_test
     if train_count == 0:
         shutil.rmtree(build, ignore_errors=True)
-        raise UserError(f"{data_path} holds no readable image ({len(skipped)} files could not be decoded)")
+        raise UserError(f"{origin} holds no readable image ({len(skipped)} files could not be decoded)")
     train = np.memmap(build / "train_images.u8", dtype=np.uint8, mode="r").reshape(
         train_count, image_size, image_size, 3
     )
@@ -134,7 +139,7 @@ def prepare(data_path: Path, out: Path, image_size: int = 32, processes: int | N
     train_labels = np.load(build / "train_labels.npy")
     manifest = {
         "format_version": FORMAT_VERSION,
-        "source": str(Path(data_path).resolve()),
+        "source": origin,
         "source_kind": source.kind,
         "classes": source.classes,
         "image_size": image_size,
@@ -186,7 +191,7 @@ def open_prepared(path: Path, verify: bool = False) -> Prepared:
 
 
 @contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -216,7 +221,7 @@ def ensure_prepared(data_path: Path, image_size: int, cache_dir: Path | None = N
     target = cache_dir / "prepared" / cache_key(data_path, image_size)
     if is_prepared(target):
         return target
-    with _file_lock(target.with_name(target.name + ".lock")):
+    with file_lock(target.with_name(target.name + ".lock")):
         if not is_prepared(target):
             prepare(data_path, target, image_size)
     return target

@@ -7,8 +7,10 @@ worker function; only who starts it differs.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import socket
 import sys
 import uuid
@@ -36,6 +38,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def stop_when_parent_dies() -> None:
+    """Get SIGTERM (a resumable stop) when the process that started this one dies.
+
+    torch's agent starts each worker in a session of its own, so a worker whose agent is killed
+    would otherwise run on as an orphan, holding its run folder and its collectives.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: orphans stop at their next collective timeout instead
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 @record
 def run_worker(config: TrainConfig) -> None:
     """Entry point of each worker process (started by torchrun or launch_local): train one rank.
@@ -46,6 +65,7 @@ def run_worker(config: TrainConfig) -> None:
     from distvision.errors import UserError
     from distvision.train import train
 
+    stop_when_parent_dies()
     try:
         train(config)
     except UserError as error:

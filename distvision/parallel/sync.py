@@ -1,29 +1,205 @@
 """How replicas stay in step. This is the one place a synchronisation mode is chosen.
 
 "allreduce": synchronous data parallelism, gradients averaged every step by DistributedDataParallel
-(the Pattern Parallel Training of Dahl et al. 2008 with the weight changes combined every step).
+  (the Pattern Parallel Training of Dahl et al. 2008 with the weight changes combined every step),
+  optionally compressed by a DDP communication hook (fp16, bf16, PowerSGD).
+"local-sgd": each replica takes K optimizer steps on its own slices, then the replicas' parameters
+  and buffers are averaged (torch's model-averaging utility). K = "epoch" is Dahl's one exchange per
+  pass over each worker's share. The first `warmup` steps all-reduce gradients (post-local SGD).
+
+Time blocked in collectives (communicating, or waiting for a slower peer) and the bytes each worker
+puts into them are counted in SyncStats, so the cost of each mode is measured, not guessed.
 """
 
 from __future__ import annotations
 
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+from torch.distributed.algorithms.model_averaging.utils import average_parameters
 from torch.nn.parallel import DistributedDataParallel
 
 from distvision.errors import UserError
 
-SYNC_MODES = ("allreduce",)
+SYNC_MODES = ("allreduce", "local-sgd")
+COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
+LOCAL_STATS_EVERY = 16  # local SGD: steps between the small all-reduces of losses and votes
 
 
-def wrap_for_sync(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
-    """Wrap the replica so that backward() leaves the synchronised gradient on every rank."""
-    if mode not in SYNC_MODES:
-        raise UserError(f"unknown synchronisation mode {mode!r}; choose from {', '.join(SYNC_MODES)}")
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return model
-    device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+@dataclass
+class SyncStats:
+    """This worker's communication since the last reset: blocked seconds and payload bytes."""
+
+    communication_seconds: float = 0.0
+    bytes_exchanged: int = 0
+
+    def timed(self, payload_bytes: int):
+        return _Timed(self, payload_bytes)
+
+
+class _Timed:
+    def __init__(self, stats: SyncStats, payload_bytes: int):
+        self.stats, self.payload_bytes = stats, payload_bytes
+
+    def __enter__(self):
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.stats.communication_seconds += time.perf_counter() - self.started
+        self.stats.bytes_exchanged += self.payload_bytes
+
+
+@dataclass
+class SyncSettings:
+    mode: str = "allreduce"
+    every: str = "8"  # local-sgd: steps between averagings, or "epoch"
+    warmup: int = 0
+    compress: str = "none"
+    powersgd_rank: int = 2
+
+
+class Synchronizer:
+    """Wraps one replica; train.py calls backward(), then after_step(), and reads stats."""
+
+    def __init__(self, model: nn.Module, settings: SyncSettings, device: torch.device):
+        if settings.mode not in SYNC_MODES:
+            raise UserError(f"unknown synchronisation mode {settings.mode!r}; choose from {', '.join(SYNC_MODES)}")
+        self.settings = settings
+        self.stats = SyncStats()
+        self.distributed = dist.is_initialized() and dist.get_world_size() > 1
+        self.model = model
+        if self.distributed:
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+            self._register_hook(device)
+        self._since_average = 0
+
+    # -- gradients -------------------------------------------------------------------------------------
+    def averages_gradients(self, step: int) -> bool:
+        return self.settings.mode == "allreduce" or step < self.settings.warmup
+
+    def backward(self, loss_sum: torch.Tensor, local_count: int, global_count: int, world_size: int,
+                 step: int) -> None:
+        """Backward of a summed loss, scaled so that the update is the mean over the right samples."""
+        if self.averages_gradients(step) or not self.distributed:
+            # DDP averages over ranks; world/len(global batch) makes that the mean over the global
+            # batch even when ranks hold unequal slices.
+            (loss_sum * (world_size / global_count)).backward()
+            return
+        (loss_sum / local_count).backward()  # a local step: this replica's own mean gradient
+
+    # -- parameters ------------------------------------------------------------------------------------
+    def after_step(self, step: int, last_of_epoch: bool) -> bool:
+        """Average the replicas when local SGD's period is over; True when the replicas are identical now."""
+        if self.averages_gradients(step) or not self.distributed:
+            return True
+        self._since_average += 1
+        every = self.settings.every
+        due = last_of_epoch or (every != "epoch" and self._since_average >= int(every))
+        if due:
+            self.average_replicas()
+        return due
+
+    def exchanges_stats(self, batch_index: int, in_sync: bool, last_of_epoch: bool) -> bool:
+        """Whether the small all-reduce of losses and votes runs after this step.
+
+        Under all-reduce the replicas meet every step anyway. Under local SGD they meet when they
+        average, and every LOCAL_STATS_EVERY steps so that a stop request or a diverged replica is
+        still seen soon; a per-step meeting would make each fast worker wait for the slowest at every
+        step, which is what local SGD exists to avoid.
+        """
+        if self.settings.mode == "allreduce" or not self.distributed:
+            return True
+        return in_sync or last_of_epoch or (batch_index + 1) % LOCAL_STATS_EVERY == 0
+
+    def average_replicas(self) -> None:
+        replica = unwrap(self.model)
+        parameters = [p for p in replica.parameters()]
+        buffers = [b for b in replica.buffers() if b.is_floating_point()]  # batch-norm statistics
+        payload = sum(t.numel() * t.element_size() for t in parameters + buffers)
+        with self.stats.timed(payload):
+            average_parameters(iter(parameters), None)
+            if buffers:
+                average_parameters(iter(buffers), None)
+        self._since_average = 0
+
+    # -- communication hooks ---------------------------------------------------------------------------
+    def _register_hook(self, device: torch.device) -> None:
+        """A hook that runs the chosen (compressed) all-reduce, blocking, timed and counted."""
+        compress = self.settings.compress
+        if compress not in COMPRESSIONS:
+            raise UserError(f"unknown --compress {compress!r}; choose from {', '.join(COMPRESSIONS)}")
+        if compress == "bf16":
+            _check_bf16_collectives(device)
+        if compress == "powersgd":
+            inner_state = powerSGD_hook.PowerSGDState(process_group=None,
+                                                      matrix_approximation_rank=self.settings.powersgd_rank,
+                                                      start_powerSGD_iter=2, use_error_feedback=True,
+                                                      warm_start=True)
+            inner = powerSGD_hook.powerSGD_hook
+        else:
+            inner_state = None
+            inner = {"none": default_hooks.allreduce_hook, "fp16": default_hooks.fp16_compress_hook,
+                     "bf16": default_hooks.bf16_compress_hook}[compress]
+        stats, rank = self.stats, self.settings.powersgd_rank
+
+        def hook(_state, bucket):
+            with stats.timed(_payload_bytes(bucket, compress, rank)):
+                reduced = inner(inner_state, bucket).wait()
+            done = torch.futures.Future()
+            done.set_result(reduced)
+            return done
+
+        self.model.register_comm_hook(None, hook)
+
+    def small_all_reduce(self, values: torch.Tensor) -> None:
+        """The per-step all-reduce of losses and votes: counted as communication (and waiting)."""
+        if dist.is_initialized():
+            with self.stats.timed(values.numel() * values.element_size()):
+                dist.all_reduce(values)
+
+    def step_context(self, step: int):
+        """Around forward and backward: DDP decides in forward whether backward exchanges gradients."""
+        if self.distributed and not self.averages_gradients(step):
+            return self.model.no_sync()
+        return nullcontext()
+
+
+def _payload_bytes(bucket, compress: str, rank: int) -> int:
+    """Bytes this worker contributes to one bucket's reduction."""
+    numel = bucket.buffer().numel()
+    if compress in ("fp16", "bf16"):
+        return numel * 2
+    if compress == "powersgd":
+        total = 0
+        for gradient in bucket.gradients():
+            if gradient.ndim <= 1:
+                total += gradient.numel() * 4
+                continue
+            rows = gradient.shape[0]
+            cols = gradient.numel() // rows
+            total += min((rows + cols) * rank, rows * cols) * 4  # P and Q, unless that is no saving
+        return total
+    return numel * bucket.buffer().element_size()
+
+
+def _check_bf16_collectives(device: torch.device) -> None:
+    """bf16 all-reduce has failed on gloo (pytorch#111131): try it before training, fail clearly."""
+    probe = torch.ones(8, dtype=torch.bfloat16, device=device)
+    try:
+        dist.all_reduce(probe)
+        ok = bool(torch.all(probe == dist.get_world_size()))
+    except RuntimeError as error:
+        raise UserError(f"--compress bf16 cannot run on the {dist.get_backend()} backend here ({error}); "
+                        "use --compress fp16") from None
+    if not ok:
+        raise UserError(f"--compress bf16 gives wrong sums on the {dist.get_backend()} backend here; "
+                        "use --compress fp16")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

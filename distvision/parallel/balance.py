@@ -1,0 +1,89 @@
+"""Balancing batch size: learning-rate scaling to the global batch, and per-worker batch shares.
+
+With `--balance throughput` the global batch stays the same, but each worker's slice of it follows
+its measured speed, so a slower worker no longer holds the others back at every step. The loss is
+a sum scaled by world / global batch (train.py), so the combined gradient is still exactly that of
+the whole global batch, however unevenly it is split.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MEASURE_STEPS = 5  # steps of timing before the first re-split
+REBALANCE_EVERY = 50  # steps between later re-splits, so drifting speeds are followed
+REBALANCE_THRESHOLD = 0.05  # re-split only when a share would move by more than this
+
+
+def scaled_lr(lr: float, global_batch: int, base_batch: int, rule: str) -> float:
+    """The lr given for base_batch, scaled to global_batch (Goyal et al. 2017: linear; or sqrt)."""
+    ratio = global_batch / base_batch
+    return lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
+
+
+def warmup_factor(progress_epochs: float, warmup_epochs: float) -> float:
+    """Linear warmup from near zero to 1 over the first warmup_epochs (1 without warmup)."""
+    if warmup_epochs <= 0:
+        return 1.0
+    return min(1.0, (progress_epochs + 1e-3) / warmup_epochs)
+
+
+def split_sizes(total: int, shares: np.ndarray) -> np.ndarray:
+    """Integer slice sizes summing to total, proportional to shares, each at least 1."""
+    shares = np.asarray(shares, dtype=np.float64) / np.sum(shares)
+    raw = shares * total
+    sizes = np.maximum(np.floor(raw).astype(np.int64), 1)
+    while sizes.sum() > total:  # the minimum of 1 overshot: take from the largest
+        sizes[np.argmax(sizes)] -= 1
+    order = np.argsort(-(raw - np.floor(raw)), kind="stable")
+    for i in range(total - int(sizes.sum())):  # hand out the remainder by largest fraction
+        sizes[order[i % len(sizes)]] += 1
+    return sizes
+
+
+def weighted_slice(batch: np.ndarray, rank: int, shares: np.ndarray) -> np.ndarray:
+    """This rank's contiguous slice of one global batch when ranks take unequal shares."""
+    sizes = split_sizes(len(batch), shares)
+    start = int(sizes[:rank].sum())
+    return batch[start : start + int(sizes[rank])]
+
+
+@dataclass
+class ThroughputBalancer:
+    """Per-worker shares from measured seconds per sample. Fed identical numbers on every rank
+    (the per-step all-reduce carries each rank's compute time), so every rank computes the same shares."""
+
+    world_size: int
+    enabled: bool
+    shares: np.ndarray = field(init=False)
+    _seconds: np.ndarray = field(init=False)
+    _samples: np.ndarray = field(init=False)
+    _steps: int = 0
+    _resplits: int = 0
+
+    def __post_init__(self) -> None:
+        self.shares = np.full(self.world_size, 1.0 / self.world_size)
+        self._seconds = np.zeros(self.world_size)
+        self._samples = np.zeros(self.world_size)
+
+    def observe(self, compute_seconds: np.ndarray, samples: np.ndarray) -> bool:
+        """Add one step's per-rank compute times and sample counts; True when the shares changed."""
+        if not self.enabled or self.world_size == 1:
+            return False
+        self._seconds += compute_seconds
+        self._samples += samples
+        self._steps += 1
+        window = MEASURE_STEPS if self._resplits == 0 else REBALANCE_EVERY
+        if self._steps < window:
+            return False
+        speed = self._samples / np.maximum(self._seconds, 1e-9)  # samples per second, per rank
+        wanted = speed / speed.sum()
+        self._seconds[:], self._samples[:], self._steps = 0, 0, 0
+        self._resplits += 1
+        if np.max(np.abs(wanted - self.shares)) <= REBALANCE_THRESHOLD:
+            return False
+        self.shares = wanted
+        return True

@@ -1,0 +1,44 @@
+"""When a run stops. Every rank takes the same decision from the same globally reduced numbers.
+
+Epoch-end criteria (target accuracy, patience) read the epoch records, whose accuracies are exact
+global counts, identical on every rank. Mid-epoch criteria (time, divergence, a stop signal) travel
+as votes in the per-step all-reduce, so all ranks see them at the same step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StopRules:
+    max_epochs: int
+    target_accuracy: float | None = None
+    patience: int | None = None
+    min_delta: float = 0.0
+    monitor: str = "test"  # "test" or "val": which accuracy the epoch criteria watch
+    max_time: float | None = None  # seconds of training
+
+    @property
+    def key(self) -> str:
+        return f"{self.monitor}_accuracy"
+
+
+def stop_after_epoch(rules: StopRules, history: list[dict]) -> str | None:
+    """The reason to stop after the last epoch record in history, or None to go on."""
+    if not history:
+        return None
+    watched = [record[rules.key] for record in history]
+    if rules.target_accuracy is not None and watched[-1] >= rules.target_accuracy:
+        return "target_accuracy"
+    if rules.patience is not None and len(watched) > rules.patience:
+        best_before = max(watched[: -rules.patience])
+        if max(watched[-rules.patience :]) <= best_before + rules.min_delta:
+            return "patience"
+    if len(history) >= rules.max_epochs:
+        return "max_epochs"
+    return None
+
+
+def time_is_up(rules: StopRules, train_seconds: float) -> bool:
+    return rules.max_time is not None and train_seconds >= rules.max_time

@@ -1,0 +1,286 @@
+"""`distvision train-each`: one independent model per data subset, many trained at once.
+
+Every subset is an ordinary `distvision train` run in EACH_DIR/<subset>/, started as a child
+process pinned to its share of the cores. No communication between the runs: the only shared state
+is the output folder, where a claim file with a renewed lease says who trains a subset now, so
+that several `train-each` processes (machines on a shared file system, or array jobs) split the
+subsets between them and take over the subsets of a process that died.
+
+Flow: find and prepare the subsets -> (optionally) the union for a global model -> a pool of
+`--parallel` slots runs the jobs, largest first -> subsets.csv, summary.json and a comparison plot.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from distvision.checkpoint import list_training_checkpoints
+from distvision.data.prepare import file_lock, open_prepared
+from distvision.data.subsets import GLOBAL_NAME, Subset, find_subsets, union_test_slices, write_union
+from distvision.errors import UserError
+from distvision.fileio import write_json_atomic
+from distvision.metrics import say
+from distvision.parallel.claims import Claim, try_claim
+from distvision.parallel.launch import stop_when_parent_dies
+
+WAIT_POLL_SECONDS = 2.0  # how often a process with nothing to claim looks again
+CSV_COLUMNS = ["subset", "samples", "classes", "test_accuracy", "global_test_accuracy", "epochs", "seconds", "host"]
+
+
+@dataclass
+class PoolSettings:
+    parallel: int
+    workers_per_job: int
+    lease_seconds: float
+    train_args: list[str]  # passed through to every `distvision train`
+    cores: list[int] = field(default_factory=lambda: sorted(os.sched_getaffinity(0)))
+
+
+@dataclass
+class Job:
+    subset: Subset
+    run_dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.subset.name
+
+
+def train_each(data: Path, out: Path, settings: PoolSettings, image_size: int, cache_dir: Path | None,
+               compare_global: bool = False, only: str | None = None, only_index: int | None = None) -> int:
+    """Train every (selected) subset; return the exit status: 0 when all of them are trained."""
+    started = time.time()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    with file_lock(out / ".data.lock"):  # several train-each processes may start at once
+        subsets = find_subsets(data, out / ".data", image_size, cache_dir)
+        trainable = [s for s in subsets if s.problem is None]
+        union = write_union(trainable, out / ".data" / GLOBAL_NAME) if compare_global and trainable else None
+    for subset in subsets:
+        for note in subset.notes:
+            say(f"train-each: {subset.name}: {note}")
+        if subset.problem:
+            say(f"train-each: {subset.name}: not trained: {subset.problem}")
+    # Stable job order for --only-index (the same on every machine): subsets by name, the global model last.
+    everything = [Job(s, out / s.name) for s in subsets] + ([Job(union, out / GLOBAL_NAME)] if union else [])
+    selected = _select(everything, only, only_index)
+    jobs = sorted((j for j in selected if j.subset.problem is None), key=lambda j: -j.subset.samples)
+    say(f"train-each: {len(jobs)} job(s), {settings.parallel} at once on {len(settings.cores)} core(s), "
+        f"{settings.workers_per_job} worker(s) each; outputs in {out}")
+    pool_started = time.time()
+    failed = run_pool(jobs, settings, out)
+    pool_seconds = time.time() - pool_started
+    rows = collect_rows([j for j in everything if j.subset.problem is None], out)
+    if union and (out / GLOBAL_NAME / "summary.json").is_file():
+        add_global_accuracy(rows, trainable, out / GLOBAL_NAME, union.data)
+        plot_comparison(rows, out / "comparison.png")
+    write_outputs(out, rows, subsets, failed, time.time() - started, pool_seconds)
+    problems = [j for j in selected if j.subset.problem]
+    return 1 if failed or problems else 0
+
+
+def _select(jobs: list[Job], only: str | None, only_index: int | None) -> list[Job]:
+    if only is not None:
+        chosen = [j for j in jobs if j.name == only]
+        if not chosen:
+            raise UserError(f"--only {only}: no such subset (have: {', '.join(j.name for j in jobs)})")
+        return chosen
+    if only_index is not None:
+        if not 0 <= only_index < len(jobs):
+            raise UserError(f"--only-index {only_index}: there are {len(jobs)} jobs (0..{len(jobs) - 1})")
+        return [jobs[only_index]]
+    return jobs
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").is_file()
+
+
+def run_pool(jobs: list[Job], settings: PoolSettings, out: Path) -> list[str]:
+    """Run the jobs in `parallel` slots, claiming each first; return the names of jobs that failed here."""
+    pending = list(jobs)
+    failed: list[str] = []
+    busy = [False] * settings.parallel
+    lock = threading.Lock()
+
+    def next_job(slot: int) -> tuple[Job, Claim] | None:
+        while True:
+            with lock:
+                for job in list(pending):
+                    if is_finished(job.run_dir):
+                        pending.remove(job)
+                        continue
+                    claim = try_claim(out / ".claims" / f"{job.name}.claim", settings.lease_seconds)
+                    if claim is None:
+                        continue  # another process trains it now; look again later
+                    if is_finished(job.run_dir):  # finished between the check and the claim
+                        claim.release()
+                        pending.remove(job)
+                        continue
+                    pending.remove(job)
+                    busy[slot] = True
+                    return job, claim
+                if not pending:
+                    return None
+            time.sleep(WAIT_POLL_SECONDS)  # the rest are claimed elsewhere: wait for them or their lease
+
+    def slot_cores(slot: int) -> list[int]:
+        with lock:
+            others_idle = not pending and not any(b for i, b in enumerate(busy) if i != slot)
+        if others_idle:  # nothing left for the other slots: this job may take every core
+            return settings.cores
+        count = len(settings.cores)
+        share = settings.cores[slot * count // settings.parallel:(slot + 1) * count // settings.parallel]
+        return share or [settings.cores[slot % count]]
+
+    def slot_loop(slot: int) -> None:
+        while (taken := next_job(slot)) is not None:
+            job, claim = taken
+            try:
+                if not run_job(job, claim, slot_cores(slot), settings, out):
+                    failed.append(job.name)
+            finally:
+                claim.release()
+                with lock:
+                    busy[slot] = False
+
+    threads = [threading.Thread(target=slot_loop, args=(slot,), daemon=True) for slot in range(settings.parallel)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return failed
+
+
+def _pin_and_follow_parent(cores: list[int]) -> None:
+    """In the child: run on these cores only; stop resumably (SIGTERM) if train-each itself dies."""
+    os.sched_setaffinity(0, cores)
+    stop_when_parent_dies()
+
+
+def run_job(job: Job, claim: Claim, cores: list[int], settings: PoolSettings, out: Path) -> bool:
+    """Train one subset in a child `distvision train`, renewing the claim; True when it finished."""
+    command = [sys.executable, "-m", "distvision", "train", "--data", str(job.subset.data),
+               "--out", str(job.run_dir), "--workers", str(settings.workers_per_job), *settings.train_args]
+    if list_training_checkpoints(job.run_dir):
+        command.append("--resume")  # a run someone began (perhaps a process that died): continue it
+    log_path = out / ".logs" / f"{job.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with open(log_path, "ab") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                 preexec_fn=lambda: _pin_and_follow_parent(cores))
+        last_renewal = time.time()
+        while child.poll() is None:
+            time.sleep(0.5)
+            if time.time() - last_renewal >= settings.lease_seconds / 4:
+                last_renewal = time.time()
+                if not claim.renew():
+                    say(f"train-each: {job.name}: lost its claim to another process; stopping here")
+                    child.terminate()
+                    child.wait()
+                    return False
+    seconds = time.time() - started
+    if child.returncode != 0 or not is_finished(job.run_dir):
+        last = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-1:]
+        say(f"train-each: {job.name}: training failed (exit {child.returncode}): "
+            f"{last[0] if last else 'no output'} (log: {log_path})")
+        return False
+    record = {"host": socket.gethostname(), "cores": len(cores), "seconds": round(seconds, 2),
+              "core_seconds": round(seconds * len(cores), 2), "finished_at": time.time()}
+    write_json_atomic(job.run_dir / "train-each.json", record)
+    summary = json.loads((job.run_dir / "summary.json").read_text())
+    say(f"train-each: {job.name} done: test_acc {summary['test_accuracy']:.4f}, {summary['epochs']} epochs, "
+        f"{seconds:.0f}s on {len(cores)} core(s), {record['host']}")
+    return True
+
+
+def collect_rows(jobs: list[Job], out: Path) -> list[dict]:
+    """One row per finished job, read from disk: jobs other processes trained count too."""
+    rows = []
+    for job in jobs:
+        if not is_finished(job.run_dir):
+            continue
+        summary = json.loads((job.run_dir / "summary.json").read_text())
+        pool = json.loads((job.run_dir / "train-each.json").read_text()) if (
+            job.run_dir / "train-each.json").is_file() else {}
+        rows.append({
+            "subset": job.name, "samples": job.subset.samples, "classes": len(job.subset.classes),
+            "test_accuracy": summary["test_accuracy"], "global_test_accuracy": None,
+            "epochs": summary["epochs"], "seconds": pool.get("seconds"), "host": pool.get("host"),
+            "core_seconds": pool.get("core_seconds"),
+        })
+    return rows
+
+
+def add_global_accuracy(rows: list[dict], subsets: list[Subset], global_run: Path, union_data: Path) -> None:
+    """The global model's accuracy on each subset's own test images (all classes compete)."""
+    from distvision.evaluate import evaluate_split, load_for_inference
+
+    model, preprocess, info, device = load_for_inference(global_run)
+    union = open_prepared(union_data)
+    for name, part in union_test_slices(subsets).items():
+        indices = np.arange(part.start, part.stop)
+        result = evaluate_split(model, union.test_images, union.test_labels, preprocess, info["precision"],
+                                device, info["test_time_flip"], indices=indices)
+        for row in rows:
+            if row["subset"] == name:
+                row["global_test_accuracy"] = result.accuracy
+
+
+def plot_comparison(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["subset"] != GLOBAL_NAME and r["global_test_accuracy"] is not None]
+    positions = np.arange(len(shown))
+    figure, axes = plt.subplots(figsize=(max(5, 1.4 * len(shown) + 2), 4))
+    axes.bar(positions - 0.2, [r["test_accuracy"] for r in shown], 0.4, label="subset model")
+    axes.bar(positions + 0.2, [r["global_test_accuracy"] for r in shown], 0.4, label="global model")
+    axes.set_xticks(positions, [r["subset"] for r in shown])
+    axes.set_ylabel("test accuracy on the subset's test split")
+    axes.set_ylim(0, 1)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_outputs(out: Path, rows: list[dict], subsets: list[Subset], failed: list[str], wall: float,
+                  pool_seconds: float) -> None:
+    with open(out / "subsets.csv.tmp", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(out / "subsets.csv.tmp", out / "subsets.csv")
+    core_seconds = sum(r["core_seconds"] or 0 for r in rows)
+    cores = len(os.sched_getaffinity(0))
+    write_json_atomic(out / "summary.json", {
+        "subsets": rows,
+        "trained": [r["subset"] for r in rows],
+        "not_trainable": {s.name: s.problem for s in subsets if s.problem},
+        "failed": failed,
+        "wall_seconds": round(wall, 2),  # everything, data preparation and comparison included
+        "pool_seconds": round(pool_seconds, 2),  # from the first job's start to the last one's end
+        "job_core_seconds": round(core_seconds, 2),
+        # The ideal pool: every core busy all the time (meaningful when this process ran every job).
+        "ideal_pool_seconds": round(core_seconds / cores, 2),
+        "cores": cores,
+    })
+    say(f"train-each: {len(rows)} model(s) trained, {len(failed)} failed, "
+        f"{sum(1 for s in subsets if s.problem)} subset(s) not trainable; {wall:.0f}s wall; "
+        f"see {out / 'subsets.csv'}")

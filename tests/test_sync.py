@@ -1,0 +1,174 @@
+"""Synchronisation modes, batch balancing and stopping criteria, with real gloo processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import run_cli, write_image_tree
+from safetensors.torch import load_file
+
+from distvision.parallel.balance import ThroughputBalancer, split_sizes, weighted_slice
+from distvision.parallel.stopping import StopRules, stop_after_epoch
+from distvision.parallel.sync import Synchronizer, SyncSettings, unwrap
+
+COMMON = ["--model", "mlp", "--precision", "fp32", "--epochs", "2", "--batch-size", "16", "--lr", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_image_tree(tmp_path_factory.mktemp("sync") / "data", classes=3, train_per_class=24,
+                            test_per_class=8)
+
+
+def _train(data: Path, out: Path, *extra: str) -> dict:
+    result = run_cli(["train", "--data", str(data), "--out", str(out), *extra], out.parent / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def allreduce_run(data: Path, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("allreduce") / "run"
+    return out, _train(data, out, "--workers", "2", *COMMON)
+
+
+def test_local_sgd_every_step_equals_allreduce(data: Path, allreduce_run, tmp_path: Path):
+    local = _train(data, tmp_path / "local", "--workers", "2", "--sync", "local-sgd", "--sync-every", "1", *COMMON)
+    a = load_file(allreduce_run[0] / "checkpoint" / "model.safetensors")
+    b = load_file(tmp_path / "local" / "checkpoint" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+    assert local["sync"]["mode"] == "local-sgd" and local["bytes_exchanged"] > 0
+
+
+def test_local_sgd_exchanges_less_and_compression_is_counted(data: Path, allreduce_run, tmp_path: Path):
+    dense = allreduce_run[1]
+    local = _train(data, tmp_path / "local", "--workers", "2", "--sync", "local-sgd", "--sync-every", "4", *COMMON)
+    fp16 = _train(data, tmp_path / "fp16", "--workers", "2", "--compress", "fp16", *COMMON)
+    # 72 images in batches of 16: 5 steps an epoch; averaging after 4 steps and at the epoch's end.
+    assert local["bytes_exchanged"] < dense["bytes_exchanged"] / 2
+    assert fp16["bytes_exchanged"] < dense["bytes_exchanged"] * 0.55
+    for summary in (dense, local, fp16):
+        assert len(summary["communication_seconds"]) == 2 and len(summary["compute_seconds"]) == 2
+    record = [json.loads(line) for line in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert len(record["bytes_exchanged"]) == 2 and record["compute_seconds"][0] > 0
+
+
+def _replicas_after_averaging(rank: int, world_size: int, init_file: str, results: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    sync = Synchronizer(model, SyncSettings("local-sgd", every="3"), torch.device("cpu"))
+    optimizer = torch.optim.SGD(sync.model.parameters(), lr=0.1, momentum=0.9)
+    generator = torch.Generator().manual_seed(100 + rank)  # every rank sees different data
+    flags = []
+    for step in range(6):
+        x, y = torch.randn(5, 6, generator=generator), torch.randint(0, 3, (5,), generator=generator)
+        with sync.step_context(step):
+            loss = torch.nn.functional.cross_entropy(sync.model(x), y, reduction="sum")
+            sync.backward(loss, 5, 5 * world_size, world_size, step)
+        optimizer.step()
+        optimizer.zero_grad()
+        flags.append(sync.after_step(step, last_of_epoch=False))
+        state = torch.cat([t.detach().flatten() for t in unwrap(sync.model).state_dict().values()
+                           if t.is_floating_point()])
+        gathered = [torch.zeros_like(state) for _ in range(world_size)]
+        dist.all_gather(gathered, state)
+        same = all(torch.equal(gathered[0], g) for g in gathered)
+        flags.append(same)
+    if rank == 0:
+        Path(results).write_text(json.dumps(flags))
+    dist.destroy_process_group()
+
+
+def test_local_sgd_replicas_are_identical_right_after_each_averaging(tmp_path: Path):
+    results = tmp_path / "flags.json"
+    mp.spawn(_replicas_after_averaging, args=(2, str(tmp_path / "init"), str(results)), nprocs=2)
+    flags = json.loads(results.read_text())
+    averaged, identical = flags[0::2], flags[1::2]
+    assert averaged == [False, False, True, False, False, True]
+    assert identical == averaged  # identical exactly when just averaged (parameters and BN buffers)
+
+
+def _uneven_gradients(rank: int, world_size: int, init_file: str, results: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    reference = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    reference.load_state_dict(model.state_dict())
+    sync = Synchronizer(model, SyncSettings("allreduce"), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(7)
+    x, y = torch.randn(12, 6, generator=generator), torch.randint(0, 3, (12,), generator=generator)
+    batch = np.arange(12)
+    local = weighted_slice(batch, rank, np.array([0.75, 0.25]))
+    with sync.step_context(0):
+        loss = torch.nn.functional.cross_entropy(sync.model(x[local]), y[local], reduction="sum")
+        sync.backward(loss, len(local), len(batch), world_size, 0)
+    torch.nn.functional.cross_entropy(reference(x), y).backward()  # one process, the whole batch
+    ok = all(torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+             for p, q in zip(unwrap(sync.model).parameters(), reference.parameters()))
+    if rank == 0:
+        Path(results).write_text(json.dumps({"ok": ok, "sizes": [9, 3] if len(local) == 9 else None}))
+    dist.destroy_process_group()
+
+
+def test_uneven_worker_batches_give_the_whole_batch_gradient(tmp_path: Path):
+    results = tmp_path / "grads.json"
+    mp.spawn(_uneven_gradients, args=(2, str(tmp_path / "init"), str(results)), nprocs=2)
+    assert json.loads(results.read_text()) == {"ok": True, "sizes": [9, 3]}
+
+
+def test_weighted_slices_cover_every_sample_once():
+    for total in (2, 7, 16, 101):
+        for shares in ([0.5, 0.5], [0.9, 0.1], [0.2, 0.3, 0.5], [0.97, 0.01, 0.01, 0.01]):
+            if total < len(shares):
+                continue
+            sizes = split_sizes(total, np.array(shares))
+            assert sizes.sum() == total and sizes.min() >= 1
+            batch = np.arange(total) * 3
+            parts = np.concatenate([weighted_slice(batch, r, np.array(shares)) for r in range(len(shares))])
+            assert np.array_equal(parts, batch)
+
+
+def test_throughput_balancer_moves_work_to_the_faster_worker():
+    balancer = ThroughputBalancer(2, enabled=True)
+    changed = [balancer.observe(np.array([0.1, 0.3]), np.array([8, 8])) for _ in range(5)]
+    assert changed[-1] and balancer.shares[0] == pytest.approx(0.75)
+
+
+def test_balance_throughput_with_a_slowed_worker(data: Path, tmp_path: Path):
+    summary = _train(data, tmp_path / "balanced", "--workers", "2", "--balance", "throughput",
+                     "--debug-slowdown", "1:3", *COMMON)
+    assert summary["batch_shares"][0] > 0.6  # the unslowed worker takes the larger share
+
+
+def test_stopping_rules():
+    history = [{"test_accuracy": a, "val_accuracy": a} for a in (0.5, 0.6, 0.61, 0.605, 0.6)]
+    assert stop_after_epoch(StopRules(10, target_accuracy=0.6), history[:2]) == "target_accuracy"
+    assert stop_after_epoch(StopRules(10, patience=2, min_delta=0.02), history[:4]) == "patience"
+    assert stop_after_epoch(StopRules(10, patience=3, min_delta=0.02), history[:4]) is None
+    assert stop_after_epoch(StopRules(5), history) == "max_epochs"
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (["--target-accuracy", "0.5"], "target_accuracy"),
+    (["--patience", "1", "--min-delta", "1.0"], "patience"),
+    (["--max-time", "0.01"], "max_time"),
+    (["--debug-nan-at", "1:3"], "diverged"),
+])
+def test_every_criterion_stops_all_workers_at_the_same_step(data: Path, tmp_path: Path, flags, reason):
+    out = tmp_path / "run"
+    summary = _train(data, out, "--workers", "2", "--audit-samples", *COMMON[:-6], "--epochs", "4",
+                     "--batch-size", "16", "--lr", "0.05", *flags)
+    assert summary["stop_reason"] == reason
+    last_steps = []
+    for log in sorted((out / "audit").glob("attempt*-rank*.jsonl")):
+        last_steps.append(max(json.loads(line)["step"] for line in log.read_text().splitlines()))
+    assert len(last_steps) == 2 and last_steps[0] == last_steps[1] == summary["stop_step"] - 1
+    assert summary["stop_epoch"] < 4 or reason == "max_time"
