@@ -86,12 +86,8 @@ def pick_device(requested: str, local_workers: int | None = None) -> torch.devic
 
 
 def set_worker_threads() -> int:
-    """Give each local worker its share of the cores: no oversubscription.
-
-    DISTVISION_CORES caps the cores this run may use (`distvision tune` runs several trials at once).
-    """
+    """Give each local worker its share of the cores: no oversubscription."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    cores = min(cores, int(os.environ.get("DISTVISION_CORES", "0")) or cores)
     threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
     return threads

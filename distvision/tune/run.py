@@ -63,22 +63,24 @@ def run_tune(config: TuneConfig) -> dict:
           f"{config.parallel} local worker(s), {epochs} epochs at most per trial, {config.sampler} sampler, "
           f"{config.pruner} pruner, searching {', '.join(d.name for d in space)}", flush=True)
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    cores_per_trial = max(1, cores // config.parallel)
+    cores = sorted(os.sched_getaffinity(0))
     if config.parallel == 1:
-        work_on_study(config, space, epochs, cores_per_trial)
+        work_on_study(config, space, epochs, cores)
     else:
-        run_parallel(config, space, epochs, cores_per_trial)
+        run_parallel(config, space, epochs, cores)
 
     study = load_study(config, space, epochs, create=False)
     return write_outputs(study, config, epochs, time.time() - started)
 
 
-def run_parallel(config: TuneConfig, space, epochs: int, cores_per_trial: int) -> None:
-    """config.parallel worker processes on one study; each ends with the command (SIGTERM on its death)."""
+def run_parallel(config: TuneConfig, space, epochs: int, cores: list[int]) -> None:
+    """config.parallel worker processes on one study, each trial on its worker's share of the cores."""
+    from distvision.parallel.launch import core_share
+
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=worker_process, args=(config, space, epochs, cores_per_trial),
-                               name=f"tune-worker-{i}") for i in range(config.parallel)]
+    workers = [context.Process(target=worker_process, name=f"tune-worker-{i}",
+                               args=(config, space, epochs, core_share(cores, i, config.parallel)))
+               for i in range(config.parallel)]
     for worker in workers:
         worker.start()
         time.sleep(1.0)  # staggered, so the sampler's first guesses see each other's running trials

@@ -168,7 +168,7 @@ def count_states(study: optuna.Study) -> dict[str, int]:
     return counts
 
 
-def work_on_study(config: TuneConfig, space: list[Dimension], epochs: int, cores_per_trial: int) -> None:
+def work_on_study(config: TuneConfig, space: list[Dimension], epochs: int, cores: list[int]) -> None:
     """One trial worker: run trials until the study holds config.trials finished or running ones.
 
     A worker gives up after config.trials failed trials of its own (a setting that always fails).
@@ -193,19 +193,19 @@ def work_on_study(config: TuneConfig, space: list[Dimension], epochs: int, cores
                 return
             if isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study):
                 return
-            objective = make_objective(config, space, cores_per_trial, on_start=release)
+            objective = make_objective(config, space, cores, on_start=release)
             study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=[after_trial])
         if full:
             return
 
 
-def worker_process(config: TuneConfig, space: list[Dimension], epochs: int, cores_per_trial: int) -> None:
+def worker_process(config: TuneConfig, space: list[Dimension], epochs: int, cores: list[int]) -> None:
     """Entry point of each `--parallel` worker process; it ends when the command does."""
-    from distvision.tune.trial import die_with_parent
+    from distvision.parallel.launch import stop_when_parent_dies
 
-    die_with_parent()
+    stop_when_parent_dies()
     try:
-        work_on_study(config, space, epochs, cores_per_trial)
+        work_on_study(config, space, epochs, cores)
     except UserError as error:
         print(f"distvision: error: {error}", flush=True)
         raise SystemExit(2) from None

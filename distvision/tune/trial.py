@@ -8,7 +8,6 @@ child is stopped at once with SIGTERM (train stops cleanly at the next step).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -22,12 +21,12 @@ import optuna
 from optuna.trial import TrialState
 
 from distvision.config import write_config_file
+from distvision.parallel.launch import pin_and_follow_parent
 from distvision.tune.config import TuneConfig
 from distvision.tune.space import Dimension, train_settings
 
 POLL_SECONDS = 0.5  # how often the parent looks for a new epoch line
 STOP_WAIT_SECONDS = 60.0  # after SIGTERM: time the child gets to stop before it is killed
-PR_SET_PDEATHSIG = 1
 
 
 class TrialFailed(Exception):
@@ -57,15 +56,7 @@ def trial_config(config: TuneConfig, params: dict) -> dict:
     return values | train_settings(params)
 
 
-_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up once: preexec_fn must do next to nothing
-
-
-def die_with_parent() -> None:
-    """In a child process: get SIGTERM when the parent dies, so no training outlives its trial."""
-    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def make_objective(config: TuneConfig, space: list[Dimension], cores_per_trial: int, on_start=None):
+def make_objective(config: TuneConfig, space: list[Dimension], cores: list[int], on_start=None):
     """The Optuna objective: suggest a configuration, train it, report validation accuracy per epoch."""
 
     def objective(trial: optuna.Trial) -> float:
@@ -82,10 +73,12 @@ def make_objective(config: TuneConfig, space: list[Dimension], cores_per_trial: 
         write_config_file(config_path, trial_config(config, params), f"trial {trial.number}")
         trial.set_user_attr("run_dir", str(run_dir))
         command = [sys.executable, "-m", "distvision", "train", "--config", str(config_path), "--out", str(run_dir)]
-        env = dict(os.environ, DISTVISION_CORES=str(cores_per_trial), PYTHONUNBUFFERED="1")
         with open(run_dir / "train.log", "ab") as log:
-            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     preexec_fn=die_with_parent)  # noqa: PLW1509 - one prctl call
+            # On this worker's share of the cores (train gives its workers cores/workers threads each);
+            # SIGTERM, a clean stop, if this worker dies, so no training outlives its trial.
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                                     preexec_fn=lambda: pin_and_follow_parent(cores))  # noqa: PLW1509
         try:
             return _follow(trial, child, run_dir)
         finally:
