@@ -106,7 +106,6 @@ def _follow(trial: optuna.Trial, child: subprocess.Popen, run_dir: Path) -> floa
         records = _epoch_records(metrics_path)
         for record in records[seen:]:
             trial.report(record["val_accuracy"], record["epoch"])
-            trial.set_user_attr("epochs", record["epoch"])
             if trial.should_prune():
                 _stop(child)
                 raise optuna.TrialPruned(f"pruned after epoch {record['epoch']}")
