@@ -51,6 +51,8 @@ def test_parallel_workers_share_the_journal_and_best_toml_reproduces_the_best_tr
     # All four trials accounted for, each once, each with its own run folder.
     assert [int(r["number"]) for r in rows] == [0, 1, 2, 3]
     assert all(r["state"] in ("COMPLETE", "PRUNED") for r in rows)
+    # Pruned trials stopped early; the last epoch is never pruned (a finished trial is complete).
+    assert all(int(r["epochs_trained"]) == (2 if r["state"] == "COMPLETE" else 1) for r in rows)
     assert sum(summary["trials"].values()) == 4 and summary["total_epochs_trained"] <= 8
     assert len([line for line in result.stdout.splitlines() if line.startswith("tune: trial")]) == 4
     for row in rows:  # what each trial reported is its run's own validation accuracy, epoch by epoch

@@ -193,7 +193,7 @@ def work_on_study(config: TuneConfig, space: list[Dimension], epochs: int, cores
                 return
             if isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study):
                 return
-            objective = make_objective(config, space, cores, on_start=release)
+            objective = make_objective(config, space, epochs, cores, on_start=release)
             study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=[after_trial])
         if full:
             return

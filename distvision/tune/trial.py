@@ -46,9 +46,9 @@ def process_identity(pid: int) -> str:
     return f"{socket.gethostname()}:{pid}:{start}"
 
 
-def trial_config(config: TuneConfig, params: dict) -> dict:
+def trial_config(config: TuneConfig, epochs: int, params: dict) -> dict:
     """The TrainConfig values of one trial: the search's fixed settings plus the trial's parameters."""
-    values = {"model": config.model, "recipe": config.recipe, "data": config.data, "epochs": config.epochs,
+    values = {"model": config.model, "recipe": config.recipe, "data": config.data, "epochs": epochs,
               "seed": config.seed, "val_fraction": config.val_fraction, "precision": config.precision,
               "image_size": config.image_size, "workers": config.workers_per_trial}
     if config.cache_dir:
@@ -56,7 +56,7 @@ def trial_config(config: TuneConfig, params: dict) -> dict:
     return values | train_settings(params)
 
 
-def make_objective(config: TuneConfig, space: list[Dimension], cores: list[int], on_start=None):
+def make_objective(config: TuneConfig, space: list[Dimension], epochs: int, cores: list[int], on_start=None):
     """The Optuna objective: suggest a configuration, train it, report validation accuracy per epoch."""
 
     def objective(trial: optuna.Trial) -> float:
@@ -70,7 +70,7 @@ def make_objective(config: TuneConfig, space: list[Dimension], cores: list[int],
         run_dir = Path(config.out) / "trials" / str(trial.number)
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / "config.toml"
-        write_config_file(config_path, trial_config(config, params), f"trial {trial.number}")
+        write_config_file(config_path, trial_config(config, epochs, params), f"trial {trial.number}")
         trial.set_user_attr("run_dir", str(run_dir))
         command = [sys.executable, "-m", "distvision", "train", "--config", str(config_path), "--out", str(run_dir)]
         with open(run_dir / "train.log", "ab") as log:
@@ -80,7 +80,7 @@ def make_objective(config: TuneConfig, space: list[Dimension], cores: list[int],
                                      env=dict(os.environ, PYTHONUNBUFFERED="1"),
                                      preexec_fn=lambda: pin_and_follow_parent(cores))  # noqa: PLW1509
         try:
-            return _follow(trial, child, run_dir)
+            return _follow(trial, child, run_dir, epochs)
         finally:
             if child.poll() is None:
                 _stop(child)
@@ -98,15 +98,19 @@ def trials_before(study: optuna.Study, number: int) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False, states=counted) if t.number < number)
 
 
-def _follow(trial: optuna.Trial, child: subprocess.Popen, run_dir: Path) -> float:
-    """Report each new epoch's validation accuracy; prune, or return the final one."""
+def _follow(trial: optuna.Trial, child: subprocess.Popen, run_dir: Path, epochs: int) -> float:
+    """Report each new epoch's validation accuracy; prune, or return the final one.
+
+    The last epoch is reported but never pruned: the training is done, and a pruned trial could
+    not be the best one.
+    """
     metrics_path, seen = run_dir / "metrics.jsonl", 0
     while True:
         finished = child.poll() is not None  # read the log after this, so no last line is missed
         records = _epoch_records(metrics_path)
         for record in records[seen:]:
             trial.report(record["val_accuracy"], record["epoch"])
-            if trial.should_prune():
+            if record["epoch"] < epochs and trial.should_prune():
                 _stop(child)
                 raise optuna.TrialPruned(f"pruned after epoch {record['epoch']}")
         seen = len(records)
