@@ -9,7 +9,7 @@ ARGS    ?=
 
 SETUP_STAMP := $(VENV)/.distvision-installed
 
-.PHONY: setup train test lint bench clean
+.PHONY: setup train test lint bench clean postgres
 
 $(SETUP_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,16 @@ train: setup
 	$(VENV)/bin/distvision train $(if $(DATA),--data $(DATA)) --model $(MODEL) --workers $(WORKERS) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
-test: setup
+test: setup postgres
 	$(VENV)/bin/python -m pytest -q
+
+# distvision tune's shared-study test runs a real PostgreSQL server (Debian's); install it where
+# missing and possible (root with apt), else that one test skips.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+		  apt-get install -y -qq --no-install-recommends postgresql; } || \
+		echo "PostgreSQL is not installed: the tune test that needs it will skip"
 
 lint: setup
 	$(VENV)/bin/pip install --quiet ruff

@@ -76,6 +76,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--join-timeout", type=float, default=DEFAULTS["join_timeout"],
                         help="seconds to wait for the workers at rendezvous before failing (default %(default)s)")
     parser.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    parser.add_argument("--config", help="TOML file of train settings (e.g. a tune's best.toml); "
+                        "flags given here override it")
     debug = parser.add_argument_group("debugging")
     debug.add_argument("--audit-samples", action="store_true",
                        help="log each rank's sample indices per step to RUN_DIR/audit/")
@@ -86,10 +88,13 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     debug.add_argument("--debug-nan-at", metavar="RANK:STEP", help="make one worker's loss NaN at a global step")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The command line; train_defaults (from `train --config FILE`) replace train's defaults."""
     parser = argparse.ArgumentParser(prog="distvision", description="Distributed image classifier training.")
     commands = parser.add_subparsers(dest="command", required=True)
-    _add_train_arguments(commands.add_parser("train", help="train a model data-parallel on several workers"))
+    train = commands.add_parser("train", help="train a model data-parallel on several workers")
+    _add_train_arguments(train)
+    train.set_defaults(**(train_defaults or {}))
     prepare = commands.add_parser("prepare", help="decode a data source once into a fast memory-mapped cache")
     prepare.add_argument("path")
     prepare.add_argument("--out", required=True)
@@ -117,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cache-dir")
     _add_classify_arguments(commands.add_parser(
         "classify", help="classify a folder tree, a list of image paths or a prepared folder with a checkpoint"))
+    _add_tune_arguments(commands.add_parser("tune", help="search hyperparameters with Optuna, trials in parallel"))
     return parser
 
 
@@ -167,6 +173,44 @@ def _classify_command(args: argparse.Namespace, argv: list[str]) -> None:
         return
     classify_command(config, argv)
 # ------------------------------------------------------------------------------------------ end classify
+
+
+# --- distvision tune ---
+def _add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    from distvision.tune.config import PRUNERS, SAMPLERS, TuneConfig
+
+    tune_defaults = TuneConfig()
+    parser.add_argument("--data", help="as for train; default: download the official CIFAR-10")
+    parser.add_argument("--model", default=tune_defaults.model)
+    parser.add_argument("--recipe", default=tune_defaults.recipe, help="the recipe whose settings are searched")
+    parser.add_argument("--space", help="TOML search space (default: around the model's recipe)")
+    parser.add_argument("--trials", type=int, default=tune_defaults.trials,
+                        help="finished trials wanted in the study, over all its workers (default %(default)s)")
+    parser.add_argument("--parallel", type=int, default=tune_defaults.parallel,
+                        help="trial workers on this machine, each with cores/P threads (default %(default)s)")
+    parser.add_argument("--workers-per-trial", type=int, default=tune_defaults.workers_per_trial,
+                        help="data-parallel workers inside each trial (default %(default)s)")
+    parser.add_argument("--epochs", type=int, help="most epochs per trial (default: the recipe's)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=tune_defaults.sampler)
+    parser.add_argument("--pruner", choices=PRUNERS, default=tune_defaults.pruner)
+    parser.add_argument("--storage", help="SQLAlchemy URL shared by several machines, e.g. "
+                        "postgresql://user@host/db (default: a journal file in --out)")
+    parser.add_argument("--study", default=tune_defaults.study, help="study name (default %(default)s)")
+    parser.add_argument("--out", default=tune_defaults.out, help="output folder (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=tune_defaults.seed, help="training seed of every trial")
+    parser.add_argument("--val-fraction", type=float, default=tune_defaults.val_fraction,
+                        help="held-out share of the training set that scores trials (default %(default)s)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=tune_defaults.precision)
+    parser.add_argument("--image-size", type=int, default=tune_defaults.image_size)
+    parser.add_argument("--cache-dir")
+
+
+def _tune_command(args: argparse.Namespace) -> None:
+    from distvision.tune.config import TuneConfig
+    from distvision.tune.run import run_tune
+
+    run_tune(TuneConfig(**{f.name: getattr(args, f.name) for f in fields(TuneConfig)}))
+# --- end of distvision tune ---
 
 
 def _train_command(args: argparse.Namespace, argv: list[str]) -> None:
@@ -266,8 +310,15 @@ def run(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "train" and args.config:
+        from distvision.config import read_config_file
+
+        # The file's values become the defaults, so every flag on the command line still wins.
+        args = build_parser(read_config_file(Path(args.config))).parse_args(argv)
     if args.command == "train":
         _train_command(args, argv[1:])
+    elif args.command == "tune":
+        _tune_command(args)
     elif args.command == "train-each":
         each_parser = parser._subparsers._group_actions[0].choices["train-each"]
         sys.exit(_train_each_command(args, each_parser))

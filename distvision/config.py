@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import asdict, dataclass, field
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from distvision.errors import UserError
@@ -122,3 +124,53 @@ class TrainConfig:
                 raise UserError(f"{flag} takes RANK:NUMBER, e.g. 1:2 (got {setting!r})") from None
             if rank < 0 or value < minimum or len(parts) != 2:
                 raise UserError(f"{flag} needs RANK >= 0 and a number >= {minimum:g} (got {setting!r})")
+
+# --- Config files (`distvision train --config FILE`, written by `distvision tune` as best.toml) ---
+CONFIG_FILE_FIELDS = {f.name: f for f in fields(TrainConfig)}
+_FIELD_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "list[str]": list}
+
+
+def read_toml(path: Path, flag: str) -> dict:
+    """A TOML file's content; unreadable or invalid is a UserError naming the flag that gave it."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except OSError as error:
+        raise UserError(f"{flag} {path}: cannot read it ({error.strerror})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"{flag} {path}: not valid TOML ({error})") from None
+
+
+def read_config_file(path: Path) -> dict:
+    """TrainConfig values from a TOML file; unknown keys or wrong types are a UserError."""
+    values = read_toml(path, "--config")
+    for key, value in values.items():
+        field_ = CONFIG_FILE_FIELDS.get(key)
+        if field_ is None:
+            raise UserError(f"--config {path}: unknown setting {key!r}; known: {', '.join(CONFIG_FILE_FIELDS)}")
+        expected = _FIELD_TYPES[str(field_.type).replace(" | None", "")]
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+            raise UserError(f"--config {path}: {key} = {value!r} has the wrong type ({field_.type})")
+        if expected is list and not all(isinstance(item, str) for item in value):
+            raise UserError(f"--config {path}: {key} must be a list of \"FIELD=VALUE\" strings")
+    return values
+
+
+def write_config_file(path: Path, values: dict, comment: str = "") -> None:
+    """Write TrainConfig values as TOML (flat scalars and lists of strings), readable by read_config_file."""
+    lines = [f"# {line}" for line in comment.splitlines()]
+    for key, value in values.items():
+        if value is not None:
+            lines.append(f"{key} = {_toml_value(value)}")
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")

@@ -32,7 +32,7 @@ from distvision.errors import UserError
 from distvision.fileio import write_json_atomic
 from distvision.metrics import say
 from distvision.parallel.claims import Claim, try_claim
-from distvision.parallel.launch import stop_when_parent_dies
+from distvision.parallel.launch import core_share, pin_and_follow_parent
 
 WAIT_POLL_SECONDS = 2.0  # how often a process with nothing to claim looks again
 CSV_COLUMNS = ["subset", "samples", "classes", "test_accuracy", "global_test_accuracy", "epochs", "seconds", "host"]
@@ -141,9 +141,7 @@ def run_pool(jobs: list[Job], settings: PoolSettings, out: Path) -> list[str]:
             others_idle = not pending and not any(b for i, b in enumerate(busy) if i != slot)
         if others_idle:  # nothing left for the other slots: this job may take every core
             return settings.cores
-        count = len(settings.cores)
-        share = settings.cores[slot * count // settings.parallel:(slot + 1) * count // settings.parallel]
-        return share or [settings.cores[slot % count]]
+        return core_share(settings.cores, slot, settings.parallel)
 
     def slot_loop(slot: int) -> None:
         while (taken := next_job(slot)) is not None:
@@ -164,12 +162,6 @@ def run_pool(jobs: list[Job], settings: PoolSettings, out: Path) -> list[str]:
     return failed
 
 
-def _pin_and_follow_parent(cores: list[int]) -> None:
-    """In the child: run on these cores only; stop resumably (SIGTERM) if train-each itself dies."""
-    os.sched_setaffinity(0, cores)
-    stop_when_parent_dies()
-
-
 def run_job(job: Job, claim: Claim, cores: list[int], settings: PoolSettings, out: Path) -> bool:
     """Train one subset in a child `distvision train`, renewing the claim; True when it finished."""
     command = [sys.executable, "-m", "distvision", "train", "--data", str(job.subset.data),
@@ -181,7 +173,7 @@ def run_job(job: Job, claim: Claim, cores: list[int], settings: PoolSettings, ou
     started = time.time()
     with open(log_path, "ab") as log:
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                 preexec_fn=lambda: _pin_and_follow_parent(cores))
+                                 preexec_fn=lambda: pin_and_follow_parent(cores))
         last_renewal = time.time()
         while child.poll() is None:
             time.sleep(0.5)

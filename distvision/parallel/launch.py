@@ -55,6 +55,18 @@ def stop_when_parent_dies() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def pin_and_follow_parent(cores: list[int]) -> None:
+    """In a child (a preexec_fn): run on these cores only; stop resumably (SIGTERM) if the parent dies."""
+    os.sched_setaffinity(0, cores)
+    stop_when_parent_dies()
+
+
+def core_share(cores: list[int], slot: int, slots: int) -> list[int]:
+    """Slot `slot` of `slots`' share of these cores (a whole core at least, shared when too few)."""
+    share = cores[slot * len(cores) // slots:(slot + 1) * len(cores) // slots]
+    return share or [cores[slot % len(cores)]]
+
+
 @record
 def run_worker(config: TrainConfig) -> None:
     """Entry point of each worker process (started by torchrun or launch_local): train one rank.

@@ -1,0 +1,188 @@
+"""distvision tune: real Optuna studies of real `distvision train` trials on small generated data.
+
+Parallel workers sharing the journal file, two commands sharing a real PostgreSQL server, a worker
+killed mid-trial, best.toml reproducing the best trial, and bad search spaces.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import REPO, run_cli, write_image_tree
+from postgres import postgres_server
+
+from distvision.cli import main
+from distvision.metrics import read_metrics
+
+FAST = ["--precision", "fp32", "--model", "caffe-quick"]
+
+
+@pytest.fixture(scope="module")
+def tiny_images(tmp_path_factory) -> Path:
+    return write_image_tree(tmp_path_factory.mktemp("tune") / "images", classes=3, train_per_class=30,
+                            test_per_class=6)
+
+
+def tune_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["tune", "--data", str(data), "--out", str(out), *FAST, *extra]
+
+
+def read_trials_csv(out: Path) -> list[dict]:
+    with open(out / "trials.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_parallel_workers_share_the_journal_and_best_toml_reproduces_the_best_trial(tiny_images, tmp_path):
+    out = tmp_path / "search"
+    result = run_cli(tune_args(tiny_images, out, "--trials", "4", "--parallel", "2", "--epochs", "2"),
+                     tmp_path / "cache")
+    assert result.returncode == 0, result.stderr + result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    rows = read_trials_csv(out)
+    # All four trials accounted for, each once, each with its own run folder.
+    assert [int(r["number"]) for r in rows] == [0, 1, 2, 3]
+    assert all(r["state"] in ("COMPLETE", "PRUNED") for r in rows)
+    # Pruned trials stopped early; the last epoch is never pruned (a finished trial is complete).
+    assert all(int(r["epochs_trained"]) == (2 if r["state"] == "COMPLETE" else 1) for r in rows)
+    assert sum(summary["trials"].values()) == 4 and summary["total_epochs_trained"] <= 8
+    assert len([line for line in result.stdout.splitlines() if line.startswith("tune: trial")]) == 4
+    for row in rows:  # what each trial reported is its run's own validation accuracy, epoch by epoch
+        reported = int(row["epochs_trained"])
+        epochs = read_metrics(Path(row["run_dir"]))[:reported]  # a pruned run may finish one more meanwhile
+        assert [e["val_accuracy"] for e in epochs] == [float(row[f"val_accuracy_epoch_{i + 1}"])
+                                                       for i in range(reported)]
+    # Both worker processes ran trials on the one journal file.
+    study = optuna.load_study(study_name="distvision", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))))
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2
+    for plot in ("optimization_history.png", "accuracy_vs_epoch.png"):
+        assert (out / plot).stat().st_size > 1000
+
+    # best.toml trains the best trial again: same seed, same threads (one core, as each trial had),
+    # same validation accuracy.
+    best = summary["best"]
+    assert best["val_accuracy"] == max(float(r["val_accuracy"]) for r in rows if r["state"] == "COMPLETE")
+    one_core = [min(os.sched_getaffinity(0))]
+    rerun = subprocess.run([sys.executable, "-m", "distvision", "train", "--config", str(out / "best.toml"),
+                            "--out", str(tmp_path / "again")], cwd=REPO, capture_output=True, text=True,
+                           env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache")), timeout=240, check=False,
+                           preexec_fn=lambda: os.sched_setaffinity(0, one_core))
+    assert rerun.returncode == 0, rerun.stderr
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again["val_accuracy"] == best["val_accuracy"]
+    assert again["test_accuracy"] == best["test_accuracy"]
+
+
+def test_two_commands_split_one_study_on_postgresql(tiny_images, tmp_path):
+    with postgres_server() as url:
+        commands = [
+            subprocess.Popen([sys.executable, "-m", "distvision", *tune_args(
+                tiny_images, tmp_path / f"machine{i}", "--trials", "2", "--epochs", "1", "--storage", url,
+                "--study", "shared")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache")))
+            for i in range(2)
+        ]
+        outputs = [command.communicate(timeout=240)[0] for command in commands]
+        assert [c.returncode for c in commands] == [0, 0], outputs
+        study = optuna.load_study(study_name="shared", storage=url)
+        finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
+        assert len(finished) == 2  # the study's total, not 2 per command
+        workers = {t.user_attrs["worker"].rsplit(":", 1)[0] for t in finished}
+        assert len(workers) == 2, outputs  # both commands ran trials
+        surplus = [t for t in study.trials if t.state.name == "FAIL"]
+        assert all(t.user_attrs["error"].startswith("surplus") for t in surplus)
+
+
+def test_killed_worker_is_retried_and_completed_trials_are_kept(tiny_images, tmp_path):
+    out = tmp_path / "search"
+    args = [sys.executable, "-m", "distvision", *tune_args(tiny_images, out, "--trials", "2", "--epochs", "2",
+                                                           "--pruner", "none")]
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    first = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second_trial = out / "trials" / "1" / "train.log"
+    deadline = time.time() + 180
+    while not second_trial.exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    assert second_trial.exists(), "the second trial never started"
+    first.send_signal(signal.SIGKILL)  # the tune worker dies mid-trial, as on a crashed machine
+    first.wait()
+    # Its training child does not outlive it (it gets SIGTERM when its parent dies).
+    deadline = time.time() + 60
+    while time.time() < deadline and _processes_mentioning(str(out / "trials" / "1")):
+        time.sleep(0.5)
+    assert not _processes_mentioning(str(out / "trials" / "1"))
+    kept = (out / "trials" / "0" / "summary.json").read_text()
+
+    rerun = run_cli(tune_args(tiny_images, out, "--trials", "2", "--epochs", "2", "--pruner", "none"),
+                    tmp_path / "cache")
+    assert rerun.returncode == 0, rerun.stderr + rerun.stdout
+    assert "trial(s) 1 lost their worker; marked failed and queued again" in rerun.stdout
+    rows = {int(r["number"]): r for r in read_trials_csv(out)}
+    assert [rows[n]["state"] for n in sorted(rows)] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert rows[2]["retry_of"] == "1" and rows[2]["lr"] == rows[1]["lr"]  # the same configuration, again
+    assert (out / "trials" / "0" / "summary.json").read_text() == kept  # trial 0 was not run again
+    assert json.loads((out / "summary.json").read_text())["trials"] == {"COMPLETE": 2, "FAIL": 1}
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+BAD_SPACES = [
+    ("[lr]\ntype = 'log'\nlow = 0.1\nhigh = 0.01\n", "bad range, low (0.1) must be below high (0.01)"),
+    ("[learning_rate]\ntype = 'log'\nlow = 0.001\nhigh = 0.1\n", "[learning_rate] is not a recipe setting"),
+    ("[lr]\ntype = 'normal'\n", "type must be one of int, float, log, categorical"),
+    ("[lr]\ntype = 'log'\nlow = 0.0\nhigh = 0.1\n", "a log setting needs low > 0"),
+    ("[batch_size]\ntype = 'float'\nlow = 10\nhigh = 20\n", "batch_size is an integer setting"),
+    ("[momentum]\ntype = 'float'\nlow = 0.5\nhigh = 1.5\n", "1.5 is out of range for momentum"),
+    ("[flip]\ntype = 'categorical'\nchoices = [1, 2]\n", "1 is not a valid flip"),
+    ("[lr]\ntype = 'log'\nlow = 0.001\nhigh = 0.1\nstep = 0.01\n", "log settings take none"),
+    ("[lr\n", "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize("space, message", BAD_SPACES)
+def test_bad_search_space_is_one_line_error(space, message, tiny_images, tmp_path, capsys):
+    (tmp_path / "space.toml").write_text(space)
+    with pytest.raises(SystemExit) as exit_status:  # the CLI's own entry point, in this process
+        main(tune_args(tiny_images, tmp_path / "search", "--space", str(tmp_path / "space.toml")))
+    stderr = capsys.readouterr().err
+    assert exit_status.value.code == 2
+    assert stderr.startswith("distvision: error: --space") and stderr.count("\n") == 1
+    assert message in stderr
+    assert not (tmp_path / "search").exists()  # refused before anything was written
+
+
+def test_train_config_file_rejects_unknown_settings(tiny_images, tmp_path, capsys):
+    (tmp_path / "bad.toml").write_text("learning_rate = 0.1\n")
+    with pytest.raises(SystemExit) as exit_status:
+        main(["train", "--config", str(tmp_path / "bad.toml"), "--data", str(tiny_images)])
+    stderr = capsys.readouterr().err
+    assert exit_status.value.code == 2 and stderr.count("\n") == 1
+    assert "unknown setting 'learning_rate'" in stderr
+
+
+def test_train_config_file_values_are_defaults_that_flags_override(tmp_path):
+    from distvision.cli import build_parser
+    from distvision.config import read_config_file
+
+    (tmp_path / "best.toml").write_text('lr = 0.5\nepochs = 3\nrecipe_settings = ["flip=true"]\n')
+    argv = ["train", "--config", str(tmp_path / "best.toml"), "--lr", "0.1", "--set", "translate=2"]
+    args = build_parser(read_config_file(tmp_path / "best.toml")).parse_args(argv)
+    assert (args.lr, args.epochs, args.recipe_settings) == (0.1, 3, ["flip=true", "translate=2"])
