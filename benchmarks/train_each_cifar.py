@@ -58,7 +58,7 @@ def main() -> None:
     summary = json.loads((args.out / "summary.json").read_text())
     with open(args.out / "subsets.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    print(f"\n| subset | classes | training images | subset model | global model | seconds |")
+    print("\n| subset | classes | training images | subset model | global model | seconds |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         global_accuracy = f"{float(row['global_test_accuracy']):.4f}" if row["global_test_accuracy"] else "-"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 from distvision.config import TrainConfig
 from distvision.errors import UserError
-from distvision.parallel.launch import WorkerFailed
+from distvision.parallel.launch import FOLLOW_PARENT_VARIABLE, WorkerFailed, stop_when_parent_dies
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name != "data"}
 
@@ -163,8 +164,8 @@ def _add_classify_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _classify_command(args: argparse.Namespace, argv: list[str]) -> None:
-    from distvision.classify.settings import ClassifyConfig
     from distvision.classify.routed import classify_routed, is_each_dir
+    from distvision.classify.settings import ClassifyConfig
     from distvision.classify.worker import classify_command
 
     config = ClassifyConfig(**{f.name: getattr(args, f.name) for f in fields(ClassifyConfig)})
@@ -343,6 +344,9 @@ def run(argv: list[str] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    parent = os.environ.pop(FOLLOW_PARENT_VARIABLE, None)
+    if parent:  # started by train-each or tune: stop when they die
+        stop_when_parent_dies(int(parent))
     try:
         run(argv)
     except UserError as error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -23,3 +24,14 @@ def write_json_atomic(path: Path, data: dict, durable: bool = True) -> None:
         if durable:
             os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def hold_exclusive_lock(path: Path):
+    """An open handle holding an exclusive lock on path (kept while the handle lives), or None if taken."""
+    handle = open(path, "a")  # noqa: SIM115 - the caller keeps it open as long as it needs the lock
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle

@@ -13,7 +13,6 @@ there now and every sample is still seen exactly once per epoch.
 from __future__ import annotations
 
 import datetime
-import fcntl
 import json
 import math
 import os
@@ -40,7 +39,7 @@ from distvision.data.prepare import default_cache_dir, ensure_prepared, open_pre
 from distvision.data.sharding import epoch_permutation, global_batches, rank_slice
 from distvision.errors import UserError
 from distvision.evaluate import EVAL_CHUNK, evaluate_split
-from distvision.fileio import write_json_atomic
+from distvision.fileio import hold_exclusive_lock, write_json_atomic
 from distvision.metrics import Progress, append_metrics, epoch_line, rewrite_log, say
 from distvision.models.registry import create, recipe_for
 from distvision.parallel.balance import ThroughputBalancer, scaled_lr, warmup_factor, weighted_slice
@@ -508,12 +507,9 @@ def train(config: TrainConfig) -> dict | None:
 
 def lock_run_dir(run_dir: Path):
     """Hold an exclusive lock on the run folder, so two jobs can never write one run."""
-    handle = open(run_dir / "run.lock", "a")  # noqa: SIM115 - kept open for the life of the process
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise UserError(f"another job is writing {run_dir}; give this one its own --out") from None
+    handle = hold_exclusive_lock(run_dir / "run.lock")  # kept open for the life of the process
+    if handle is None:
+        raise UserError(f"another job is writing {run_dir}; give this one its own --out")
     return handle
 
 

@@ -32,7 +32,7 @@ from distvision.errors import UserError
 from distvision.fileio import write_json_atomic
 from distvision.metrics import say
 from distvision.parallel.claims import Claim, try_claim
-from distvision.parallel.launch import core_share, pin_and_follow_parent
+from distvision.parallel.launch import core_share, start_pinned_child
 
 WAIT_POLL_SECONDS = 2.0  # how often a process with nothing to claim looks again
 CSV_COLUMNS = ["subset", "samples", "classes", "test_accuracy", "global_test_accuracy", "epochs", "seconds", "host"]
@@ -172,8 +172,7 @@ def run_job(job: Job, claim: Claim, cores: list[int], settings: PoolSettings, ou
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     with open(log_path, "ab") as log:
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                 preexec_fn=lambda: pin_and_follow_parent(cores))
+        child = start_pinned_child(command, cores, stdout=log, stderr=subprocess.STDOUT)
         last_renewal = time.time()
         while child.poll() is None:
             time.sleep(0.5)

@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +76,14 @@ def run_cli(args: list[str], cache_dir: Path, cwd: Path | None = None, timeout: 
     env = dict(os.environ, XDG_CACHE_HOME=str(cache_dir), PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "distvision", *args], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def wait_for(condition, timeout: float, what: str):
+    """Poll condition until it returns something true (and return that), or fail after timeout seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, make_class_image, run_cli, write_image_tree
+from conftest import REPO, make_class_image, run_cli, wait_for, write_image_tree
 from PIL import Image
 
 from distvision.data.prepare import prepare
@@ -159,16 +158,6 @@ def _start(args: list[str], cache: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def _wait_for(condition, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_killed_worker_loses_no_work_and_the_rerun_completes_without_duplicates(one_worker, trained, messy,
                                                                                    workdir):
     out = workdir / "killed" / "predictions.csv"
@@ -176,8 +165,8 @@ def test_a_killed_worker_loses_no_work_and_the_rerun_completes_without_duplicate
             "--chunk-size", "50", "--top-k", "3"]
     run = _start([*args, "--max-restarts", "0", "--debug-chunk-delay", "0.4"], workdir / "cache")
     parts = out.parent / "parts"
-    _wait_for(lambda: len(list(parts.glob("chunk-*.json"))) >= 4, 120, "chunks to be finished")
-    workers = _wait_for(lambda: local_worker_pids(run.pid), 10, "worker processes")
+    wait_for(lambda: len(list(parts.glob("chunk-*.json"))) >= 4, 120, "chunks to be finished")
+    workers = wait_for(lambda: local_worker_pids(run.pid), 10, "worker processes")
     os.kill(workers[1], signal.SIGKILL)
     output = run.communicate(timeout=60)[0]
     assert run.returncode == 1, output[-3000:]

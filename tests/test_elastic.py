@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, write_image_tree
+from conftest import REPO, run_cli, wait_for, write_image_tree
 from safetensors.torch import load_file
 
 from distvision.checkpoint import (
@@ -57,16 +57,6 @@ def _start(args: list[str], tmp_path: Path, module: list[str] | None = None) -> 
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def _wait_for(condition, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _steps_done(run_dir: Path) -> int:
     try:
         return json.loads((run_dir / "heartbeat.json").read_text())["step"]
@@ -96,8 +86,8 @@ def test_a_killed_worker_is_restarted_and_no_sample_is_lost(data: Path, tmp_path
     out = tmp_path / "run"
     run = _start(_train_args(data, out, "--workers", "2", "--epochs", "4", "--debug-step-delay", "0.05",
                              "--checkpoint-every", "0.3"), tmp_path)
-    _wait_for(lambda: _steps_done(out) >= 20, 120, "training to make progress")
-    workers = _wait_for(lambda: local_worker_pids(run.pid), 10, "worker processes")
+    wait_for(lambda: _steps_done(out) >= 20, 120, "training to make progress")
+    workers = wait_for(lambda: local_worker_pids(run.pid), 10, "worker processes")
     os.kill(workers[1], signal.SIGKILL)
     output = run.communicate(timeout=180)[0]
     assert run.returncode == 0, output[-3000:]
@@ -164,7 +154,7 @@ def test_sigterm_stops_workers_and_agent_cleanly_with_a_resumable_checkpoint(dat
     out = tmp_path / "run"
     args = _train_args(data, out, "--workers", "2", "--epochs", "3", "--debug-step-delay", "0.05")
     run = _start(args, tmp_path)
-    _wait_for(lambda: _steps_done(out) >= 10, 120, "training to make progress")
+    wait_for(lambda: _steps_done(out) >= 10, 120, "training to make progress")
     workers = local_worker_pids(run.pid)
     run.send_signal(signal.SIGTERM)
     output = run.communicate(timeout=60)[0]
@@ -207,7 +197,7 @@ def test_a_stopped_node_does_not_hang_the_survivor(data: Path, tmp_path: Path):
     first = _agent(data, out, tmp_path, endpoint, *extra)
     time.sleep(1)  # the first agent hosts the c10d store, which must survive; both join the first round
     second = _agent(data, out, tmp_path, endpoint, *extra)
-    _wait_for(lambda: _steps_done(out) >= 15, 120, "two nodes to train")
+    wait_for(lambda: _steps_done(out) >= 15, 120, "two nodes to train")
     # The whole node: its agent and its worker (which torchrun runs in a session of its own).
     frozen = [second.pid, *local_worker_pids(second.pid).values()]
     for pid in frozen:

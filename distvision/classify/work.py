@@ -9,7 +9,6 @@ that exists is complete.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch.distributed as dist
 from distvision.classify.inputs import ClassifyInput, find_input
 from distvision.classify.settings import ClassifyConfig, Outputs
 from distvision.errors import UserError
-from distvision.fileio import write_json_atomic
+from distvision.fileio import hold_exclusive_lock, write_json_atomic
 
 PLAN_FILE = "plan.json"
 LOCK_FILE = "classify.lock"
@@ -79,12 +78,9 @@ def lock_job(outputs: Outputs):
     """Hold an exclusive lock on the output folder's parts (until closed or the process ends), so two
     jobs never write one set of results."""
     outputs.parts.mkdir(parents=True, exist_ok=True)
-    handle = open(outputs.parts / LOCK_FILE, "a")  # noqa: SIM115 - the caller keeps it open
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise UserError(f"another classify job is writing {outputs.parts}; give this one its own --out folder") from None
+    handle = hold_exclusive_lock(outputs.parts / LOCK_FILE)
+    if handle is None:
+        raise UserError(f"another classify job is writing {outputs.parts}; give this one its own --out folder")
     return handle
 
 

@@ -17,7 +17,12 @@ import numpy as np
 
 from distvision.data.prepare import ensure_prepared, is_prepared, open_prepared, prepare_source
 from distvision.data.sources import (
-    FLAT_SPLIT_SEED, FLAT_TEST_FRACTION, ArraySplit, FileSplit, Source, _hold_out,
+    FLAT_SPLIT_SEED,
+    FLAT_TEST_FRACTION,
+    ArraySplit,
+    FileSplit,
+    Source,
+    _hold_out,
 )
 from distvision.errors import UserError
 

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -41,24 +42,38 @@ def _free_port() -> int:
 PR_SET_PDEATHSIG = 1
 
 
-def stop_when_parent_dies() -> None:
+def stop_when_parent_dies(parent: int | None = None) -> None:
     """Get SIGTERM (a resumable stop) when the process that started this one dies.
 
     torch's agent starts each worker in a session of its own, so a worker whose agent is killed
-    would otherwise run on as an orphan, holding its run folder and its collectives.
+    would otherwise run on as an orphan, holding its run folder and its collectives. `parent`, the
+    pid that started us where known, catches a parent that died before the request took effect.
     """
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):  # not Linux: orphans stop at their next collective timeout instead
         return
-    if os.getppid() == 1:  # the parent died before the request took effect
+    if os.getppid() != (parent or os.getppid()) or os.getppid() == 1:  # already orphaned
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def pin_and_follow_parent(cores: list[int]) -> None:
-    """In a child (a preexec_fn): run on these cores only; stop resumably (SIGTERM) if the parent dies."""
-    os.sched_setaffinity(0, cores)
-    stop_when_parent_dies()
+FOLLOW_PARENT_VARIABLE = "DISTVISION_STOP_WITH_PARENT"
+
+
+def start_pinned_child(command: list[str], cores: list[int], **popen_options) -> subprocess.Popen:
+    """Start a distvision child process on these cores only, stopping resumably if this process dies.
+
+    No preexec_fn (unsafe in a process with threads): the affinity is set right after the start,
+    long before the child counts its cores, and the child asks for SIGTERM on our death itself
+    (distvision's main() reads FOLLOW_PARENT_VARIABLE).
+    """
+    env = dict(popen_options.pop("env", None) or os.environ, **{FOLLOW_PARENT_VARIABLE: str(os.getpid())})
+    child = subprocess.Popen(command, env=env, **popen_options)
+    try:
+        os.sched_setaffinity(child.pid, cores)
+    except ProcessLookupError:  # it already ended; its exit status says why
+        pass
+    return child
 
 
 def core_share(cores: list[int], slot: int, slots: int) -> list[int]:

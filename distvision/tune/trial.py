@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from distvision.config import write_config_file
-from distvision.parallel.launch import pin_and_follow_parent
+from distvision.parallel.launch import start_pinned_child
 from distvision.tune.config import TuneConfig
 from distvision.tune.space import Dimension, train_settings
 
@@ -76,9 +76,8 @@ def make_objective(config: TuneConfig, space: list[Dimension], epochs: int, core
         with open(run_dir / "train.log", "ab") as log:
             # On this worker's share of the cores (train gives its workers cores/workers threads each);
             # SIGTERM, a clean stop, if this worker dies, so no training outlives its trial.
-            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                                     preexec_fn=lambda: pin_and_follow_parent(cores))  # noqa: PLW1509
+            child = start_pinned_child(command, cores, stdout=log, stderr=subprocess.STDOUT,
+                                       env=dict(os.environ, PYTHONUNBUFFERED="1"))
         try:
             return _follow(trial, child, run_dir, epochs)
         finally:
