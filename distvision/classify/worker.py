@@ -43,8 +43,8 @@ from distvision.parallel.launch import (
     USER_ERROR_EXIT,
     WorkerFailed,
     launch_local,
+    run_as_worker,
     started_by_torchrun,
-    stop_when_parent_dies,
 )
 
 # Workers reach the final barrier up to one chunk apart; a peer that died is the agent's to notice.
@@ -89,13 +89,7 @@ def classify_command(config: ClassifyConfig, argv: list[str]) -> None:
 @record
 def run_classify_worker(config: ClassifyConfig) -> None:
     """Entry point of each worker process: a UserError is printed once, by rank 0, and ends it with status 2."""
-    stop_when_parent_dies()  # a worker whose agent was killed stops instead of running on as an orphan
-    try:
-        classify(config)
-    except UserError as error:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"distvision: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(USER_ERROR_EXIT)
+    run_as_worker(classify, config)
 
 
 def classify(config: ClassifyConfig) -> dict | None:

@@ -176,7 +176,7 @@ def _scan_split(root: Path, classes: list[str]) -> tuple[FileSplit, list[str]]:
     return FileSplit(paths, labels), skipped
 
 
-def _hold_out(split: FileSplit, fraction: float, seed: int) -> tuple[FileSplit, FileSplit]:
+def hold_out(split: FileSplit, fraction: float, seed: int) -> tuple[FileSplit, FileSplit]:
     order = np.random.default_rng(seed).permutation(len(split.paths))
     test_count = round(len(order) * fraction)
     test_idx, train_idx = np.sort(order[:test_count]), np.sort(order[test_count:])
@@ -193,11 +193,11 @@ def scan_image_folder(root: Path) -> Source:
             test, skipped_test = _scan_split(root / "test", classes)
             skipped += skipped_test
         else:
-            train, test = _hold_out(train, FLAT_TEST_FRACTION, FLAT_SPLIT_SEED)
+            train, test = hold_out(train, FLAT_TEST_FRACTION, FLAT_SPLIT_SEED)
     else:
         classes = _class_folders(root)
         everything, skipped = _scan_split(root, classes)
-        train, test = _hold_out(everything, FLAT_TEST_FRACTION, FLAT_SPLIT_SEED)
+        train, test = hold_out(everything, FLAT_TEST_FRACTION, FLAT_SPLIT_SEED)
     if not classes:
         raise UserError(f"{root} holds no class folders: expected ROOT/<class>/* or ROOT/train/<class>/*")
     if not train.paths:

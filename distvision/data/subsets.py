@@ -22,7 +22,7 @@ from distvision.data.sources import (
     ArraySplit,
     FileSplit,
     Source,
-    _hold_out,
+    hold_out,
 )
 from distvision.errors import UserError
 
@@ -105,7 +105,7 @@ def _manifest_subsets(manifest: Path, work_dir: Path, image_size: int) -> list[S
             classes = sorted({label for _, label in rows[name]})
             index = {label: i for i, label in enumerate(classes)}
             everything = FileSplit([p for p, _ in rows[name]], [index[label] for _, label in rows[name]])
-            train, test = _hold_out(everything, FLAT_TEST_FRACTION, FLAT_SPLIT_SEED)
+            train, test = hold_out(everything, FLAT_TEST_FRACTION, FLAT_SPLIT_SEED)
             try:
                 prepare_source(Source("image-folder", classes, train, test), out, f"{manifest}#{name}", image_size)
             except UserError as error:

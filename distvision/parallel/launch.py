@@ -82,23 +82,29 @@ def core_share(cores: list[int], slot: int, slots: int) -> list[int]:
     return share or [cores[slot % len(cores)]]
 
 
-@record
-def run_worker(config: TrainConfig) -> None:
-    """Entry point of each worker process (started by torchrun or launch_local): train one rank.
+def run_as_worker(work, config) -> None:
+    """Run one worker's part of a job (work(config)) as every distvision worker entry point does.
 
-    A UserError is printed once, by rank 0, and ends the worker with status 2; anything else
-    propagates to @record, which hands the traceback to the agent.
+    It stops with its agent; a UserError is printed once, by rank 0, and ends the worker with
+    status 2; anything else propagates to the caller's @record, which hands the traceback to the agent.
     """
     from distvision.errors import UserError
-    from distvision.train import train
 
     stop_when_parent_dies()
     try:
-        train(config)
+        work(config)
     except UserError as error:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"distvision: error: {error}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT)
+
+
+@record
+def run_worker(config: TrainConfig) -> None:
+    """Entry point of each training worker process (started by torchrun or launch_local): train one rank."""
+    from distvision.train import train
+
+    run_as_worker(train, config)
 
 
 def launch_local(command_args: list[str], workers: int, max_restarts: int = 0,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -39,20 +39,13 @@ class SyncStats:
     communication_seconds: float = 0.0
     bytes_exchanged: int = 0
 
+    @contextmanager
     def timed(self, payload_bytes: int):
-        return _Timed(self, payload_bytes)
-
-
-class _Timed:
-    def __init__(self, stats: SyncStats, payload_bytes: int):
-        self.stats, self.payload_bytes = stats, payload_bytes
-
-    def __enter__(self):
-        self.started = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.stats.communication_seconds += time.perf_counter() - self.started
-        self.stats.bytes_exchanged += self.payload_bytes
+        """Count the time inside the block, and the payload, as communication."""
+        started = time.perf_counter()
+        yield
+        self.communication_seconds += time.perf_counter() - started
+        self.bytes_exchanged += payload_bytes
 
 
 @dataclass
