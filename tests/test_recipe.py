@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +86,8 @@ def test_schedule_per_step_follows_the_global_batch_and_epochs():
     assert lrs[0] == pytest.approx(0.2 * 1.5)
     peak = int(np.argmax(lrs))
     assert peak == round(0.23 * steps) and lrs[peak] == pytest.approx(1.5, rel=1e-2)
-    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1 : peak + 1]))  # warm up, then only down
-    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))
+    assert all(a <= b for a, b in pairwise(lrs[: peak + 1]))  # warm up, then only down
+    assert all(a >= b for a, b in pairwise(lrs[peak:]))
     assert lrs[-1] == pytest.approx(0.07 * 1.5, rel=0.05)
 
 
