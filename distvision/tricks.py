@@ -109,6 +109,15 @@ class Lookahead:
 
     @torch.no_grad()
     def finish(self, model: nn.Module) -> None:
+        """Make the weights the average. Under local SGD each replica kept its own average: they
+        are averaged across workers first, so every worker ends with the same model."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            floats = [value for value in self.average.values() if value.is_floating_point()]
+            flat = torch.cat([value.flatten() for value in floats])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            for value, averaged in zip(floats, flat.split([v.numel() for v in floats]), strict=True):
+                value.copy_(averaged.view_as(value))
         self._pull(model, 1.0)
 
     def _pull(self, model: nn.Module, decay: float) -> None:

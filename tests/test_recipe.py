@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from conftest import run_cli, write_image_tree
 from safetensors.torch import load_file
 from torch import nn
@@ -209,11 +211,36 @@ def test_tricks_keep_two_workers_equal_to_one(tmp_path: Path):
     assert summaries[1]["recipe"]["ema_every"] == 2 and summaries[1]["recipe"]["decoupled_weight_decay"]
 
 
+def _finish_lookahead_on_diverged_replicas(rank: int, init_file: str, results: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # replicas that differ, as between local-SGD averagings
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    lookahead = Lookahead(model, every=1)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    lookahead.maybe_update(model, step=1, progress=0.8)
+    lookahead.finish(model)
+    state = torch.cat([t.flatten() for t in model.state_dict().values() if t.is_floating_point()])
+    gathered = [torch.zeros_like(state) for _ in range(2)]
+    dist.all_gather(gathered, state)
+    if rank == 0:
+        Path(results).write_text(json.dumps(torch.equal(gathered[0], gathered[1])))
+    dist.destroy_process_group()
+
+
+def test_lookahead_ends_with_one_model_on_every_worker(tmp_path: Path):
+    """Under local SGD each replica keeps its own average: finishing must leave identical weights."""
+    results = tmp_path / "same.json"
+    mp.spawn(_finish_lookahead_on_diverged_replicas, args=(str(tmp_path / "init"), str(results)), nprocs=2)
+    assert json.loads(results.read_text()) is True
+
+
 def test_fastnet_recipe_trains_on_two_workers_and_evaluate_agrees(tmp_path: Path):
     data = write_image_tree(tmp_path / "data", classes=3, train_per_class=24, test_per_class=6)
     out = tmp_path / "run"
     result = run_cli(["train", "--data", str(data), "--out", str(out), "--model", "fastnet", "--workers", "2",
-                      "--epochs", "2", "--batch-size", "24", "--lr-scaling", "linear", "--precision", "fp32"],
+                      "--epochs", "2", "--batch-size", "24", "--lr-scaling", "linear", "--precision", "fp32",
+                      "--sync", "local-sgd", "--sync-every", "2"],
                      tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
