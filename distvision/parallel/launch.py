@@ -146,6 +146,7 @@ def launch_local(command_args: list[str], workers: int, max_restarts: int = 0,
         rdzv_backend="c10d",
         # Loopback only: the c10d store is unauthenticated (see the README).
         rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        local_addr="127.0.0.1",  # the workers' MASTER_ADDR (else this host's FQDN)
         rdzv_configs={"join_timeout": join_timeout},
         max_restarts=max_restarts,
         monitor_interval=0.1,
