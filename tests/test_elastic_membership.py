@@ -17,10 +17,10 @@ from distvision.checkpoint import list_training_checkpoints
 from distvision.metrics import read_events
 from distvision.parallel.launch import PRIVATE_STORE_VARIABLE, local_worker_pids, warn_if_store_is_shared
 
+EPOCHS = 5
 # keep_alive_max_attempt must be 3 or more: a node's first heartbeat after a rendezvous comes about
 # two keep-alive intervals after its last one in it, and a node whose heartbeat has expired once
 # never sends another (torch 2.13), so a later node would find it dead and start a job of its own.
-EPOCHS = 5
 RENDEZVOUS_CONF = "join_timeout=60,last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=4"
 
 
