@@ -27,6 +27,16 @@ if TYPE_CHECKING:
 # Exit status a worker uses for a UserError, so the launcher can tell it from a crash.
 USER_ERROR_EXIT = 2
 
+# Since torch 2.5 the c10d rendezvous shares the rank-0 agent's TCPStore with the workers. That store
+# outlives each worker group, and with it torch 2.13 breaks both elastic paths:
+# - a regrouped worker can read the gloo address its dead predecessor left under the same key and
+#   wait in init_process_group until it times out (pytorch/pytorch#135712; one restart in three here);
+# - the rank-0 agent publishes MASTER_ADDR/MASTER_PORT only in its first round's key space
+#   (DynamicRendezvousHandler.next_rendezvous caches _bootstrap_store_info), so a node that joins a
+#   running job waits for them in the new round while rank 0 waits for the newcomer's role_info.
+# With sharing off, every round's rank-0 worker hosts a fresh store on a fresh port.
+PRIVATE_STORE_VARIABLE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
 
 def started_by_torchrun() -> bool:
     """True inside a worker that torchrun (or our launcher) started."""
@@ -91,12 +101,22 @@ def run_as_worker(work, config) -> None:
     from distvision.errors import UserError
 
     stop_when_parent_dies()
+    warn_if_store_is_shared()
     try:
         work(config)
     except UserError as error:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"distvision: error: {error}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT)
+
+
+def warn_if_store_is_shared() -> None:
+    """Rank 0 of a first attempt warns when torchrun shares its rendezvous store with the workers."""
+    first_start = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("RANK") == "0" and first_start:
+        print(f"distvision: warning: with torch's shared rendezvous store, a worker group restarted after "
+              f"a failure can hang and a node that joins later deadlocks; start torchrun with "
+              f"{PRIVATE_STORE_VARIABLE}=1 (see the README)", file=sys.stderr, flush=True)
 
 
 @record
@@ -117,6 +137,7 @@ def launch_local(command_args: list[str], workers: int, max_restarts: int = 0,
     """
     # The elastic agent logs every phase at INFO/WARNING; users need only failures.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    os.environ[PRIVATE_STORE_VARIABLE] = "1"  # read by the agent this process runs
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -125,6 +146,7 @@ def launch_local(command_args: list[str], workers: int, max_restarts: int = 0,
         rdzv_backend="c10d",
         # Loopback only: the c10d store is unauthenticated (see the README).
         rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        local_addr="127.0.0.1",  # the workers' MASTER_ADDR (else this host's FQDN)
         rdzv_configs={"join_timeout": join_timeout},
         max_restarts=max_restarts,
         monitor_interval=0.1,
