@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import subprocess
 import sys
 import time
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,29 @@ def run_cli(args: list[str], cache_dir: Path, cwd: Path | None = None, timeout: 
     env = dict(os.environ, XDG_CACHE_HOME=str(cache_dir), PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "distvision", *args], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def run_cli_in_process(args: list[str], cache_dir: Path) -> subprocess.CompletedProcess:
+    """Run `distvision ...` through the CLI's own entry point (main) in this process; returns what
+    run_cli would. For commands refused before any worker starts, where a fresh interpreter would
+    only add its `import torch` (about 3 s); a traceback propagates and fails the test."""
+    from distvision.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    previous_cache = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache_dir)
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            main(args)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    finally:
+        if previous_cache is None:
+            os.environ.pop("XDG_CACHE_HOME", None)
+        else:
+            os.environ["XDG_CACHE_HOME"] = previous_cache
+    return subprocess.CompletedProcess(["distvision", *args], code, stdout.getvalue(), stderr.getvalue())
 
 
 def wait_for(condition, timeout: float, what: str):
