@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, write_image_tree
+from conftest import run_cli, run_cli_in_process, write_image_tree
 from safetensors.torch import load_file
 
 from distvision.metrics import read_metrics
@@ -20,20 +21,16 @@ def _train(data: Path, out: Path, cache: Path, *extra: str):
     return result
 
 
-def test_two_workers_reach_the_same_weights_as_one_process(tmp_path: Path):
+def test_two_workers_reach_the_same_weights_as_one_process(mlp_run_one_worker: Path, mlp_run_two_workers: Path):
     """Data parallelism's defining property: 2 workers with global batch B == 1 process with batch B."""
-    data = write_image_tree(tmp_path / "data", classes=3, train_per_class=24, test_per_class=4)
-    common = ["--model", "mlp", "--precision", "fp32", "--epochs", "2", "--batch-size", "16", "--lr", "0.05"]
-    _train(data, tmp_path / "one", tmp_path / "cache", "--workers", "1", *common)
-    _train(data, tmp_path / "two", tmp_path / "cache", "--workers", "2", *common)
-    one = load_file(tmp_path / "one" / "checkpoint" / "model.safetensors")
-    two = load_file(tmp_path / "two" / "checkpoint" / "model.safetensors")
+    one = load_file(mlp_run_one_worker / "checkpoint" / "model.safetensors")
+    two = load_file(mlp_run_two_workers / "checkpoint" / "model.safetensors")
     torch.manual_seed(0)
     initial = create("mlp", num_classes=3).state_dict()
     for name, initial_value in initial.items():
         assert not torch.allclose(one[name], initial_value), f"{name} did not train"
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
-    assert read_metrics(tmp_path / "two")[-1]["world_size"] == 2
+    assert read_metrics(mlp_run_two_workers)[-1]["world_size"] == 2
 
 
 def test_cli_trains_evaluates_and_reports(tmp_path: Path):
@@ -63,15 +60,13 @@ def test_cli_trains_evaluates_and_reports(tmp_path: Path):
     assert json.loads(evaluated.stdout)["test_accuracy"] == summary["test_accuracy"]
 
 
-def test_corrupt_checkpoint_is_detected(tmp_path: Path):
-    data = write_image_tree(tmp_path / "data", classes=2, train_per_class=8, test_per_class=2)
-    _train(data, tmp_path / "run", tmp_path / "cache", "--model", "mlp", "--workers", "1", "--epochs", "1",
-           "--precision", "fp32")
-    weights = tmp_path / "run" / "checkpoint" / "model.safetensors"
+def test_corrupt_checkpoint_is_detected(mlp_run_one_worker: Path, mlp_data: Path, tmp_path: Path):
+    run = shutil.copytree(mlp_run_one_worker, tmp_path / "run")
+    weights = run / "checkpoint" / "model.safetensors"
     raw = bytearray(weights.read_bytes())
     raw[-5] ^= 0xFF
     weights.write_bytes(bytes(raw))
-    result = run_cli(["evaluate", "--checkpoint", str(tmp_path / "run"), "--data", str(data)], tmp_path / "cache")
+    result = run_cli_in_process(["evaluate", "--checkpoint", str(run), "--data", str(mlp_data)], tmp_path / "cache")
     assert result.returncode == 2 and "corrupt" in result.stderr and "Traceback" not in result.stderr
 
 
