@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, make_class_image, run_cli, run_cli_in_process, wait_for, write_image_tree
+from conftest import REPO, make_class_image, run_cli, run_cli_in_process, wait_for
 from PIL import Image
 
 from distvision.data.prepare import prepare
@@ -33,15 +33,9 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(workdir: Path) -> tuple[Path, Path]:
-    """(run folder, its training data): a tiny mlp on 3 generated classes, with test-time flips on."""
-    data = write_image_tree(workdir / "train-data", classes=CLASSES, train_per_class=24, test_per_class=8)
-    run = workdir / "run"
-    result = run_cli(["train", "--data", str(data), "--out", str(run), "--model", "mlp", "--workers", "1",
-                      "--epochs", "2", "--batch-size", "16", "--precision", "fp32",
-                      "--set", "test_time_flip=true"], workdir / "cache")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run, data
+def trained(mlp_run_one_worker: Path, mlp_data: Path) -> tuple[Path, Path]:
+    """(run folder, its training data): conftest's tiny mlp on 3 generated classes, with test-time flips on."""
+    return mlp_run_one_worker, mlp_data
 
 
 @pytest.fixture(scope="module")
