@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import subprocess
 import sys
 import time
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,60 @@ def run_cli(args: list[str], cache_dir: Path, cwd: Path | None = None, timeout: 
     env = dict(os.environ, XDG_CACHE_HOME=str(cache_dir), PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "distvision", *args], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def run_cli_in_process(args: list[str], cache_dir: Path) -> subprocess.CompletedProcess:
+    """Run `distvision ...` through the CLI's own entry point (main) in this process; returns what
+    run_cli would. For commands refused before any worker starts, where a fresh interpreter would
+    only add its `import torch` (about 3 s); a traceback propagates and fails the test."""
+    from distvision.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    previous_cache = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache_dir)
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            main(args)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    finally:
+        if previous_cache is None:
+            os.environ.pop("XDG_CACHE_HOME", None)
+        else:
+            os.environ["XDG_CACHE_HOME"] = previous_cache
+    return subprocess.CompletedProcess(["distvision", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+# The small mlp training that several test files check in their own ways (same weights on 1 and 2
+# workers, local SGD against all-reduce, classify and evaluate of a trained model).
+MLP_SETTINGS = ["--model", "mlp", "--precision", "fp32", "--epochs", "2", "--batch-size", "16", "--lr", "0.05"]
+
+
+@pytest.fixture(scope="session")
+def mlp_data(tmp_path_factory) -> Path:
+    """3 easy classes, 24 training and 8 test images each, generated once; read-only for the tests."""
+    return write_image_tree(tmp_path_factory.mktemp("mlp") / "data", classes=3, train_per_class=24, test_per_class=8)
+
+
+def _train_mlp(data: Path, out: Path, workers: int) -> Path:
+    # Test-time flips on, for classify's tests: they change the final evaluation, not the weights.
+    result = run_cli(["train", "--data", str(data), "--out", str(out), "--workers", str(workers), *MLP_SETTINGS,
+                      "--set", "test_time_flip=true"], out.parent / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def mlp_run_one_worker(mlp_data: Path, tmp_path_factory) -> Path:
+    """Run folder of MLP_SETTINGS trained by one worker, once per session; read-only (copy it to change it)."""
+    return _train_mlp(mlp_data, tmp_path_factory.mktemp("mlp-one") / "run", workers=1)
+
+
+@pytest.fixture(scope="session")
+def mlp_run_two_workers(mlp_data: Path, tmp_path_factory) -> Path:
+    """Run folder of MLP_SETTINGS trained by two workers (gloo), once per session; read-only."""
+    return _train_mlp(mlp_data, tmp_path_factory.mktemp("mlp-two") / "run", workers=2)
 
 
 def wait_for(condition, timeout: float, what: str):

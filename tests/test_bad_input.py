@@ -1,4 +1,7 @@
-"""Bad input: one line on stderr, exit status 2, no traceback, nothing already written destroyed."""
+"""Bad input: one line on stderr, exit status 2, no traceback, nothing already written destroyed.
+
+All of these are refused by the command itself, before any worker starts, so most run the CLI's
+entry point in this process; one goes through a fresh `python -m distvision`, as a user runs it."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, write_image_tree
+from conftest import run_cli, run_cli_in_process, write_image_tree
 
 
 @pytest.fixture
@@ -14,8 +17,8 @@ def data(tmp_path: Path) -> Path:
     return write_image_tree(tmp_path / "data", classes=2, train_per_class=4, test_per_class=2)
 
 
-def _fails_cleanly(args: list[str], tmp_path: Path, expected: str) -> None:
-    result = run_cli(args, tmp_path / "cache")
+def _fails_cleanly(args: list[str], tmp_path: Path, expected: str, own_process: bool = False) -> None:
+    result = (run_cli if own_process else run_cli_in_process)(args, tmp_path / "cache")
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -24,7 +27,7 @@ def _fails_cleanly(args: list[str], tmp_path: Path, expected: str) -> None:
 
 
 def test_missing_data_path(tmp_path: Path):
-    _fails_cleanly(["train", "--data", str(tmp_path / "nowhere")], tmp_path, "does not exist")
+    _fails_cleanly(["train", "--data", str(tmp_path / "nowhere")], tmp_path, "does not exist", own_process=True)
 
 
 def test_empty_data_folder(tmp_path: Path):

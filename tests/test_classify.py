@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, make_class_image, run_cli, wait_for, write_image_tree
+from conftest import REPO, make_class_image, run_cli, run_cli_in_process, wait_for
 from PIL import Image
 
 from distvision.data.prepare import prepare
@@ -33,15 +33,9 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(workdir: Path) -> tuple[Path, Path]:
-    """(run folder, its training data): a tiny mlp on 3 generated classes, with test-time flips on."""
-    data = write_image_tree(workdir / "train-data", classes=CLASSES, train_per_class=24, test_per_class=8)
-    run = workdir / "run"
-    result = run_cli(["train", "--data", str(data), "--out", str(run), "--model", "mlp", "--workers", "1",
-                      "--epochs", "2", "--batch-size", "16", "--precision", "fp32",
-                      "--set", "test_time_flip=true"], workdir / "cache")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run, data
+def trained(mlp_run_one_worker: Path, mlp_data: Path) -> tuple[Path, Path]:
+    """(run folder, its training data): conftest's tiny mlp on 3 generated classes, with test-time flips on."""
+    return mlp_run_one_worker, mlp_data
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +178,9 @@ def test_a_killed_worker_loses_no_work_and_the_rerun_completes_without_duplicate
 
 
 def test_parts_of_another_job_are_not_mixed_in(one_worker, trained, messy, workdir):
-    result = run_cli(["classify", "--checkpoint", str(trained[0]), "--input", str(messy[0]), "--out", str(one_worker),
-                      "--chunk-size", "100", "--top-k", "2"], workdir / "cache")
+    # Refused before any worker starts: the CLI's entry point in this process is enough.
+    result = run_cli_in_process(["classify", "--checkpoint", str(trained[0]), "--input", str(messy[0]), "--out",
+                                 str(one_worker), "--chunk-size", "100", "--top-k", "2"], workdir / "cache")
     assert result.returncode == 2 and "top_k changed" in result.stderr and "--no-resume" in result.stderr
     assert len(read_csv(one_worker)) == len(messy[1])  # the finished results are untouched
 
@@ -251,7 +246,9 @@ def test_bad_input_fails_with_one_line(case: str, expected: str, trained, workdi
         "out is a folder": {"--out": str(tmp_path / "empty")},
         "bad top-k": {"--top-k": "0"},
     }[case])
-    result = run_cli(["classify", *[v for pair in args.items() for v in pair]], workdir / "cache")
+    # Refused before any worker starts: the CLI's entry point in this process (the train command's
+    # bad input has one test through a fresh process, in test_bad_input.py).
+    result = run_cli_in_process(["classify", *[v for pair in args.items() for v in pair]], workdir / "cache")
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("distvision: error:") and expected in lines[0], result.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, wait_for, write_image_tree
+from conftest import REPO, run_cli, run_cli_in_process, wait_for, write_image_tree
 from safetensors.torch import load_file
 
 from distvision.checkpoint import (
@@ -102,6 +102,8 @@ def test_a_killed_worker_is_restarted_and_no_sample_is_lost(data: Path, tmp_path
 
 
 def test_resume_at_other_world_sizes_matches_an_uninterrupted_run(data: Path, tmp_path: Path):
+    """Stopped twice and resumed at other world sizes, a run ends with an uninterrupted run's weights;
+    without --resume an unfinished run is refused, not overwritten."""
     common = ["--epochs", "3", "--checkpoint-every", "1000"]
     reference = run_cli(_train_args(data, tmp_path / "whole", "--workers", "2", *common), tmp_path / "cache")
     assert reference.returncode == 0, reference.stderr[-2000:]
@@ -111,6 +113,12 @@ def test_resume_at_other_world_sizes_matches_an_uninterrupted_run(data: Path, tm
                   ["--workers", "2", "--resume"]):
         piece = run_cli(_train_args(data, out, *common, *extra), tmp_path / "cache")
         assert piece.returncode == 0, piece.stderr[-2000:]
+        if "--resume" not in extra:
+            # Refused by the command before any worker starts: its entry point in this process is enough.
+            saved = list_training_checkpoints(out)
+            again = run_cli_in_process(_train_args(data, out, *common, "--workers", "2"), tmp_path / "cache")
+            assert again.returncode == 2 and "--resume" in again.stderr, again.stderr[-2000:]
+            assert list_training_checkpoints(out) == saved
     whole = load_file(tmp_path / "whole" / "checkpoint" / "model.safetensors")
     resumed = load_file(out / "checkpoint" / "model.safetensors")
     for name, value in whole.items():
@@ -119,16 +127,6 @@ def test_resume_at_other_world_sizes_matches_an_uninterrupted_run(data: Path, tm
     assert [(e["event"], e["old_world_size"], e["new_world_size"]) for e in events] == [
         ("resume", 2, 1), ("resume", 1, 2)]
     assert_each_epoch_covered_once(out, 3)
-
-
-def test_an_unfinished_run_is_not_overwritten_without_resume(data: Path, tmp_path: Path):
-    out = tmp_path / "run"
-    first = run_cli(_train_args(data, out, "--workers", "1", "--epochs", "2", "--debug-stop-at-step", "3"),
-                    tmp_path / "cache")
-    assert first.returncode == 0, first.stderr[-2000:]
-    again = run_cli(_train_args(data, out, "--workers", "1", "--epochs", "2"), tmp_path / "cache")
-    assert again.returncode == 2 and "--resume" in again.stderr
-    assert list_training_checkpoints(out)
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path: Path):

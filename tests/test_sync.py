@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import run_cli, write_image_tree
+from conftest import MLP_SETTINGS, run_cli
 from safetensors.torch import load_file
 
 from distvision.models import create
@@ -18,13 +18,12 @@ from distvision.parallel.balance import ThroughputBalancer, split_sizes, weighte
 from distvision.parallel.stopping import StopRules, stop_after_epoch
 from distvision.parallel.sync import Synchronizer, SyncSettings, unwrap
 
-COMMON = ["--model", "mlp", "--precision", "fp32", "--epochs", "2", "--batch-size", "16", "--lr", "0.05"]
+COMMON = MLP_SETTINGS  # the settings of the shared all-reduce run (conftest's mlp_run_two_workers)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_image_tree(tmp_path_factory.mktemp("sync") / "data", classes=3, train_per_class=24,
-                            test_per_class=8)
+def data(mlp_data: Path) -> Path:
+    return mlp_data
 
 
 def _train(data: Path, out: Path, *extra: str) -> dict:
@@ -34,9 +33,8 @@ def _train(data: Path, out: Path, *extra: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def allreduce_run(data: Path, tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("allreduce") / "run"
-    return out, _train(data, out, "--workers", "2", *COMMON)
+def allreduce_run(mlp_run_two_workers: Path) -> tuple[Path, dict]:
+    return mlp_run_two_workers, json.loads((mlp_run_two_workers / "summary.json").read_text())
 
 
 def test_local_sgd_every_step_equals_allreduce(data: Path, allreduce_run, tmp_path: Path):
@@ -86,10 +84,21 @@ def _replicas_after_averaging(rank: int, world_size: int, init_file: str, result
     dist.destroy_process_group()
 
 
-def test_local_sgd_replicas_are_identical_right_after_each_averaging(tmp_path: Path):
-    results = tmp_path / "flags.json"
-    mp.spawn(_replicas_after_averaging, args=(2, str(tmp_path / "init"), str(results)), nprocs=2)
-    flags = json.loads(results.read_text())
+def _gloo_checks(rank: int, world_size: int, folder: str) -> None:
+    """Both spawned checks, one after the other, in one pair of processes (each start costs seconds)."""
+    _replicas_after_averaging(rank, world_size, f"{folder}/init-averaging", f"{folder}/flags.json")
+    _uneven_gradients(rank, world_size, f"{folder}/init-uneven", f"{folder}/grads.json")
+
+
+@pytest.fixture(scope="module")
+def gloo_results(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("gloo")
+    mp.spawn(_gloo_checks, args=(2, str(folder)), nprocs=2)
+    return folder
+
+
+def test_local_sgd_replicas_are_identical_right_after_each_averaging(gloo_results: Path):
+    flags = json.loads((gloo_results / "flags.json").read_text())
     averaged, identical = flags[0::2], flags[1::2]
     assert averaged == [False, False, True, False, False, True]
     assert identical == averaged  # identical exactly when just averaged (parameters and BN buffers)
@@ -117,10 +126,8 @@ def _uneven_gradients(rank: int, world_size: int, init_file: str, results: str) 
     dist.destroy_process_group()
 
 
-def test_uneven_worker_batches_give_the_whole_batch_gradient(tmp_path: Path):
-    results = tmp_path / "grads.json"
-    mp.spawn(_uneven_gradients, args=(2, str(tmp_path / "init"), str(results)), nprocs=2)
-    assert json.loads(results.read_text()) == {"ok": True, "sizes": [9, 3]}
+def test_uneven_worker_batches_give_the_whole_batch_gradient(gloo_results: Path):
+    assert json.loads((gloo_results / "grads.json").read_text()) == {"ok": True, "sizes": [9, 3]}
 
 
 def test_weighted_slices_cover_every_sample_once():

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, write_image_tree
+from conftest import run_cli, run_cli_in_process, write_image_tree
 from safetensors.torch import load_file
 
 from distvision.metrics import read_metrics
@@ -20,20 +21,16 @@ def _train(data: Path, out: Path, cache: Path, *extra: str):
     return result
 
 
-def test_two_workers_reach_the_same_weights_as_one_process(tmp_path: Path):
+def test_two_workers_reach_the_same_weights_as_one_process(mlp_run_one_worker: Path, mlp_run_two_workers: Path):
     """Data parallelism's defining property: 2 workers with global batch B == 1 process with batch B."""
-    data = write_image_tree(tmp_path / "data", classes=3, train_per_class=24, test_per_class=4)
-    common = ["--model", "mlp", "--precision", "fp32", "--epochs", "2", "--batch-size", "16", "--lr", "0.05"]
-    _train(data, tmp_path / "one", tmp_path / "cache", "--workers", "1", *common)
-    _train(data, tmp_path / "two", tmp_path / "cache", "--workers", "2", *common)
-    one = load_file(tmp_path / "one" / "checkpoint" / "model.safetensors")
-    two = load_file(tmp_path / "two" / "checkpoint" / "model.safetensors")
+    one = load_file(mlp_run_one_worker / "checkpoint" / "model.safetensors")
+    two = load_file(mlp_run_two_workers / "checkpoint" / "model.safetensors")
     torch.manual_seed(0)
     initial = create("mlp", num_classes=3).state_dict()
     for name, initial_value in initial.items():
         assert not torch.allclose(one[name], initial_value), f"{name} did not train"
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
-    assert read_metrics(tmp_path / "two")[-1]["world_size"] == 2
+    assert read_metrics(mlp_run_two_workers)[-1]["world_size"] == 2
 
 
 def test_cli_trains_evaluates_and_reports(tmp_path: Path):
@@ -58,30 +55,42 @@ def test_cli_trains_evaluates_and_reports(tmp_path: Path):
     assert summary["train_count"] == 72 and summary["val_count"] == 18
     assert [Path(p).name for p in summary["skipped_files"]] == ["broken.jpg"]
     assert summary["test_accuracy"] > 0.5  # 3 easy classes: far above the 33% of chance
-    evaluated = run_cli(["evaluate", "--checkpoint", str(out), "--data", str(data)], tmp_path / "cache")
+    # evaluate starts no worker: its entry point in this process spares a second `import torch`.
+    evaluated = run_cli_in_process(["evaluate", "--checkpoint", str(out), "--data", str(data)], tmp_path / "cache")
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["test_accuracy"] == summary["test_accuracy"]
 
 
-def test_corrupt_checkpoint_is_detected(tmp_path: Path):
-    data = write_image_tree(tmp_path / "data", classes=2, train_per_class=8, test_per_class=2)
-    _train(data, tmp_path / "run", tmp_path / "cache", "--model", "mlp", "--workers", "1", "--epochs", "1",
-           "--precision", "fp32")
-    weights = tmp_path / "run" / "checkpoint" / "model.safetensors"
+def test_corrupt_checkpoint_is_detected(mlp_run_one_worker: Path, mlp_data: Path, tmp_path: Path):
+    run = shutil.copytree(mlp_run_one_worker, tmp_path / "run")
+    weights = run / "checkpoint" / "model.safetensors"
     raw = bytearray(weights.read_bytes())
     raw[-5] ^= 0xFF
     weights.write_bytes(bytes(raw))
-    result = run_cli(["evaluate", "--checkpoint", str(tmp_path / "run"), "--data", str(data)], tmp_path / "cache")
+    result = run_cli_in_process(["evaluate", "--checkpoint", str(run), "--data", str(mlp_data)], tmp_path / "cache")
     assert result.returncode == 2 and "corrupt" in result.stderr and "Traceback" not in result.stderr
+
+
+def real_cifar_subset(real_cifar: Path, root: Path, train_per_class: int) -> Path:
+    """Links to the whole real test set and to the first train_per_class training images of each class."""
+    for class_folder in sorted((real_cifar / "train").iterdir()):
+        (root / "train" / class_folder.name).mkdir(parents=True)
+        for image in sorted(class_folder.iterdir())[:train_per_class]:
+            (root / "train" / class_folder.name / image.name).symlink_to(image)
+    (root / "test").symlink_to(real_cifar / "test")
+    return root
 
 
 @pytest.mark.timeout(600)
 def test_real_cifar10_two_workers_beat_chance(real_cifar: Path, tmp_path: Path):
     out = tmp_path / "run"
-    # 15 seconds of training (about a third of an epoch here) keep the suite quick; the final
-    # evaluation still covers all 10,000 test images.
-    _train(real_cifar, out, tmp_path / "cache", "--model", "caffe-quick", "--workers", "2", "--epochs", "1",
+    # 15 seconds of training (about 16,000 images here) keep the suite quick, and so does preparing
+    # only the 20,000 training images they can reach (decoding all 60,000 JPEGs took about 30 s);
+    # the final evaluation still covers all 10,000 real test images.
+    data = real_cifar_subset(real_cifar, tmp_path / "cifar10-subset", train_per_class=2000)
+    _train(data, out, tmp_path / "cache", "--model", "caffe-quick", "--workers", "2", "--epochs", "1",
            "--max-time", "15")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["train_count"] == 50_000 and summary["world_size"] == 2
+    assert summary["train_count"] == 20_000 and summary["world_size"] == 2
+    assert json.loads((Path(summary["prepared_data"]) / "manifest.json").read_text())["test_count"] == 10_000
     assert summary["test_accuracy"] > 0.25, summary["test_accuracy"]  # chance is 0.10
