@@ -106,6 +106,12 @@ def run_cli_in_process(args: list[str], cache_dir: Path) -> subprocess.Completed
 # The small mlp training that several test files check in their own ways (same weights on 1 and 2
 # workers, local SGD against all-reduce, classify and evaluate of a trained model).
 MLP_SETTINGS = ["--model", "mlp", "--precision", "fp32", "--epochs", "2", "--batch-size", "16", "--lr", "0.05"]
+# The record recipe's tricks that refer to global steps and samples (lookahead, decoupled decay,
+# alternating flips, translate, label smoothing, a warmup schedule): with them on, the shared runs
+# also show that 2 workers still end with 1 process's weights.
+MLP_TRICKS = ["--weight-decay", "0.05", "--label-smoothing", "0.2", "--set", "ema_every=2",
+              "--set", "decoupled_weight_decay=true", "--set", "flip=true", "--set", "alternating_flip=true",
+              "--set", "translate=2", "--set", "schedule=[[0,0.2],[0.23,1],[1,0.07]]"]
 
 
 @pytest.fixture(scope="session")
@@ -115,9 +121,10 @@ def mlp_data(tmp_path_factory) -> Path:
 
 
 def _train_mlp(data: Path, out: Path, workers: int) -> Path:
-    # Test-time flips on, for classify's tests: they change the final evaluation, not the weights.
+    # Test-time flips and shifts on, for classify's tests: they change the final evaluation, not the weights.
     result = run_cli(["train", "--data", str(data), "--out", str(out), "--workers", str(workers), *MLP_SETTINGS,
-                      "--set", "test_time_flip=true"], out.parent / "cache")
+                      *MLP_TRICKS, "--set", "test_time_flip=true", "--set", "test_time_shift=true"],
+                     out.parent / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 

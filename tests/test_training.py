@@ -22,7 +22,8 @@ def _train(data: Path, out: Path, cache: Path, *extra: str):
 
 
 def test_two_workers_reach_the_same_weights_as_one_process(mlp_run_one_worker: Path, mlp_run_two_workers: Path):
-    """Data parallelism's defining property: 2 workers with global batch B == 1 process with batch B."""
+    """Data parallelism's defining property: 2 workers with global batch B == 1 process with batch B,
+    with the record recipe's step- and sample-based tricks on (conftest.MLP_TRICKS)."""
     one = load_file(mlp_run_one_worker / "checkpoint" / "model.safetensors")
     two = load_file(mlp_run_two_workers / "checkpoint" / "model.safetensors")
     torch.manual_seed(0)
@@ -31,6 +32,8 @@ def test_two_workers_reach_the_same_weights_as_one_process(mlp_run_one_worker: P
         assert not torch.allclose(one[name], initial_value), f"{name} did not train"
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
     assert read_metrics(mlp_run_two_workers)[-1]["world_size"] == 2
+    recipe = json.loads((mlp_run_two_workers / "summary.json").read_text())["recipe"]
+    assert recipe["ema_every"] == 2 and recipe["decoupled_weight_decay"] and recipe["alternating_flip"]
 
 
 def test_cli_trains_evaluates_and_reports(tmp_path: Path):
