@@ -65,6 +65,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     parser.add_argument("--val-fraction", type=float, default=DEFAULTS["val_fraction"],
                         help="seeded share of the training set held out for validation (default 0)")
+    parser.add_argument("--train-fraction", type=float, default=DEFAULTS["train_fraction"],
+                        help="train on this seeded share of the training set (default 1: all of it)")
+    parser.add_argument("--threads-per-worker", type=int,
+                        help="threads of each worker (default: the cores split over the local workers)")
     parser.add_argument("--image-size", type=int, default=DEFAULTS["image_size"])
     parser.add_argument("--out", help="run folder (default runs/<model>-<time>)")
     parser.add_argument("--cache-dir", help="where prepared data is cached (default ~/.cache/distvision)")
