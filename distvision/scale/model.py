@@ -66,7 +66,7 @@ class PerformanceModel:
     terms: dict[str, float]
     uncertainty: dict[str, float | None]  # one standard error per term; None without spare points
     network: Network  # the network the measured runs had
-    fitted: list[str] = field(default_factory=list)  # terms the data determined (the rest are 0 or given)
+    fitted: list[str] = field(default_factory=list)  # terms the data determined (the rest are 0 or the network's)
 
     def epoch_seconds(self, point: Point, network: Network | None = None) -> float:
         """Predicted T for a point, on the measured network or another one."""
@@ -85,7 +85,7 @@ class PerformanceModel:
         """Amdahl's serial fraction of one worker's epoch: what more workers cannot shorten."""
         unshared = self.terms["serial"] + self.terms["compute_per_step"] * steps_per_epoch(samples, batch_size)
         alone = self.epoch_seconds(Point(1, samples, batch_size, "allreduce", "1", 0.0))
-        return unshared / alone
+        return min(unshared / alone, 1.0) if alone > 0 else 1.0
 
     def to_dict(self) -> dict:
         return {"terms": self.terms, "uncertainty": self.uncertainty, "fitted": self.fitted,
@@ -123,21 +123,33 @@ def fit_model(points: list[Point], network: Network) -> PerformanceModel:
         raise UserError(
             f"the grid cannot separate the model's terms ({', '.join(columns)}): measure at least two "
             "--fractions, and at least two --workers counts to see communication")
-    weights = 1.0 / measured
-    solution, *_ = np.linalg.lstsq(design * weights[:, None], (measured - known) * weights, rcond=None)
-    residuals = (design @ solution + known - measured) * weights
-    spare = len(points) - design.shape[1]
-    uncertainty: dict[str, float | None] = dict.fromkeys(columns)
-    if spare > 0:
-        variance = float(residuals @ residuals) / spare
-        covariance = variance * np.linalg.inv((design * weights[:, None]).T @ (design * weights[:, None]))
-        uncertainty = {name: float(math.sqrt(max(covariance[i, i], 0.0))) for i, name in enumerate(columns)}
+    names = list(columns)
+    while True:  # no term is a negative time: one that fits negative is fixed at 0 and the rest refitted
+        solution, uncertainty = _weighted_fit(design[:, [list(columns).index(n) for n in names]],
+                                              measured - known, 1.0 / measured, names)
+        negative = [name for name, value in zip(names, solution, strict=True) if value < 0]
+        if not negative or len(names) == 1:
+            break
+        names.remove(min(negative, key=lambda name: solution[names.index(name)]))
     terms = dict.fromkeys(TERM_NAMES, 0.0)
     terms["seconds_per_byte"] = network.seconds_per_byte
-    terms.update({name: float(value) for name, value in zip(columns, solution, strict=True)})
+    terms.update({name: float(value) for name, value in zip(names, solution, strict=True)})
     for name in TERM_NAMES:
         uncertainty.setdefault(name, None)
-    return PerformanceModel(terms, uncertainty, network, list(columns))
+    return PerformanceModel(terms, uncertainty, network, names)
+
+
+def _weighted_fit(design: np.ndarray, target: np.ndarray, weights: np.ndarray,
+                  names: list[str]) -> tuple[np.ndarray, dict[str, float | None]]:
+    """Least squares of target on design's columns, rows weighted; the solution and its standard errors."""
+    weighted = design * weights[:, None]
+    solution, *_ = np.linalg.lstsq(weighted, target * weights, rcond=None)
+    residuals = weighted @ solution - target * weights
+    spare = len(target) - design.shape[1]
+    if spare <= 0:
+        return solution, dict.fromkeys(names)
+    covariance = float(residuals @ residuals) / spare * np.linalg.inv(weighted.T @ weighted)
+    return solution, {name: float(math.sqrt(max(covariance[i, i], 0.0))) for i, name in enumerate(names)}
 
 
 def _syncs(point: Point) -> int:

@@ -36,6 +36,8 @@ class TrainRun:
 def run_train(train_args: list[str], run_dir: Path) -> TrainRun:
     """Run `distvision train <train_args> --out run_dir` to the end; reuse a run that already finished there.
 
+    Callers pass --max-restarts 0: a restarted run's timings would mix two attempts.
+
     Reuse makes an interrupted grid resumable: rerunning the same command measures only what is missing.
     """
     run_dir = Path(run_dir)
