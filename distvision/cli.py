@@ -282,6 +282,8 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sync", default=",".join(d.syncs), help="sync modes (default %(default)s)")
     parser.add_argument("--sync-every", default=d.sync_every, help="local SGD's period K (default %(default)s)")
     parser.add_argument("--max-epochs", type=int, help="cap every problem's epoch budget")
+    parser.add_argument("--epochs-for", action="append", default=[], metavar="PROBLEM=EPOCHS",
+                        help="another budget for one problem, e.g. cifar10-fastnet=1 (repeatable)")
     parser.add_argument("--threads-per-worker", type=int, default=d.threads_per_worker)
     parser.add_argument("--cifar-data", help="CIFAR-10 for the cifar10 problems (default: download it)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision)
@@ -301,8 +303,14 @@ def _bench_command(args: argparse.Namespace) -> None:
         return
     if args.threads_per_worker < 1:
         raise UserError(f"--threads-per-worker must be at least 1 (got {args.threads_per_worker})")
+    epochs_for = {}
+    for item in args.epochs_for:
+        name, _, epochs = item.partition("=")
+        if not epochs.isdigit() or int(epochs) < 1:
+            raise UserError(f"--epochs-for takes PROBLEM=EPOCHS with EPOCHS >= 1, e.g. cifar10-fastnet=1 (got {item!r})")
+        epochs_for[name.strip()] = int(epochs)
     config = BenchConfig(
-        problems=args.problems, workers=parse_list(args.workers, int, "--workers", 1), syncs=parse_syncs(args.sync),
+        problems=args.problems, epochs_for=epochs_for, workers=parse_list(args.workers, int, "--workers", 1), syncs=parse_syncs(args.sync),
         sync_every=args.sync_every, max_epochs=args.max_epochs, threads_per_worker=args.threads_per_worker,
         cifar_data=args.cifar_data, precision=args.precision, seed=args.seed, out=args.out, cache_dir=args.cache_dir)
     rows = run_bench(config)

@@ -23,6 +23,7 @@ class BenchConfig:
     syncs: list[str] = field(default_factory=lambda: ["allreduce", "local-sgd"])
     sync_every: str = "8"
     max_epochs: int | None = None  # caps every problem's own budget
+    epochs_for: dict[str, int] = field(default_factory=dict)  # per problem: replaces its budget
     threads_per_worker: int = 1
     cifar_data: str | None = None
     precision: str = "fp32"
@@ -36,6 +37,9 @@ def run_bench(config: BenchConfig) -> list[dict]:
     from distvision.data.prepare import default_cache_dir
 
     problems = resolve(config.problems)
+    unknown = set(config.epochs_for) - {p.name for p in problems}
+    if unknown:
+        raise UserError(f"--epochs-for names {', '.join(sorted(unknown))}, not among the problems run")
     if 1 not in config.workers:
         raise UserError("--workers must include 1: speedups are measured against one worker")
     if config.max_epochs is not None and config.max_epochs < 1:
@@ -52,7 +56,7 @@ def run_bench(config: BenchConfig) -> list[dict]:
 
 def _bench_problem(problem: Problem, config: BenchConfig, settings: BenchSettings, out: Path) -> list[dict]:
     data = problem.data(settings)
-    epochs = min(problem.epochs, config.max_epochs or problem.epochs)
+    epochs = min(config.epochs_for.get(problem.name, problem.epochs), config.max_epochs or problem.epochs)
     base = ["--model", problem.model, "--epochs", str(epochs), *problem.train_args,
             "--threads-per-worker", str(config.threads_per_worker), "--precision", config.precision,
             "--seed", str(config.seed), "--sync-every", config.sync_every, "--max-restarts", "0"]
@@ -96,4 +100,5 @@ def write_tables(out: Path, rows: list[dict], config: BenchConfig) -> None:
     lines += ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in rows]
     (out / "bench.md").write_text("\n".join(lines) + "\n")
     write_json_atomic(out / "bench.json", {"rows": rows, "threads_per_worker": config.threads_per_worker,
-                                           "max_epochs": config.max_epochs, "sync_every": config.sync_every})
+                                           "max_epochs": config.max_epochs, "epochs_for": config.epochs_for,
+                                           "sync_every": config.sync_every})

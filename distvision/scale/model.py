@@ -6,7 +6,8 @@
                + syncs x (o + net(n, P))   each synchronisation: a software overhead o (hooks, copies,
                                            waiting for a slower peer) plus the network's ring all-reduce
                                            of P bytes: 2(n-1) x latency + 2(n-1)/n x P x beta
-               + s                         serial: evaluation and fixed per-epoch costs
+               + e/n                       evaluating the test set, which the workers share
+               + s                         serial: fixed per-epoch costs no worker count shortens
 
 steps = ceil(D/B); syncs = steps under all-reduce, ceil(steps/K) under local SGD with period K.
 The latency comes from the network (measured here, or given); beta too, unless the grid varies
@@ -29,6 +30,7 @@ TERM_NAMES = {
     "compute_per_step": "per-step work not shared by workers (b)",
     "sync_overhead": "software overhead per synchronisation (o)",
     "seconds_per_byte": "seconds per byte on the wire (beta)",
+    "evaluation": "test-set evaluation, shared by the workers (e)",
     "serial": "serial part per epoch (s)",
 }
 BYTES_SPREAD_TO_FIT_BETA = 0.25  # relative spread of the bytes per sync that makes beta fittable
@@ -79,6 +81,7 @@ class PerformanceModel:
         return (self.terms["compute_per_sample"] * point.samples / point.workers
                 + self.terms["compute_per_step"] * steps_per_epoch(point.samples, point.batch_size)
                 + syncs * (self.terms["sync_overhead"] + transport)
+                + self.terms["evaluation"] / point.workers
                 + self.terms["serial"])
 
     def serial_fraction(self, samples: int, batch_size: int) -> float:
@@ -111,6 +114,7 @@ def fit_model(points: list[Point], network: Network) -> PerformanceModel:
                 and (payloads.max() - payloads.min()) / payloads.mean() > BYTES_SPREAD_TO_FIT_BETA)
     if fit_beta:
         columns["seconds_per_byte"] = [_syncs(p) * wire_bytes(p.workers, p.payload_bytes) for p in points]
+    columns["evaluation"] = [1.0 / p.workers for p in points]
     columns["serial"] = [1.0] * len(points)
 
     measured = np.array([p.seconds for p in points])
@@ -122,7 +126,7 @@ def fit_model(points: list[Point], network: Network) -> PerformanceModel:
     if np.linalg.matrix_rank(design) < design.shape[1]:
         raise UserError(
             f"the grid cannot separate the model's terms ({', '.join(columns)}): measure at least two "
-            "--fractions, and at least two --workers counts to see communication")
+            "--fractions and at least two --workers counts (more points than terms give uncertainties)")
     names = list(columns)
     while True:  # no term is a negative time: one that fits negative is fixed at 0 and the rest refitted
         solution, uncertainty = _weighted_fit(design[:, [list(columns).index(n) for n in names]],

@@ -7,7 +7,6 @@ A ring all-reduce of P bytes over n workers takes 2(n-1) hops, each paying the l
 from __future__ import annotations
 
 import re
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass

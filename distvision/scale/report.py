@@ -98,7 +98,7 @@ def write_report_md(path: Path, config: ScaleConfig, measurements: list[Measurem
         "",
         "## Performance model of one epoch",
         "",
-        ("T(n, D, B) = a·D/n + b·steps + syncs·(o + 2(n−1)·latency + 2(n−1)/n·bytes·beta) + s, with "
+        ("T(n, D, B) = a·D/n + b·steps + syncs·(o + 2(n−1)·latency + 2(n−1)/n·bytes·beta) + e/n + s, with "
         "steps = ⌈D/B⌉ and syncs = steps (all-reduce) or ⌈steps/K⌉ (local SGD); fitted by least squares "
         "weighted by 1/T, ± one standard error."),
         "",
@@ -119,7 +119,7 @@ def write_report_md(path: Path, config: ScaleConfig, measurements: list[Measurem
     for batch_size in config.batch_sizes:
         fraction = model.serial_fraction(full, batch_size)
         lines.append(f"Serial fraction (Amdahl) at D = {full:,}, batch {batch_size}: {fraction:.1%} of one "
-                     f"worker's epoch (evaluation, fixed costs, per-step work), so no number of workers can be "
+                     f"worker's epoch (fixed costs and per-step work), so no number of workers can be "
                      f"more than {1 / fraction:.1f}x faster." if 0 < fraction < 1 else
                      f"Serial fraction at batch {batch_size}: {fraction:.0%} (no speedup from more workers).")
     for name, rows in predictions.items():

@@ -34,7 +34,7 @@ def digits_data(settings: BenchSettings) -> str:
 
 register_problem(Problem(
     name="digits",
-    description="scikit-learn's 8x8 digits (1,437 train / 360 test), MLP, 20 epochs",
+    description="scikit-learn's 8x8 digits (1,438 train / 359 test), MLP, 20 epochs",
     model="mlp",
     epochs=20,
     data=digits_data,
