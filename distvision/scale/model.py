@@ -28,7 +28,7 @@ from distvision.scale.network import Network, wire_bytes
 TERM_NAMES = {
     "compute_per_sample": "compute per sample per worker (a)",
     "compute_per_step": "per-step work not shared by workers (b)",
-    "sync_overhead": "software overhead per synchronisation (o)",
+    "sync_overhead": "per synchronisation: software overhead and waiting for the slowest worker (o)",
     "seconds_per_byte": "seconds per byte on the wire (beta)",
     "evaluation": "test-set evaluation, shared by the workers (e)",
     "serial": "serial part per epoch (s)",
