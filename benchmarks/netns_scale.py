@@ -85,11 +85,15 @@ def run_pair(pair: VethPair, train_args: list[str], out: Path) -> float:
     out.mkdir(parents=True)
     agents = []
     started = time.perf_counter()
-    for namespace, device, address in zip(pair.namespaces, pair.devices, pair.addresses, strict=True):
+    for index, (namespace, device, address) in enumerate(zip(pair.namespaces, pair.devices, pair.addresses,
+                                                             strict=True)):
+        # The store's host is named explicitly: torch recognises its own address by host name, and
+        # the namespaces share the machine's.
         command = ["ip", "netns", "exec", namespace, "env", f"GLOO_SOCKET_IFNAME={device}",
                    f"PYTHONPATH={REPO}", sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
                    "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={pair.addresses[0]}:{PORT}",
-                   f"--rdzv-id=netns-{out.name}", f"--local-addr={address}", "--max-restarts=0",
+                   f"--rdzv-id=netns-{out.name}", f"--rdzv-conf=is_host={'true' if index == 0 else 'false'}",
+                   f"--local-addr={address}", "--max-restarts=0",
                    "-m", "distvision", "train", *train_args, "--out", str(out)]
         log = open(out.parent / f"{out.name}-{namespace}.log", "w")  # noqa: SIM115 - closed with the agent
         agents.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
@@ -117,6 +121,7 @@ def main() -> None:
     parser.add_argument("--latency", help="added delay per direction, e.g. 1ms (needs netem)")
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("/tmp/netns-scale"))
     args = parser.parse_args()
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
@@ -125,7 +130,7 @@ def main() -> None:
     model = load_model(args.report)
     train_args = ["--data", args.data, "--model", args.model, "--epochs", "1", "--batch-size", str(args.batch_size),
                   "--train-fraction", str(args.fraction), "--threads-per-worker", "1", "--precision", "fp32",
-                  "--max-restarts", "0"]
+                  "--max-restarts", "0", "--image-size", str(args.image_size)]
     rows = []
     with VethPair() as pair:
         for rate in args.rates.split(","):
