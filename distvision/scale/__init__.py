@@ -14,7 +14,7 @@ def run_scale(config: ScaleConfig) -> dict:
     from distvision.data.prepare import default_cache_dir, ensure_prepared
     from distvision.metrics import say
     from distvision.models.registry import count_parameters, create
-    from distvision.scale.grid import median_points, run_grid
+    from distvision.scale.grid import grid_points, median_points, run_grid
     from distvision.scale.model import fit_model, relative_errors
     from distvision.scale.network import measure_local_network, parse_network
     from distvision.scale.plots import write_plots
@@ -32,11 +32,12 @@ def run_scale(config: ScaleConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.data:  # bad data fails here, once, not in every run
-        ensure_prepared(Path(config.data), config.image_size, Path(config.cache_dir) if config.cache_dir else default_cache_dir())
+        cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+        ensure_prepared(Path(config.data), config.image_size, cache_dir)
     load_before = _load()
     local = measure_local_network()
     say(f"distvision scale: local network {local.latency * 1e6:.0f} µs per hop, "
-        f"{1e-9 / local.seconds_per_byte:.2f} GB/s; {len(config.workers) * len(config.fractions) * len(config.batch_sizes) * len(config.syncs) * config.repeats} runs")
+        f"{1e-9 / local.seconds_per_byte:.2f} GB/s; {len(grid_points(config)) * config.repeats} runs")
 
     def progress(m) -> None:
         p = m.point
@@ -65,10 +66,10 @@ def run_scale(config: ScaleConfig) -> dict:
                "samples": samples, "plots": plots}
     write_results_csv(out / "results.csv", measurements)
     serial = {str(b): model.serial_fraction(samples, b) for b in config.batch_sizes}
-    write_model_json(out / "model.json", model, points, errors, predictions, recommendation,
-                     {"serial_fraction": serial, "machine": context["machine"], "load_average": [load_before, load_after],
-                      "threads_per_worker": config.threads_per_worker, "samples": samples,
-                      "local_network": {"latency_seconds": local.latency, "seconds_per_byte": local.seconds_per_byte}})
+    extra = {"serial_fraction": serial, "machine": context["machine"], "load_average": [load_before, load_after],
+             "threads_per_worker": config.threads_per_worker, "samples": samples,
+             "local_network": {"latency_seconds": local.latency, "seconds_per_byte": local.seconds_per_byte}}
+    write_model_json(out / "model.json", model, points, errors, predictions, recommendation, extra)
     write_report_md(out / "report.md", config, measurements, model, points, errors, predictions, recommendation,
                     context)
     return {"max_relative_error": max(errors), "recommendation": recommendation, "out": str(out)}
