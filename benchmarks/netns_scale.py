@@ -142,7 +142,8 @@ def main() -> None:
             steps = summary["stop_step"]
             payload = sum(record["bytes_exchanged"]) / 2 / steps
             point = Point(2, summary["train_count"], args.batch_size, "allreduce", "8", payload)
-            network = None if rate == "unlimited" else parse_network(rate + (f",{args.latency}" if args.latency else ""))
+            shaped = rate + (f",{args.latency}" if args.latency else "")
+            network = None if rate == "unlimited" else parse_network(shaped)
             predicted = model.epoch_seconds(point, network)
             rows.append({"rate": rate, "shaping": shaping, "wall_seconds": round(wall, 1),
                          "measured_epoch_seconds": round(measured, 2), "predicted_epoch_seconds": round(predicted, 2),

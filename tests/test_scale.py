@@ -85,9 +85,10 @@ def test_predictions_are_monotonic_and_sane():
             assert all(later <= earlier + 1e-12 for earlier, later in itertools.pairwise(efficiency))
             assert all(0 < p.speedup <= p.workers for p in mine)
     by_key = {(p.sync, p.workers): p for p in fast}
+    slow_by_key = {(p.sync, p.workers): p for p in slow}
     for n in workers[1:]:
         # A slower network never helps; averaging every 4 steps costs less than every step.
-        assert {(p.sync, p.workers): p for p in slow}[("allreduce", n)].epoch_seconds > by_key[("allreduce", n)].epoch_seconds
+        assert slow_by_key[("allreduce", n)].epoch_seconds > by_key[("allreduce", n)].epoch_seconds
         assert by_key[("local-sgd", n)].epoch_seconds < by_key[("allreduce", n)].epoch_seconds
     # Amdahl: the serial part bounds every speedup.
     bound = 1 / model.serial_fraction(50_000, 512)

@@ -98,7 +98,10 @@ class PerformanceModel:
 
 
 def fit_model(points: list[Point], network: Network) -> PerformanceModel:
-    """Weighted least squares of the model's terms on measured points; a UserError if the grid cannot tell them apart."""
+    """Weighted least squares of the model's terms on measured points.
+
+    A UserError if the grid cannot tell the terms apart.
+    """
     if not points:
         raise UserError("no measured points to fit the performance model to")
     distributed = [p for p in points if p.workers > 1]

@@ -82,7 +82,8 @@ def write_plots(out: Path, model: PerformanceModel, points: list[Point], predict
             axes.plot([p.batch_size for p in seen], [p.seconds for p in seen], "o", color=line[0].get_color())
     axes.set_xscale("log", base=2)
     axes.set_yscale("log")
-    axes.set(xlabel="global batch size", ylabel="seconds per epoch", title=f"Time per epoch vs batch, D = {samples:,} (lines model, dots measured)")
+    axes.set(xlabel="global batch size", ylabel="seconds per epoch",
+             title=f"Time per epoch vs batch, D = {samples:,} (lines model, dots measured)")
     axes.legend(fontsize=7)
     names.append(_save(figure, out / "time_vs_batch.png"))
     return names

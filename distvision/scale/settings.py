@@ -51,7 +51,8 @@ def parse_syncs(text: str) -> list[str]:
     syncs = [item.strip() for item in text.split(",")]
     unknown = [s for s in syncs if s not in SYNC_MODES]
     if unknown or not syncs:
-        raise UserError(f"--sync: unknown mode {unknown[0] if unknown else text!r}; choose from {', '.join(SYNC_MODES)}")
+        bad = unknown[0] if unknown else text
+        raise UserError(f"--sync: unknown mode {bad!r}; choose from {', '.join(SYNC_MODES)}")
     return syncs
 
 
