@@ -19,6 +19,7 @@ from distvision.errors import UserError
 from distvision.scale.model import PerformanceModel, Point, fit_model, relative_errors
 from distvision.scale.network import Network, parse_network
 from distvision.scale.predict import predict, recommend
+from distvision.scale.runs import check_same_settings, load_run
 
 TRUE_TERMS = {"compute_per_sample": 2e-3, "compute_per_step": 0.02, "sync_overhead": 4e-3,
               "seconds_per_byte": 2e-9, "evaluation": 3.0, "serial": 1.5}
@@ -155,3 +156,9 @@ def test_tiny_real_sweep_writes_the_report(tmp_path: Path):
     assert "1 thread(s) at every worker count" in report and "## Recommendation" in report
     for plot in ("time_vs_dataset.png", "speedup.png", "efficiency.png", "time_vs_batch.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({plot})" in report
+    # A rerun reuses finished runs, but never one trained with other settings.
+    run = load_run(out / "runs" / "allreduce-b64-w2-f1-r0")
+    same = ["--model", "mlp", "--workers", "2", "--batch-size", "64", "--train-fraction", "1", "--image-size", "8"]
+    check_same_settings(run, same)
+    with pytest.raises(UserError, match="batch_size=64, not 128"):
+        check_same_settings(run, [*same, "--batch-size", "128"])

@@ -43,6 +43,7 @@ def run_train(train_args: list[str], run_dir: Path) -> TrainRun:
     run_dir = Path(run_dir)
     finished = load_run(run_dir)
     if finished:
+        check_same_settings(finished, train_args)
         return finished
     if run_dir.exists():  # an unfinished attempt: its partial timings would mislead, start over
         shutil.rmtree(run_dir)
@@ -60,6 +61,27 @@ def run_train(train_args: list[str], run_dir: Path) -> TrainRun:
         raise UserError(f"training run {run_dir.name} failed (exit {done.returncode}): {tail[0]}")
     (run_dir / "wall_seconds.json").write_text(json.dumps({"wall_seconds": wall}))
     return load_run(run_dir)
+
+
+# The settings that make a run what it is; a finished run is reused only when they agree.
+_IDENTITY = ("model", "workers", "epochs", "batch_size", "sync", "sync_every", "train_fraction",
+             "threads_per_worker", "precision", "seed", "image_size")
+
+
+def check_same_settings(run: TrainRun, train_args: list[str]) -> None:
+    """Refuse to reuse a finished run trained with other settings than train_args ask for."""
+    from distvision.cli import build_parser
+
+    wanted = vars(build_parser().parse_args(["train", *train_args]))
+    # The resolved values where the recipe supplied them; epochs as asked, not as stopped early.
+    had = dict(run.summary["config"], workers=run.summary["world_size"], epochs=run.summary["recipe"]["epochs"],
+               batch_size=run.summary["global_batch_size"])
+    for name in _IDENTITY:
+        if wanted.get(name) in (None, "auto"):  # left to the recipe or to the run: anything goes
+            continue
+        if wanted[name] != had.get(name):
+            raise UserError(f"{run.run_dir} holds a finished run with {name}={had.get(name)!r}, not "
+                            f"{wanted[name]!r}: give another --out, or remove that folder")
 
 
 def load_run(run_dir: Path) -> TrainRun | None:
