@@ -30,8 +30,8 @@ import torch
 
 from distvision.classify.settings import ClassifyConfig
 from distvision.data.sources import list_files, read_image
-from distvision.inference import load_inference_model
-from distvision.precision import autocast, cpu_model_name
+from distvision.inference import forward_logits, load_inference_model
+from distvision.precision import cpu_model_name
 
 WORKERS = 2
 BATCH_SIZE = ClassifyConfig.batch_size  # the same batches as classify's default
@@ -59,10 +59,8 @@ def bare_worker(checkpoint: Path, folder: Path, result_file: Path) -> None:
         for start in range(0, len(files), BATCH_SIZE):
             batch = np.stack([read_image(f, loaded.image_size) for f in files[start : start + BATCH_SIZE]])
             x = preprocess(torch.from_numpy(batch))
-            with autocast(loaded.precision, device):
-                logits = model(x).float()
-                if loaded.test_time_flip:
-                    logits = (logits + model(x.flip(3)).float()) / 2
+            logits = forward_logits(model, x, loaded.precision, device, loaded.test_time_flip,
+                                    loaded.test_time_shift)
             top = torch.softmax(logits, dim=1).topk(TOP_K, dim=1).indices
             correct += int((top[:, 0] == torch.tensor(labels[start : start + BATCH_SIZE])).sum())
             if timed_from is None:

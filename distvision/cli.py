@@ -12,6 +12,7 @@ from pathlib import Path
 from distvision.config import TrainConfig
 from distvision.errors import UserError
 from distvision.parallel.launch import FOLLOW_PARENT_VARIABLE, WorkerFailed, stop_when_parent_dies
+from distvision.recipes import TRICK_SWITCHES
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name != "data"}
 
@@ -33,6 +34,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-smoothing", type=float, help=f"label smoothing {recipe_note}")
     parser.add_argument("--set", dest="recipe_settings", action="append", default=[], metavar="FIELD=VALUE",
                         help="override any recipe field, e.g. --set cutout=8 --set 'schedule=[[0,1],[1,0]]'")
+    tricks = parser.add_argument_group("switching off the recipe's tricks (for ablations)")
+    for name in TRICK_SWITCHES:
+        tricks.add_argument(f"--no-{name}", dest="disable", action="append_const", const=name, default=[],
+                            help=f"recipe fields: {', '.join(f'{k}={v}' for k, v in TRICK_SWITCHES[name].items())}")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="batch-norm statistics over all workers (CUDA only; default: per worker)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=DEFAULTS["precision"],
                         help="auto measures which is faster here (default)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=DEFAULTS["device"])
@@ -389,6 +396,9 @@ def _train_each_command(args: argparse.Namespace, parser: argparse.ArgumentParse
             continue
         if isinstance(action, argparse._StoreTrueAction):
             train_args.append(action.option_strings[0])
+        elif isinstance(action, argparse._AppendConstAction):  # --no-TRICK: several flags, one list
+            if action.const in value:
+                train_args.append(action.option_strings[0])
         elif isinstance(action, argparse._AppendAction):
             train_args += [item for v in value for item in (action.option_strings[0], v)]
         else:

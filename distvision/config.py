@@ -25,6 +25,8 @@ class TrainConfig:
     weight_decay: float | None = None
     label_smoothing: float | None = None
     recipe_settings: list[str] = field(default_factory=list)  # "field=value" for any recipe field
+    disable: list[str] = field(default_factory=list)  # tricks switched off (recipes.TRICK_SWITCHES)
+    sync_bn: bool = False  # batch-norm statistics over all workers (torch's SyncBatchNorm: CUDA only)
     precision: str = "auto"
     device: str = "auto"
     # Synchronisation (parallel/sync.py) and batch balancing (parallel/balance.py).
@@ -100,6 +102,9 @@ class TrainConfig:
             raise UserError(f"--checkpoint-every must be positive (got {self.checkpoint_every})")
         if self.max_restarts < 0:
             raise UserError(f"--max-restarts must be 0 or more (got {self.max_restarts})")
+        if self.sync_bn and self.device == "cpu":
+            raise UserError("--sync-bn needs CUDA: torch's SyncBatchNorm does not run on the CPU; "
+                            "leave it off (per-worker statistics)")
 
     def _validate_parallel_settings(self) -> None:
         if self.sync_every != "epoch" and not (self.sync_every.isdigit() and int(self.sync_every) >= 1):

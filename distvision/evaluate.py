@@ -36,6 +36,7 @@ def evaluate_split(
     precision: str,
     device: torch.device,
     test_time_flip: bool = False,
+    test_time_shift: bool = False,
     indices: np.ndarray | None = None,
 ) -> EvalResult:
     """Loss and accuracy over images (or the given indices of it); each rank takes every world_size-th chunk."""
@@ -48,7 +49,7 @@ def evaluate_split(
         chunk = indices[start : start + EVAL_CHUNK]
         x = load_batch(images, chunk, preprocess, device)
         y = torch.from_numpy(labels[chunk]).to(device)
-        logits = forward_logits(model, x, precision, device, test_time_flip)
+        logits = forward_logits(model, x, precision, device, test_time_flip, test_time_shift)
         totals[0] += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         totals[1] += (logits.argmax(1) == y).sum().item()
         totals[2] += len(chunk)
@@ -69,6 +70,6 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, cache_dir: Path | None = N
         raise UserError(f"{data} has classes {prepared.classes}, the checkpoint was trained on {loaded.classes}")
     result = evaluate_split(
         loaded.model, prepared.test_images, prepared.test_labels, loaded.preprocess, loaded.precision,
-        loaded.device, loaded.test_time_flip,
+        loaded.device, loaded.test_time_flip, loaded.test_time_shift,
     )
     return {"test_accuracy": result.accuracy, "test_loss": result.loss, "test_count": result.count}

@@ -20,12 +20,27 @@ from distvision.precision import autocast
 
 
 def forward_logits(model: nn.Module, x: torch.Tensor, precision: str, device: torch.device,
-                   test_time_flip: bool = False) -> torch.Tensor:
-    """float32 logits of a preprocessed batch; with test_time_flip, averaged with the mirrored batch's."""
-    with autocast(precision, device):
-        logits = model(x).float()
+                   test_time_flip: bool = False, test_time_shift: bool = False) -> torch.Tensor:
+    """float32 logits of a preprocessed batch, with the test-time augmentation asked for.
+
+    test_time_flip averages with the mirrored batch; test_time_shift then averages (half weight)
+    with the batch moved one pixel up-left and one down-right with reflect padding, each mirrored
+    too when flipping: airbench94's 6-view test-time augmentation.
+    """
+
+    def views_of(batch: torch.Tensor) -> torch.Tensor:
+        logits = model(batch).float()
         if test_time_flip:
-            logits = (logits + model(x.flip(3)).float()) / 2
+            logits = (logits + model(batch.flip(3)).float()) / 2
+        return logits
+
+    with autocast(precision, device):
+        logits = views_of(x)
+        if test_time_shift:
+            height, width = x.shape[2:]
+            padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+            shifted = (views_of(padded[:, :, :height, :width]) + views_of(padded[:, :, 2:, 2:])) / 2
+            logits = (logits + shifted) / 2
     return logits
 
 
@@ -39,6 +54,7 @@ class InferenceModel:
     image_size: int
     precision: str
     test_time_flip: bool
+    test_time_shift: bool
     device: torch.device
     info: dict  # the checkpoint's checkpoint.json
 
@@ -47,7 +63,7 @@ class InferenceModel:
         """Logits of (N, H, W, 3) uint8 RGB images at the checkpoint's image size."""
         batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
         return forward_logits(self.model, self.preprocess(batch), self.precision, self.device,
-                              self.test_time_flip)
+                              self.test_time_flip, self.test_time_shift)
 
 
 def load_inference_model(checkpoint: Path, device: torch.device | None = None) -> InferenceModel:
@@ -69,5 +85,6 @@ def load_inference_model(checkpoint: Path, device: torch.device | None = None) -
     return InferenceModel(
         model=model, preprocess=preprocess.to(device), classes=list(info["classes"]),
         image_size=int(info["image_size"]), precision=info["precision"],
-        test_time_flip=bool(info["test_time_flip"]), device=device, info=info,
+        test_time_flip=bool(info["test_time_flip"]), test_time_shift=bool(info.get("test_time_shift", False)),
+        device=device, info=info,
     )

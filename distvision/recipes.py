@@ -20,6 +20,10 @@ class Recipe:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
+    # Decoupled: weight_decay is the decay per step and per 1024 samples of global batch, following
+    # the schedule but not --lr, so tuning the lr leaves the regularisation alone (airbench94).
+    # Coupled: plain SGD weight decay, multiplied by the learning rate.
+    decoupled_weight_decay: bool = False
     # Learning-rate multiplier as piecewise-linear points (fraction of the run, multiplier);
     # a repeated fraction makes a step, as in Caffe's "multistep" policy.
     schedule: tuple[tuple[float, float], ...] = ((0.0, 1.0), (1.0, 1.0))
@@ -31,7 +35,13 @@ class Recipe:
     translate: int = 0  # random translate with reflect padding, pixels
     flip: bool = False
     cutout: int = 0
+    alternating_flip: bool = False  # with flip: mirror each image every other epoch (airbench94)
     test_time_flip: bool = False  # average predictions over the image and its mirror
+    test_time_shift: bool = False  # and over 1-pixel shifts: final evaluation only, per-epoch ones stay plain
+    # The record recipes' tricks (distvision/tricks.py).
+    whiten: bool = False  # first conv set to patch-whitening filters from training images, frozen
+    frozen_norm_scale: bool = False  # batch-norm scales fixed at 1; shifts learn at bias_lr_mult
+    ema_every: int = 0  # lookahead: pull the weights to their moving average every N steps; 0 off
 
     def __post_init__(self):
         if self.preprocessing not in ("standardize", "caffe"):
@@ -74,6 +84,29 @@ class Recipe:
         return cls(**values)
 
 
+# What `--no-NAME` switches off, as the recipe fields it sets: the ablation switches.
+TRICK_SWITCHES: dict[str, dict] = {
+    "whiten": {"whiten": False},
+    "frozen-bn": {"frozen_norm_scale": False},
+    "bias-lr": {"bias_lr_mult": 1.0},
+    "decoupled-wd": {"decoupled_weight_decay": False},
+    "label-smoothing": {"label_smoothing": 0.0},
+    "ema": {"ema_every": 0},
+    "alt-flip": {"alternating_flip": False},
+    "translate": {"translate": 0},
+    "tta": {"test_time_flip": False, "test_time_shift": False},
+}
+
+
+def without_tricks(recipe: Recipe, names: list[str]) -> Recipe:
+    """The recipe with the named tricks switched off."""
+    unknown = [name for name in names if name not in TRICK_SWITCHES]
+    if unknown:
+        raise UserError(f"unknown trick(s) {', '.join(unknown)}; known: {', '.join(TRICK_SWITCHES)}")
+    changes = {field: value for name in names for field, value in TRICK_SWITCHES[name].items()}
+    return replace(recipe, **changes)
+
+
 def lr_multiplier(schedule: tuple[tuple[float, float], ...], progress: float) -> float:
     """The schedule's multiplier at progress in [0, 1]; after a step point the later value wins."""
     previous_x, previous_y = schedule[0]
@@ -98,4 +131,4 @@ def step_down(at: float, factor: float) -> tuple[tuple[float, float], ...]:
     return ((0.0, 1.0), (at, 1.0), (at, factor), (1.0, factor))
 
 
-__all__ = ["Recipe", "lr_multiplier", "one_cycle", "step_down"]
+__all__ = ["TRICK_SWITCHES", "Recipe", "lr_multiplier", "one_cycle", "step_down", "without_tricks"]

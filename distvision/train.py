@@ -46,7 +46,8 @@ from distvision.parallel.balance import ThroughputBalancer, scaled_lr, warmup_fa
 from distvision.parallel.stopping import StopRules, stop_after_epoch, time_is_up
 from distvision.parallel.sync import Synchronizer, SyncSettings, unwrap
 from distvision.precision import autocast, choose_precision
-from distvision.recipes import Recipe, lr_multiplier
+from distvision.recipes import Recipe, lr_multiplier, without_tricks
+from distvision.tricks import Lookahead, freeze_norm_scales, init_whitening, whitening_sample
 
 HEARTBEAT_INTERVAL = 0.5  # seconds between rank 0's "still training" marks, for recovery timing
 STOP_GRACE_SECONDS = 20.0  # after SIGTERM: time to finish the step and checkpoint before a hard exit
@@ -59,6 +60,7 @@ def resolve_recipe(config: TrainConfig) -> Recipe:
         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, momentum=config.momentum,
         weight_decay=config.weight_decay, label_smoothing=config.label_smoothing,
     ).with_settings(config.recipe_settings)
+    recipe = without_tricks(recipe, config.disable)
     if config.lr_scaling == "none":
         return recipe
     base_batch = config.base_batch_size or base.batch_size
@@ -82,6 +84,14 @@ def pick_device(requested: str, local_workers: int | None = None) -> torch.devic
         raise UserError(f"{local_workers} workers on this machine need {local_workers} GPUs, it has {gpus}: "
                         f"use --workers {gpus} (or --device cpu)")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def sync_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Batch-norm statistics over all workers' samples, through torch's SyncBatchNorm (CUDA only)."""
+    if device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA: torch's SyncBatchNorm does not run on the CPU; "
+                        "leave it off (per-worker statistics)")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def set_worker_threads(threads: int | None = None) -> int:
@@ -120,15 +130,29 @@ def training_subset(indices: np.ndarray, fraction: float, seed: int) -> np.ndarr
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """SGD with Caffe-style parameter groups: biases and norms at bias_lr_mult, optionally undecayed."""
+    """SGD with Caffe-style parameter groups: biases and norms at bias_lr_mult, optionally undecayed.
+
+    Frozen parameters (whitening filters, frozen norm scales) are left out. A layer can set its own
+    multipliers as `parameter.lr_mult` / `parameter.decay_mult`.
+    """
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for parameter in model.parameters():
+        if not parameter.requires_grad:
+            continue
         is_bias_like = parameter.ndim <= 1
-        lr_mult = recipe.bias_lr_mult if is_bias_like else 1.0
+        lr_mult = getattr(parameter, "lr_mult", recipe.bias_lr_mult if is_bias_like else 1.0)
         decay_mult = (1.0 if recipe.bias_decay else 0.0) if is_bias_like else getattr(parameter, "decay_mult", 1.0)
         groups.setdefault((lr_mult, decay_mult), []).append(parameter)
+
+    def weight_decay(lr_mult: float) -> float:
+        if not recipe.decoupled_weight_decay:
+            return recipe.weight_decay
+        # SGD multiplies its decay by the group's lr; dividing by the base lr leaves the decay per
+        # step at weight_decay per 1024 samples times the schedule, whatever --lr is.
+        return recipe.weight_decay * recipe.batch_size / 1024 / (recipe.lr * lr_mult)
+
     param_groups = [
-        {"params": params, "lr_mult": lr_mult, "weight_decay": recipe.weight_decay * decay_mult}
+        {"params": params, "lr_mult": lr_mult, "weight_decay": weight_decay(lr_mult) * decay_mult}
         for (lr_mult, decay_mult), params in groups.items()
     ]
     return torch.optim.SGD(param_groups, lr=recipe.lr, momentum=recipe.momentum,
@@ -210,7 +234,8 @@ def agree_on_resume(run_dir: Path, rank: int) -> tuple[dict, dict, dict] | None:
 
 
 def resume_state(run_dir: Path, rank: int, world_size: int, settings: dict, job_id: str,
-                 model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict | None]:
+                 model: nn.Module, optimizer: torch.optim.Optimizer,
+                 lookahead: Lookahead | None) -> tuple[dict, dict | None]:
     """Load the newest checkpoint into model and optimizer; return (state, the event to log) or a fresh start.
 
     The same job id (torchrun's rendezvous id) means the agent restarted us after a failure or a
@@ -229,12 +254,15 @@ def resume_state(run_dir: Path, rank: int, world_size: int, settings: dict, job_
             event["last_alive"] = heartbeat["time"]
         return fresh_state(world_size), event
     weights, optimizer_tensors, saved = loaded
+    averages = {name: weights.pop(name) for name in list(weights) if name.startswith("lookahead.")}
     for key, expected in settings.items():
         if saved["settings"][key] != expected:
             raise UserError(f"{run_dir} holds a run with {key}={saved['settings'][key]!r}, not {expected!r}: "
                             "resume it with the same settings or choose another --out")
     model.load_state_dict(weights)
     restore_optimizer(optimizer, optimizer_tensors, saved)
+    if lookahead:
+        lookahead.load(averages, model)
     state = {key: saved[key] for key in fresh_state(world_size)}
     event = {"event": "restart" if job_id and saved.get("job_id") == job_id else "resume",
              "old_world_size": saved["world_size"], "new_world_size": world_size,
@@ -266,23 +294,31 @@ def train(config: TrainConfig) -> dict | None:
     preprocess = Preprocessing.build(
         recipe.preprocessing, prepared.manifest["mean"], prepared.manifest["std"], prepared.mean_image
     ).to(device)
-    augment = AugmentSettings(recipe.translate, recipe.flip, recipe.cutout)
+    augment = AugmentSettings(recipe.translate, recipe.flip, recipe.cutout, recipe.alternating_flip)
 
     # Model: the same seed everywhere gives identical replicas (DDP also broadcasts rank 0's).
     torch.manual_seed(config.seed)
     model = create(config.model, num_classes=len(prepared.classes), image_size=config.image_size)
     model = model.to(device, memory_format=torch.channels_last)
+    if recipe.frozen_norm_scale:
+        freeze_norm_scales(model)
+    if recipe.whiten:  # from training images only (never the validation split), computed once, broadcast
+        sample = whitening_sample(train_indices)
+        init_whitening(model, load_batch(prepared.train_images, sample, preprocess, device), rank)
+    if config.sync_bn:
+        model = sync_batch_norm(model, device)
     precision, precision_how = choose_precision(
         config.precision, model, config.model, -(-recipe.batch_size // world_size), config.image_size,
         device, cache_dir,
     )
     optimizer = make_optimizer(model, recipe)
+    lookahead = Lookahead(model, recipe.ema_every) if recipe.ema_every else None
 
     # Resume: from the newest intact checkpoint, whatever world size wrote it.
     settings = {"model": config.model, "global_batch_size": recipe.batch_size, "seed": config.seed,
                 "epochs": recipe.epochs}
     job_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    state, resumed_event = resume_state(run_dir, rank, world_size, settings, job_id, model, optimizer)
+    state, resumed_event = resume_state(run_dir, rank, world_size, settings, job_id, model, optimizer, lookahead)
     say(f"distvision: {config.model} on {world_size} worker(s) x {threads} thread(s), {device.type}, "
         f"{precision} ({precision_how}), global batch {recipe.batch_size}, {recipe.epochs} epochs, "
         f"{len(train_indices)} training images" + (f", resuming at step {state['step']}" if resumed_event else ""))
@@ -301,7 +337,8 @@ def train(config: TrainConfig) -> dict | None:
 
     def checkpoint_now() -> None:
         if rank == 0:
-            save_training_checkpoint(run_dir, unwrap(model).state_dict(), optimizer,
+            weights = dict(unwrap(model).state_dict(), **(lookahead.state() if lookahead else {}))
+            save_training_checkpoint(run_dir, weights, optimizer,
                                      dict(state, settings=settings, saved_at=time.time(), job_id=job_id))
 
     if rank == 0:
@@ -353,6 +390,9 @@ def train(config: TrainConfig) -> dict | None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             in_sync = sync.after_step(state["step"], batch_index == len(batches) - 1)
+            if lookahead:
+                done = (epoch * len(train_indices) + state["cursor"] + len(batch)) / total_samples
+                lookahead.maybe_update(unwrap(model), state["step"] + 1, done)
             compute_seconds = (time.perf_counter() - step_started
                                - (sync.stats.communication_seconds - communication_before))
             if rank == slow_rank:  # --debug-slowdown: a slower machine, simulated
@@ -462,8 +502,13 @@ def train(config: TrainConfig) -> dict | None:
 
     # Final evaluation with the recipe's test-time settings; the checkpoint holds exactly these weights.
     replica = unwrap(model)
+    if lookahead:
+        lookahead.finish(replica)  # the run's result is the average the lookahead kept
     final = evaluate_split(replica, prepared.test_images, prepared.test_labels, preprocess, precision, device,
-                           recipe.test_time_flip)
+                           recipe.test_time_flip, recipe.test_time_shift)
+    test_time_augmented = recipe.test_time_flip or recipe.test_time_shift
+    plain = evaluate_split(replica, prepared.test_images, prepared.test_labels, preprocess, precision,
+                           device) if test_time_augmented else final
     summary = None
     if rank == 0:
         weights = dict(replica.state_dict())
@@ -471,7 +516,8 @@ def train(config: TrainConfig) -> dict | None:
         save_checkpoint(run_dir / "checkpoint", weights, {
             "model": config.model, "classes": prepared.classes, "image_size": config.image_size,
             "preprocessing": recipe.preprocessing, "precision": precision,
-            "test_time_flip": recipe.test_time_flip, "eval_chunk": EVAL_CHUNK,
+            "test_time_flip": recipe.test_time_flip, "test_time_shift": recipe.test_time_shift,
+            "eval_chunk": EVAL_CHUNK,
             "test_accuracy": final.accuracy, "epochs": recipe.epochs,
         })
         history = [r for r in state["log"] if "epoch" in r and "event" not in r]
@@ -491,6 +537,7 @@ def train(config: TrainConfig) -> dict | None:
             "val_count": len(val_indices),
             "test_accuracy": final.accuracy,
             "test_loss": final.loss,
+            "test_accuracy_without_tta": plain.accuracy,  # the same weights, one plain view per image
             "best_test_accuracy": max([r["test_accuracy"] for r in history] + [final.accuracy]),
             "val_accuracy": history[-1].get("val_accuracy") if history else None,
             "images_per_second": sum(r["images_per_second"] * r["epoch_seconds"] for r in steady)

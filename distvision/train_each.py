@@ -226,7 +226,8 @@ def add_global_accuracy(rows: list[dict], subsets: list[Subset], global_run: Pat
     for name, part in union_test_slices(subsets).items():
         indices = np.arange(part.start, part.stop)
         result = evaluate_split(loaded.model, union.test_images, union.test_labels, loaded.preprocess,
-                                loaded.precision, loaded.device, loaded.test_time_flip, indices=indices)
+                                loaded.precision, loaded.device, loaded.test_time_flip, loaded.test_time_shift,
+                                indices=indices)
         for row in rows:
             if row["subset"] == name:
                 row["global_test_accuracy"] = result.accuracy

@@ -231,6 +231,7 @@ def finish(plan: Plan, config: ClassifyConfig, model: InferenceModel, launch: st
         "device": model.device.type,
         "precision": model.precision,
         "test_time_flip": model.test_time_flip,
+        "test_time_shift": model.test_time_shift,
         "batch_size": config.batch_size,
         "chunk_size": plan.settings["chunk_size"],
         "top_k": plan.settings["top_k"],

@@ -13,15 +13,22 @@ import numpy as np
 import torch
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+RUN_WIDE = -1  # the "epoch" key of random decisions that hold for the whole run
 
 
 @dataclass(frozen=True)
 class AugmentSettings:
-    """translate: max shift in pixels (reflect padding); flip: random mirror; cutout: square size, 0 off."""
+    """translate: max shift in pixels (reflect padding); flip: random mirror; cutout: square size, 0 off.
+
+    alternating_flip (airbench94): each image gets one random mirror decision for the run, and
+    every odd epoch the whole set is mirrored, so an image alternates between its two views
+    instead of repeating one by chance.
+    """
 
     translate: int = 0
     flip: bool = False
     cutout: int = 0
+    alternating_flip: bool = False
 
     @property
     def active(self) -> bool:
@@ -57,7 +64,11 @@ def augment_batch(
     rows = torch.arange(height, device=device).expand(count, height)
     cols = torch.arange(width, device=device).expand(count, width)
     if settings.flip:
-        flip = u[:, 0] < 0.5
+        if settings.alternating_flip:
+            once = torch.from_numpy(sample_uniforms(seed, RUN_WIDE, indices, 1)[:, 0]).to(device) < 0.5
+            flip = once ^ bool(epoch % 2)
+        else:
+            flip = u[:, 0] < 0.5
         cols = torch.where(flip[:, None], width - 1 - cols, cols)
     if pad:
         # Reflect padding, then a crop at a random offset: the same as a translate with reflection.

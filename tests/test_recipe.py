@@ -1,0 +1,282 @@
+"""fastnet's record recipe: each trick checked on its own (distvision/tricks.py), then in real runs."""
+
+from __future__ import annotations
+
+import json
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import run_cli, write_image_tree
+from safetensors.torch import load_file
+from torch import nn
+
+from distvision.cli import build_parser
+from distvision.config import TrainConfig
+from distvision.data.augment import AugmentSettings, augment_batch
+from distvision.evaluate import evaluate_split
+from distvision.inference import forward_logits
+from distvision.models import create
+from distvision.recipes import lr_multiplier
+from distvision.train import make_optimizer, resolve_recipe
+from distvision.tricks import Lookahead, freeze_norm_scales, image_patches, init_whitening, whitening_filters
+
+CPU = torch.device("cpu")
+
+
+def correlated_images(count: int = 200, seed: int = 0) -> torch.Tensor:
+    """Smooth noise with correlated channels: neighbouring pixels covary, as in photographs."""
+    base = torch.randn(count, 3, 35, 35, generator=torch.Generator().manual_seed(seed))
+    smooth = base[:, :, :32, :32] + base[:, :, 1:33, 1:33] + base[:, :, 3:, 3:]
+    return smooth + smooth.mean(1, keepdim=True)
+
+
+def test_whitening_makes_the_patch_covariance_near_identity():
+    images = correlated_images()
+    patches = image_patches(images, (2, 2))
+    raw_covariance = patches.T @ patches / len(patches)
+    assert (raw_covariance - torch.eye(12, dtype=raw_covariance.dtype)).abs().max() > 0.5  # far from white
+
+    model = create("fastnet")
+    init_whitening(model, images, rank=0)
+    stem = model[0]
+    assert not stem.weight.requires_grad and stem.bias.requires_grad  # filters frozen, bias learns
+    out = nn.functional.conv2d(images, stem.weight)  # no bias: the whitened patches themselves
+    components = out[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()
+    covariance = components.T @ components / len(components)
+    torch.testing.assert_close(covariance, torch.eye(12, dtype=torch.float64), atol=5e-3, rtol=0)
+    torch.testing.assert_close(out[:, 12:], -out[:, :12])  # the second half: the same axes negated
+    # Strongest axis first, as a later layer's dirac init expects the same order on every run.
+    assert torch.equal(stem.weight[:12].flatten(1), whitening_filters(patches)[:12])
+
+
+def test_frozen_norm_scales_leave_only_shifts_to_the_optimizer():
+    model = create("fastnet")
+    freeze_norm_scales(model)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(not m.weight.requires_grad and bool((m.weight == 1).all()) for m in norms)
+    recipe = resolve_recipe(TrainConfig(data="-", model="fastnet"))
+    optimizer = make_optimizer(model, recipe)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert all(id(m.weight) not in in_optimizer and id(m.bias) in in_optimizer for m in norms)
+    shifts = next(g for g in optimizer.param_groups if any(p is norms[0].bias for p in g["params"]))
+    assert shifts["lr_mult"] == 64.0
+    stem_bias = next(g for g in optimizer.param_groups if any(p is model[0].bias for p in g["params"]))
+    assert stem_bias["lr_mult"] == 1.0  # the stem's bias is no norm shift
+
+
+def test_decoupled_weight_decay_per_step_does_not_follow_the_learning_rate():
+    decays = []
+    for lr in (0.5, 3.0):
+        recipe = resolve_recipe(TrainConfig(data="-", model="fastnet", lr=lr))
+        optimizer = make_optimizer(create("fastnet"), recipe)
+        # SGD shrinks a weight by lr * weight_decay per step (before momentum).
+        decays.append(sorted({round(lr * g["lr_mult"] * g["weight_decay"], 12) for g in optimizer.param_groups}))
+    assert decays[0] == decays[1] == [0.002]  # 0.002 per 1024 samples, at the recipe's batch of 1024
+    coupled = resolve_recipe(TrainConfig(data="-", model="fastnet", lr=3.0, disable=["decoupled-wd"]))
+    assert {g["weight_decay"] for g in make_optimizer(create("fastnet"), coupled).param_groups} == {0.002}
+
+
+def test_schedule_per_step_follows_the_global_batch_and_epochs():
+    recipe = resolve_recipe(TrainConfig(data="-", model="fastnet"))
+    steps = 10 * -(-50_000 // recipe.batch_size)  # 10 epochs of 49 global batches, on any worker count
+    lrs = [recipe.lr * lr_multiplier(recipe.schedule, step / steps) for step in range(steps)]
+    assert lrs[0] == pytest.approx(0.2 * 1.5)
+    peak = int(np.argmax(lrs))
+    assert peak == round(0.23 * steps) and lrs[peak] == pytest.approx(1.5, rel=1e-2)
+    assert all(a <= b for a, b in pairwise(lrs[: peak + 1]))  # warm up, then only down
+    assert all(a >= b for a, b in pairwise(lrs[peak:]))
+    assert lrs[-1] == pytest.approx(0.07 * 1.5, rel=0.05)
+
+
+def test_alternating_flip_mirrors_each_image_every_other_epoch():
+    image = torch.arange(4 * 4 * 3, dtype=torch.uint8).view(1, 4, 4, 3).expand(64, 4, 4, 3).contiguous()
+    indices = np.arange(64)
+    settings = AugmentSettings(flip=True, alternating_flip=True)
+    flipped = [
+        torch.tensor([torch.equal(augment_batch(image, indices, settings, 0, epoch)[i], image[i].flip(1))
+                      for i in range(64)]) for epoch in range(4)
+    ]
+    assert torch.equal(flipped[1], ~flipped[0]) and torch.equal(flipped[2], flipped[0])
+    assert 16 < int(flipped[0].sum()) < 48  # the starting views are a random half
+
+
+def stripes(count: int, seed: int, noise: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four noisy classes that flips and small shifts do not change: rows, columns, grid, flat."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, count)
+    images = np.full((count, 16, 16, 3), 80.0, np.float32)
+    for i, label in enumerate(labels):
+        line = ((np.arange(16) + rng.integers(0, 4)) // 2) % 2 * 100.0
+        images[i] += [line[:, None, None], line[None, :, None],
+                      (line[:, None, None] + line[None, :, None]) / 2, 50.0][label]
+    images += rng.normal(0, noise, images.shape)
+    return torch.from_numpy(np.clip(images, 0, 255).astype(np.uint8)), torch.from_numpy(labels)
+
+
+def test_test_time_augmentation_raises_accuracy_of_an_augmented_model():
+    torch.manual_seed(0)
+    train_images, train_labels = stripes(2000, seed=0)
+    test_images, test_labels = stripes(1000, seed=1)
+
+    def inputs(images):
+        return (images.permute(0, 3, 1, 2).float() - 128) / 64
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    augment = AugmentSettings(translate=2, flip=True)
+    for step in range(200):
+        batch = np.random.default_rng(step).integers(0, 2000, 64)
+        x = inputs(augment_batch(train_images[batch], batch, augment, 0, step))
+        loss = nn.functional.cross_entropy(model(x), train_labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    accuracy = {}
+    with torch.no_grad():
+        for name, views in {"plain": (False, False), "flip": (True, False), "flip+shift": (True, True)}.items():
+            logits = forward_logits(model, inputs(test_images), "fp32", CPU, *views)
+            accuracy[name] = (logits.argmax(1) == test_labels).float().mean().item()
+    assert 0.6 < accuracy["plain"] < 0.97, accuracy  # hard enough for more views to matter
+    assert accuracy["plain"] < accuracy["flip"] < accuracy["flip+shift"], accuracy
+
+
+def test_lookahead_lowers_the_loss_of_noisy_sgd():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 20, generator=generator)
+    y = (x @ torch.randn(20, 4, generator=generator) + 2 * torch.randn(4096, 4, generator=generator)).argmax(1)
+
+    def train(lookahead_every: int) -> tuple[float, float]:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.85, nesterov=True)
+        lookahead = Lookahead(model, lookahead_every) if lookahead_every else None
+        batches = torch.Generator().manual_seed(2)
+        for step in range(1, 401):
+            batch = torch.randint(0, 3072, (32,), generator=batches)
+            loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if lookahead:
+                lookahead.maybe_update(model, step, step / 400)
+        if lookahead:
+            lookahead.finish(model)
+        with torch.no_grad():
+            logits = model(x[3072:])
+        return nn.functional.cross_entropy(logits, y[3072:]).item(), (logits.argmax(1) == y[3072:]).float().mean().item()
+
+    plain_loss, plain_accuracy = train(0)
+    averaged_loss, averaged_accuracy = train(5)
+    assert averaged_loss < 0.9 * plain_loss and averaged_accuracy >= plain_accuracy
+
+
+def test_trick_switches_reach_the_recipe():
+    args = build_parser().parse_args(["train", "--model", "fastnet", "--no-whiten", "--no-ema", "--no-tta"])
+    assert args.disable == ["whiten", "ema", "tta"]
+    recipe = resolve_recipe(TrainConfig(data="-", model="fastnet", disable=args.disable))
+    assert not recipe.whiten and recipe.ema_every == 0 and not recipe.test_time_flip and not recipe.test_time_shift
+    assert recipe.frozen_norm_scale and recipe.alternating_flip  # the others stay on
+    assert build_parser().parse_args(["train"]).disable == []
+
+
+def test_tricks_keep_two_workers_equal_to_one(tmp_path: Path):
+    """Lookahead, decoupled decay, alternating flips, translate, smoothing and the warmup schedule all
+    refer to global steps and samples: 2 workers must still end with 1 process's weights."""
+    data = write_image_tree(tmp_path / "data", classes=3, train_per_class=24, test_per_class=4)
+    common = ["--model", "mlp", "--precision", "fp32", "--epochs", "3", "--batch-size", "16", "--lr", "0.05",
+              "--weight-decay", "0.05", "--label-smoothing", "0.2",
+              "--set", "ema_every=2", "--set", "decoupled_weight_decay=true", "--set", "flip=true",
+              "--set", "alternating_flip=true", "--set", "translate=2",
+              "--set", "schedule=[[0,0.2],[0.23,1],[1,0.07]]", "--set", "test_time_shift=true"]
+    for workers in ("1", "2"):
+        result = run_cli(["train", "--data", str(data), "--out", str(tmp_path / workers), "--workers", workers,
+                          *common], tmp_path / "cache")
+        assert result.returncode == 0, result.stderr[-3000:]
+    one = load_file(tmp_path / "1" / "checkpoint" / "model.safetensors")
+    two = load_file(tmp_path / "2" / "checkpoint" / "model.safetensors")
+    torch.manual_seed(0)
+    for name, initial in create("mlp", num_classes=3).state_dict().items():
+        assert not torch.allclose(one[name], initial), f"{name} did not train"
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+    summaries = [json.loads((tmp_path / w / "summary.json").read_text()) for w in ("1", "2")]
+    assert summaries[0]["test_accuracy"] == summaries[1]["test_accuracy"]
+    assert summaries[1]["recipe"]["ema_every"] == 2 and summaries[1]["recipe"]["decoupled_weight_decay"]
+
+
+def _finish_lookahead_on_diverged_replicas(rank: int, init_file: str, results: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # replicas that differ, as between local-SGD averagings
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    lookahead = Lookahead(model, every=1)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    lookahead.maybe_update(model, step=1, progress=0.8)
+    lookahead.finish(model)
+    state = torch.cat([t.flatten() for t in model.state_dict().values() if t.is_floating_point()])
+    gathered = [torch.zeros_like(state) for _ in range(2)]
+    dist.all_gather(gathered, state)
+    if rank == 0:
+        Path(results).write_text(json.dumps(torch.equal(gathered[0], gathered[1])))
+    dist.destroy_process_group()
+
+
+def test_lookahead_ends_with_one_model_on_every_worker(tmp_path: Path):
+    """Under local SGD each replica keeps its own average: finishing must leave identical weights."""
+    results = tmp_path / "same.json"
+    mp.spawn(_finish_lookahead_on_diverged_replicas, args=(str(tmp_path / "init"), str(results)), nprocs=2)
+    assert json.loads(results.read_text()) is True
+
+
+def test_fastnet_recipe_trains_on_two_workers_and_evaluate_agrees(tmp_path: Path):
+    data = write_image_tree(tmp_path / "data", classes=3, train_per_class=24, test_per_class=6)
+    out = tmp_path / "run"
+    result = run_cli(["train", "--data", str(data), "--out", str(out), "--model", "fastnet", "--workers", "2",
+                      "--epochs", "2", "--batch-size", "24", "--lr-scaling", "linear", "--precision", "fp32",
+                      "--sync", "local-sgd", "--sync-every", "2"],
+                     tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    recipe = summary["recipe"]
+    assert recipe["whiten"] and recipe["frozen_norm_scale"] and recipe["ema_every"] == 5
+    assert recipe["lr"] == pytest.approx(1.5 * 24 / 1024)  # the recipe's lr, for batch 1024, scaled
+    assert "test_accuracy_without_tta" in summary
+    weights = load_file(out / "checkpoint" / "model.safetensors")
+    stem = weights["0.weight"]  # whitening filters and their negatives, untouched by training
+    assert torch.equal(stem[12:], -stem[:12]) and (weights["2.norm1.weight"] == 1).all()
+    evaluated = run_cli(["evaluate", "--checkpoint", str(out), "--data", str(data)], tmp_path / "cache")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["test_accuracy"] == summary["test_accuracy"]  # the same 6 views
+
+
+def test_sync_bn_on_the_cpu_is_a_clear_error(tmp_path: Path):
+    result = run_cli(["train", "--data", str(tmp_path), "--device", "cpu", "--sync-bn"], tmp_path / "cache")
+    assert result.returncode == 2 and "SyncBatchNorm" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluate_split_reports_the_views_it_was_asked_for():
+    """The per-epoch evaluation stays plain (one view); only the final one pays for six."""
+    calls = []
+
+    class Counting(nn.Module):
+        def forward(self, x):
+            calls.append(len(x))
+            return torch.zeros(len(x), 2)
+
+    images = np.zeros((10, 8, 8, 3), np.uint8)
+    labels = np.zeros(10, np.int64)
+    from distvision.data.batches import Preprocessing
+
+    preprocess = Preprocessing.build("standardize", [0.5] * 3, [0.25] * 3, None)
+    evaluate_split(Counting(), images, labels, preprocess, "fp32", CPU)
+    assert sum(calls) == 10
+    calls.clear()
+    evaluate_split(Counting(), images, labels, preprocess, "fp32", CPU, True, True)
+    assert sum(calls) == 60
