@@ -141,6 +141,9 @@ def test_tiny_real_sweep_writes_the_report(tmp_path: Path):
         assert float(row["epoch_seconds"]) > 0 and float(row["images_per_second"]) > 0
         parts = [float(row[f"{name}_ms_per_step"]) for name in ("compute", "communication", "data", "eval")]
         assert all(part >= 0 for part in parts) and float(row["compute_ms_per_step"]) > 0
+        assert float(row["data_ms_per_step"]) > 0  # train's records carry data_seconds
+        # Every worker got --threads-per-worker 1, even a lone one on a machine with more cores.
+        assert json.loads((Path(row["run_dir"]) / "summary.json").read_text())["threads_per_worker"] == 1
     # Two workers exchange gradients every step; one worker only its few bytes of loss bookkeeping.
     sent = {(r["workers"], r["samples"]): int(r["bytes_exchanged"]) for r in rows}
     assert sent[("2", "1438")] > 100 * max(sent[("1", "1438")], 1) and sent[("2", "1438")] > sent[("2", "719")]
