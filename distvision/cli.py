@@ -72,6 +72,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     parser.add_argument("--val-fraction", type=float, default=DEFAULTS["val_fraction"],
                         help="seeded share of the training set held out for validation (default 0)")
+    parser.add_argument("--train-fraction", type=float, default=DEFAULTS["train_fraction"],
+                        help="train on this seeded share of the training set (default 1: all of it)")
+    parser.add_argument("--threads-per-worker", type=int,
+                        help="threads of each worker (default: the cores split over the local workers)")
     parser.add_argument("--image-size", type=int, default=DEFAULTS["image_size"])
     parser.add_argument("--out", help="run folder (default runs/<model>-<time>)")
     parser.add_argument("--cache-dir", help="where prepared data is cached (default ~/.cache/distvision)")
@@ -131,6 +135,10 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     _add_classify_arguments(commands.add_parser(
         "classify", help="classify a folder tree, a list of image paths or a prepared folder with a checkpoint"))
     _add_tune_arguments(commands.add_parser("tune", help="search hyperparameters with Optuna, trials in parallel"))
+    _add_scale_arguments(commands.add_parser(
+        "scale", help="measure training over workers, data and batch sizes; fit a model; predict speedup"))
+    _add_bench_arguments(commands.add_parser(
+        "bench", help="train a suite of problems at several worker counts and sync modes; a results table"))
     return parser
 
 
@@ -219,6 +227,103 @@ def _tune_command(args: argparse.Namespace) -> None:
 
     run_tune(TuneConfig(**{f.name: getattr(args, f.name) for f in fields(TuneConfig)}))
 # --- end of distvision tune ---
+
+
+# --- distvision scale and bench ---
+def _add_scale_arguments(parser: argparse.ArgumentParser) -> None:
+    from distvision.scale.settings import ScaleConfig
+
+    d = ScaleConfig(data=None)
+    parser.add_argument("--data", help="as for train; default: download the official CIFAR-10")
+    parser.add_argument("--model", default=d.model)
+    parser.add_argument("--workers", default=",".join(map(str, d.workers)), help="worker counts (default %(default)s)")
+    parser.add_argument("--fractions", default=",".join(map(str, d.fractions)),
+                        help="shares of the training set (default %(default)s)")
+    parser.add_argument("--batch-sizes", default=",".join(map(str, d.batch_sizes)),
+                        help="global batch sizes (default %(default)s)")
+    parser.add_argument("--sync", default=",".join(d.syncs), help="sync modes: allreduce,local-sgd")
+    parser.add_argument("--sync-every", default=d.sync_every, help="local SGD's period K (default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--repeats", type=int, default=d.repeats, help="runs per point; the median counts")
+    parser.add_argument("--threads-per-worker", type=int, default=d.threads_per_worker,
+                        help="threads of every worker at every worker count (default %(default)s)")
+    parser.add_argument("--predict-workers", default=",".join(map(str, d.predict_workers)),
+                        help="worker counts to predict (default %(default)s)")
+    parser.add_argument("--network", help="network to predict for, BANDWIDTH[,LATENCY], e.g. 10gbit,50us "
+                        "(default: the one measured here)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision)
+    parser.add_argument("--image-size", type=int, default=d.image_size)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--out", default=d.out, help="report folder (default %(default)s); finished runs in it "
+                        "are reused")
+
+
+def _scale_command(args: argparse.Namespace) -> None:
+    from distvision.scale import run_scale
+    from distvision.scale.settings import ScaleConfig, parse_list, parse_syncs
+
+    config = ScaleConfig(
+        data=args.data, model=args.model, out=args.out, workers=parse_list(args.workers, int, "--workers", 1),
+        fractions=parse_list(args.fractions, float, "--fractions", 1e-6, 1.0),
+        batch_sizes=parse_list(args.batch_sizes, int, "--batch-sizes", 1), syncs=parse_syncs(args.sync),
+        sync_every=args.sync_every, epochs=args.epochs, repeats=args.repeats,
+        threads_per_worker=args.threads_per_worker,
+        predict_workers=parse_list(args.predict_workers, int, "--predict-workers", 1), network=args.network,
+        precision=args.precision, image_size=args.image_size, seed=args.seed, cache_dir=args.cache_dir)
+    result = run_scale(config)
+    fastest = result["recommendation"]["fastest"]
+    print(f"distvision scale: model predicts every point within {result['max_relative_error']:.1%}; fastest on "
+          f"{result['recommendation']['network']}: {fastest['workers']} worker(s), {fastest['sync']}, batch "
+          f"{fastest['batch_size']} ({fastest['speedup']}x); report in {result['out']}/report.md")
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from distvision.bench.run import BenchConfig
+
+    d = BenchConfig()
+    parser.add_argument("--problems", default=d.problems,
+                        help="'all', or names from --list (comma-separated); folder:PATH for your own image folder")
+    parser.add_argument("--list", action="store_true", help="list the problems and exit")
+    parser.add_argument("--workers", default=",".join(map(str, d.workers)), help="worker counts (default %(default)s)")
+    parser.add_argument("--sync", default=",".join(d.syncs), help="sync modes (default %(default)s)")
+    parser.add_argument("--sync-every", default=d.sync_every, help="local SGD's period K (default %(default)s)")
+    parser.add_argument("--max-epochs", type=int, help="cap every problem's epoch budget")
+    parser.add_argument("--epochs-for", action="append", default=[], metavar="PROBLEM=EPOCHS",
+                        help="another budget for one problem, e.g. cifar10-fastnet=1 (repeatable)")
+    parser.add_argument("--threads-per-worker", type=int, default=d.threads_per_worker)
+    parser.add_argument("--cifar-data", help="CIFAR-10 for the cifar10 problems (default: download it)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--out", default=d.out, help="output folder (default %(default)s); finished runs are reused")
+
+
+def _bench_command(args: argparse.Namespace) -> None:
+    from distvision.bench.problems import list_problems
+    from distvision.bench.run import BenchConfig, format_row, run_bench
+    from distvision.scale.settings import parse_list, parse_syncs
+
+    if args.list:
+        for problem in list_problems():
+            print(f"{problem.name:<22} {problem.model:<12} {problem.description}")
+        return
+    if args.threads_per_worker < 1:
+        raise UserError(f"--threads-per-worker must be at least 1 (got {args.threads_per_worker})")
+    epochs_for = {}
+    for item in args.epochs_for:
+        name, _, epochs = item.partition("=")
+        if not epochs.isdigit() or int(epochs) < 1:
+            raise UserError(f"--epochs-for takes PROBLEM=EPOCHS with EPOCHS >= 1, e.g. cifar10-fastnet=1 (got {item!r})")
+        epochs_for[name.strip()] = int(epochs)
+    config = BenchConfig(
+        problems=args.problems, epochs_for=epochs_for, workers=parse_list(args.workers, int, "--workers", 1), syncs=parse_syncs(args.sync),
+        sync_every=args.sync_every, max_epochs=args.max_epochs, threads_per_worker=args.threads_per_worker,
+        cifar_data=args.cifar_data, precision=args.precision, seed=args.seed, out=args.out, cache_dir=args.cache_dir)
+    rows = run_bench(config)
+    print("\n".join(format_row(row) for row in rows))
+    print(f"distvision bench: table in {Path(args.out) / 'bench.md'}")
+# --- end of distvision scale and bench ---
 
 
 def _train_command(args: argparse.Namespace, argv: list[str]) -> None:
@@ -330,6 +435,10 @@ def run(argv: list[str] | None = None) -> None:
         _train_command(args, argv[1:])
     elif args.command == "tune":
         _tune_command(args)
+    elif args.command == "scale":
+        _scale_command(args)
+    elif args.command == "bench":
+        _bench_command(args)
     elif args.command == "train-each":
         each_parser = parser._subparsers._group_actions[0].choices["train-each"]
         sys.exit(_train_each_command(args, each_parser))

@@ -47,6 +47,11 @@ class TrainConfig:
     max_time: float | None = None  # seconds of training (evaluation excluded), across resumes
     seed: int = 0
     val_fraction: float = 0.0
+    # A seeded share of the training set (after the validation split): `distvision scale` varies it.
+    train_fraction: float = 1.0
+    # Threads each worker uses; None: the machine's cores split over the local workers. Fixed by
+    # `distvision scale`, so that every worker count gets the same resources per worker.
+    threads_per_worker: int | None = None
     image_size: int = 32
     out: str | None = None
     cache_dir: str | None = None
@@ -82,6 +87,10 @@ class TrainConfig:
             raise UserError(f"--lr must be positive (got {self.lr})")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise UserError(f"--train-fraction must be in (0, 1] (got {self.train_fraction})")
+        if self.threads_per_worker is not None and self.threads_per_worker < 1:
+            raise UserError(f"--threads-per-worker must be at least 1 (got {self.threads_per_worker})")
         if self.image_size < 8:
             raise UserError(f"--image-size must be at least 8 (got {self.image_size})")
         self._validate_parallel_settings()

@@ -94,10 +94,10 @@ def sync_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
-def set_worker_threads() -> int:
-    """Give each local worker its share of the cores: no oversubscription."""
+def set_worker_threads(threads: int | None = None) -> int:
+    """Give each local worker its share of the cores (no oversubscription), or exactly `threads`."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    threads = threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
     return threads
 
@@ -119,6 +119,14 @@ def split_validation(train_count: int, fraction: float, seed: int) -> tuple[np.n
     order = np.random.default_rng([seed, 7919]).permutation(train_count)
     val_count = round(train_count * fraction)
     return np.sort(order[val_count:]), np.sort(order[:val_count])
+
+
+def training_subset(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A seeded share of the training indices (sorted), the same on every rank; all of them at 1."""
+    if fraction >= 1.0:
+        return indices
+    keep = max(1, round(len(indices) * fraction))
+    return np.sort(np.random.default_rng([seed, 104729]).permutation(indices)[:keep])
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -159,20 +167,27 @@ def parse_rank_setting(setting: str | None, off: float) -> tuple[int, float]:
     return int(rank), float(number)
 
 
-def communication_by_worker(sync: Synchronizer, epoch_seconds: float, rank: int, world_size: int) -> dict:
-    """Each worker's compute and communication seconds and bytes this epoch (then reset): lists by rank."""
-    mine = torch.zeros(3 * world_size, dtype=torch.float64)
+def communication_by_worker(sync: Synchronizer, epoch_seconds: float, rank: int, world_size: int,
+                            data_seconds: float = 0.0) -> dict:
+    """Each worker's compute, communication and data seconds and bytes this epoch (then reset): lists by rank.
+
+    Compute is everything but communication, so it includes the data seconds (batch gathering and
+    augmentation), which are also given on their own.
+    """
+    mine = torch.zeros(4 * world_size, dtype=torch.float64)
     communication = sync.stats.communication_seconds
     mine[rank] = max(epoch_seconds - communication, 0.0)
     mine[world_size + rank] = communication
     mine[2 * world_size + rank] = sync.stats.bytes_exchanged
+    mine[3 * world_size + rank] = data_seconds
     if dist.is_initialized():
         dist.all_reduce(mine)
     sync.stats.communication_seconds, sync.stats.bytes_exchanged = 0.0, 0
-    values = mine.view(3, world_size).tolist()
+    values = mine.view(4, world_size).tolist()
     return {"compute_seconds": [round(v, 3) for v in values[0]],
             "communication_seconds": [round(v, 3) for v in values[1]],
-            "bytes_exchanged": [int(v) for v in values[2]]}
+            "bytes_exchanged": [int(v) for v in values[2]],
+            "data_seconds": [round(v, 3) for v in values[3]]}
 
 
 def fresh_state(world_size: int) -> dict:
@@ -264,7 +279,7 @@ def train(config: TrainConfig) -> dict | None:
     """Train with the given settings in this process (one rank); return the summary on rank 0."""
     wall_started = time.time()
     device = pick_device(config.device)
-    threads = set_worker_threads() if device.type == "cpu" else torch.get_num_threads()
+    threads = set_worker_threads(config.threads_per_worker) if device.type == "cpu" else torch.get_num_threads()
     rank, world_size = init_distributed(device, config.collective_timeout)
     recipe = resolve_recipe(config)
     if recipe.batch_size < world_size:
@@ -275,6 +290,7 @@ def train(config: TrainConfig) -> dict | None:
     # Data: every rank opens the same prepared, memory-mapped arrays (built once, under a lock).
     prepared = open_prepared(ensure_prepared(Path(config.data), config.image_size, cache_dir))
     train_indices, val_indices = split_validation(len(prepared.train_images), config.val_fraction, config.seed)
+    train_indices = training_subset(train_indices, config.train_fraction, config.seed)
     preprocess = Preprocessing.build(
         recipe.preprocessing, prepared.manifest["mean"], prepared.manifest["std"], prepared.mean_image
     ).to(device)
@@ -343,6 +359,7 @@ def train(config: TrainConfig) -> dict | None:
         progress = Progress(len(batches), f"epoch {epoch + 1}/{recipe.epochs}")
         pending = np.zeros(4)  # this worker's loss sum, samples, compute seconds, non-finite losses
         progress_steps = 0
+        data_seconds = 0.0  # this worker's time gathering and augmenting batches this epoch (this attempt)
         segment_started = time.perf_counter()
         model.train()
         for batch_index, batch in enumerate(batches):
@@ -355,6 +372,7 @@ def train(config: TrainConfig) -> dict | None:
                                         "world_size": world_size, "indices": local.tolist()}) + "\n")
             x = load_batch(prepared.train_images, local, preprocess, device, augment, config.seed, epoch)
             y = torch.from_numpy(prepared.train_labels[local]).to(device)
+            data_seconds += time.perf_counter() - step_started
             progress_fraction = (epoch * len(train_indices) + state["cursor"]) / total_samples
             lr = recipe.lr * lr_multiplier(recipe.schedule, progress_fraction) * warmup_factor(
                 progress_fraction * recipe.epochs, config.warmup_epochs)
@@ -464,7 +482,7 @@ def train(config: TrainConfig) -> dict | None:
                                  device, indices=val_indices)
             record.update(val_loss=val.loss, val_accuracy=val.accuracy)
         record["eval_seconds"] = time.perf_counter() - eval_started
-        record.update(communication_by_worker(sync, state["epoch_seconds"], rank, world_size))
+        record.update(communication_by_worker(sync, state["epoch_seconds"], rank, world_size, data_seconds))
         state.update(epoch=epoch + 1, cursor=0, epoch_seconds=0.0, epoch_loss=0.0, epoch_samples=0)
         state["log"].append(record)
         checkpoint_now()  # before the line is written: a restart never logs an epoch twice

@@ -1,0 +1,74 @@
+"""`distvision scale` settings, and the comma-separated lists its flags take."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from distvision.errors import UserError
+
+
+@dataclass
+class ScaleConfig:
+    data: str | None
+    model: str = "caffe-quick"
+    out: str = "scale-report"
+    workers: list[int] = field(default_factory=lambda: [1, 2])
+    fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    batch_sizes: list[int] = field(default_factory=lambda: [512])
+    syncs: list[str] = field(default_factory=lambda: ["allreduce"])
+    sync_every: str = "8"  # local SGD's period, for measured and predicted local-SGD points
+    epochs: int = 1
+    repeats: int = 1
+    threads_per_worker: int = 1  # the same for every worker at every worker count: one node's cores
+    predict_workers: list[int] = field(default_factory=lambda: [4, 8, 16, 64])
+    network: str | None = None  # e.g. "10gbit,50us"; None: the network measured here
+    precision: str = "fp32"
+    image_size: int = 32
+    seed: int = 0
+    cache_dir: str | None = None
+    train_args: list[str] = field(default_factory=list)  # further `distvision train` flags, passed on
+
+
+def parse_list(text: str, kind: type, flag: str, minimum: float | None = None, maximum: float | None = None) -> list:
+    """'1,2,4' -> [1, 2, 4]; anything malformed or out of range is a one-line UserError."""
+    items = [item.strip() for item in str(text).split(",")]
+    try:
+        values = [kind(item) for item in items]
+    except ValueError:
+        raise UserError(f"{flag} takes a comma-separated list of {kind.__name__}s, e.g. "
+                        f"{'1,2,4' if kind is int else '0.25,0.5,1'} (got {text!r})") from None
+    for value in values:
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise UserError(f"{flag}: {value} is out of range [{minimum}, {maximum}] (got {text!r})")
+    if len(set(values)) != len(values):
+        raise UserError(f"{flag} lists a value twice (got {text!r})")
+    return values
+
+
+def parse_syncs(text: str) -> list[str]:
+    from distvision.parallel.sync import SYNC_MODES
+
+    syncs = [item.strip() for item in text.split(",")]
+    unknown = [s for s in syncs if s not in SYNC_MODES]
+    if unknown or not syncs:
+        bad = unknown[0] if unknown else text
+        raise UserError(f"--sync: unknown mode {bad!r}; choose from {', '.join(SYNC_MODES)}")
+    return syncs
+
+
+def validate(config: ScaleConfig) -> None:
+    """Settings that cannot work, refused before any run starts."""
+    from distvision.models.registry import get_entry
+    from distvision.scale.network import parse_network
+
+    get_entry(config.model)
+    if config.network:
+        parse_network(config.network)
+    if config.epochs < 1 or config.repeats < 1 or config.threads_per_worker < 1:
+        raise UserError("--epochs, --repeats and --threads-per-worker must be at least 1")
+    if config.sync_every != "epoch" and not (config.sync_every.isdigit() and int(config.sync_every) >= 1):
+        raise UserError(f"--sync-every must be a step count >= 1 or 'epoch' (got {config.sync_every!r})")
+    if 1 not in config.workers:
+        raise UserError("--workers must include 1: speedups are measured against one worker")
+    if min(config.batch_sizes) < max(config.workers):
+        raise UserError(f"--batch-sizes {min(config.batch_sizes)} is smaller than --workers {max(config.workers)}")

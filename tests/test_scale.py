@@ -1,0 +1,167 @@
+"""distvision scale: the performance model's fit and predictions, bad input, and a tiny real sweep."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from distvision.bench.problems import get_problem
+from distvision.bench.problems.registry import BenchSettings
+from distvision.cli import main
+from distvision.errors import UserError
+from distvision.scale.model import PerformanceModel, Point, fit_model, relative_errors
+from distvision.scale.network import Network, parse_network
+from distvision.scale.predict import predict, recommend
+from distvision.scale.runs import check_same_settings, load_run
+
+TRUE_TERMS = {"compute_per_sample": 2e-3, "compute_per_step": 0.02, "sync_overhead": 4e-3,
+              "seconds_per_byte": 2e-9, "evaluation": 3.0, "serial": 1.5}
+LOCAL = Network(latency=1e-4, seconds_per_byte=1e-9, name="test network")
+
+
+def synthetic_points(noise: float, seed: int = 0) -> list[Point]:
+    """Timings a machine with TRUE_TERMS would give: workers, data and batch sizes, two payload sizes."""
+    truth = PerformanceModel(TRUE_TERMS, {}, LOCAL, list(TRUE_TERMS))
+    rng = np.random.default_rng(seed)
+    points = []
+    for workers in (1, 2, 4):
+        for samples in (5_000, 20_000, 50_000):
+            for batch_size in (128, 512):
+                for sync, payload in (("allreduce", 6e5), ("local-sgd", 4e6)):
+                    point = Point(workers, samples, batch_size, sync, "4", payload)
+                    seconds = truth.epoch_seconds(point) * (1 + rng.normal(0, noise))
+                    points.append(Point(workers, samples, batch_size, sync, "4", payload, seconds))
+    return points
+
+
+def test_fit_recovers_known_terms_with_honest_uncertainties():
+    model = fit_model(synthetic_points(noise=0.01), LOCAL)
+    assert set(model.fitted) == set(TRUE_TERMS)  # payloads of two sizes: beta is fitted too
+    for name, true_value in TRUE_TERMS.items():
+        error = model.uncertainty[name]
+        assert error is not None and error > 0
+        # Within 4 standard errors of the truth, and the standard error small against the value.
+        assert abs(model.terms[name] - true_value) < 4 * error, (name, model.terms[name], true_value, error)
+        assert error < 0.5 * true_value, (name, error)
+    assert max(relative_errors(model, synthetic_points(noise=0.01))) < 0.05
+    exact = fit_model(synthetic_points(noise=0.0), LOCAL)
+    for name, true_value in TRUE_TERMS.items():
+        assert exact.terms[name] == pytest.approx(true_value, rel=1e-6)
+
+
+def test_one_payload_size_takes_beta_from_the_network_and_one_batch_drops_the_step_term():
+    points = [p for p in synthetic_points(noise=0.0) if p.sync == "allreduce" and p.batch_size == 512]
+    model = fit_model(points, LOCAL)
+    assert "seconds_per_byte" not in model.fitted and "compute_per_step" not in model.fitted
+    assert model.terms["seconds_per_byte"] == LOCAL.seconds_per_byte
+    assert max(relative_errors(model, points)) < 0.02  # the step term folds into the per-sample one
+
+
+def test_a_grid_that_cannot_separate_the_terms_is_a_user_error():
+    one_size = [p for p in synthetic_points(noise=0.0) if p.samples == 50_000 and p.batch_size == 512
+                and p.sync == "allreduce"]
+    with pytest.raises(UserError, match="cannot separate"):
+        fit_model(one_size, LOCAL)
+
+
+def test_predictions_are_monotonic_and_sane():
+    points = synthetic_points(noise=0.0)
+    model = fit_model(points, LOCAL)
+    workers = [1, 2, 4, 8, 16, 64]
+    payloads = {"allreduce": 6e5, "local-sgd": 6e5}
+    fast = predict(model, points, 50_000, [512], workers, "4", payloads, parse_network("10gbit,50us"))
+    slow = predict(model, points, 50_000, [512], workers, "4", payloads, parse_network("100mbit,1ms"))
+    for rows in (fast, slow):
+        for sync in ("allreduce", "local-sgd"):
+            mine = [p for p in rows if p.sync == sync]
+            assert mine[0].workers == 1 and mine[0].speedup == pytest.approx(1.0)
+            efficiency = [p.efficiency for p in mine]
+            assert all(later <= earlier + 1e-12 for earlier, later in itertools.pairwise(efficiency))
+            assert all(0 < p.speedup <= p.workers for p in mine)
+    by_key = {(p.sync, p.workers): p for p in fast}
+    slow_by_key = {(p.sync, p.workers): p for p in slow}
+    for n in workers[1:]:
+        # A slower network never helps; averaging every 4 steps costs less than every step.
+        assert slow_by_key[("allreduce", n)].epoch_seconds > by_key[("allreduce", n)].epoch_seconds
+        assert by_key[("local-sgd", n)].epoch_seconds < by_key[("allreduce", n)].epoch_seconds
+    # Amdahl: the serial part bounds every speedup.
+    bound = 1 / model.serial_fraction(50_000, 512)
+    assert all(p.speedup < bound for p in fast)
+    assert recommend(fast)["fastest"]["workers"] > 1  # this workload does scale on a fast network
+
+
+def test_network_strings():
+    network = parse_network("10gbit,50us")
+    assert network.seconds_per_byte == pytest.approx(8 / 10e9) and network.latency == pytest.approx(50e-6)
+    assert parse_network("100mbit").latency == 0.0
+    assert parse_network("1gb/s,1ms").seconds_per_byte == pytest.approx(1e-9)
+    for bad in ("fast", "10gbit,50", "10parsecs,1us", "0gbit", "10gbit,1us,2"):
+        with pytest.raises(UserError):
+            parse_network(bad)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["scale", "--network", "fast"], "--network 'fast'"),
+    (["scale", "--workers", "1,x"], "--workers takes a comma-separated list"),
+    (["scale", "--workers", "2,4"], "must include 1"),
+    (["scale", "--fractions", "0,1"], "--fractions: 0.0 is out of range"),
+    (["scale", "--sync", "allreduce,gossip"], "unknown mode 'gossip'"),
+    (["scale", "--model", "nonet"], "unknown model 'nonet'"),
+    (["bench", "--problems", "sudoku"], "unknown problem 'sudoku'"),
+    (["bench", "--workers", "1,1"], "lists a value twice"),
+    (["bench", "--problems", "parity8", "--epochs-for", "parity8=0"], "--epochs-for takes PROBLEM=EPOCHS"),
+    (["bench", "--problems", "parity8", "--epochs-for", "digits=3"], "not among the problems run"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, expected, capsys, tmp_path):
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("distvision: error:") and expected in lines[0], lines
+
+
+def test_tiny_real_sweep_writes_the_report(tmp_path: Path):
+    cache = tmp_path / "cache"
+    digits = get_problem("digits").data(BenchSettings(cache / "distvision"))
+    out = tmp_path / "report"
+    result = run_cli(["scale", "--data", digits, "--model", "mlp", "--image-size", "8", "--workers", "1,2",
+                      "--fractions", "0.5,1", "--batch-sizes", "64", "--epochs", "1",
+                      "--predict-workers", "4,16", "--network", "1gbit,100us", "--out", str(out)], cache, timeout=280)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
+    assert sorted((int(r["workers"]), int(r["samples"])) for r in rows) == [(1, 719), (1, 1438), (2, 719), (2, 1438)]
+    for row in rows:
+        assert float(row["epoch_seconds"]) > 0 and float(row["images_per_second"]) > 0
+        parts = [float(row[f"{name}_ms_per_step"]) for name in ("compute", "communication", "data", "eval")]
+        assert all(part >= 0 for part in parts) and float(row["compute_ms_per_step"]) > 0
+        assert float(row["data_ms_per_step"]) > 0  # train's records carry data_seconds
+        # Every worker got --threads-per-worker 1, even a lone one on a machine with more cores.
+        assert json.loads((Path(row["run_dir"]) / "summary.json").read_text())["threads_per_worker"] == 1
+    # Two workers exchange gradients every step; one worker only its few bytes of loss bookkeeping.
+    sent = {(r["workers"], r["samples"]): int(r["bytes_exchanged"]) for r in rows}
+    assert sent[("2", "1438")] > 100 * max(sent[("1", "1438")], 1) and sent[("2", "1438")] > sent[("2", "719")]
+    model = json.loads((out / "model.json").read_text())
+    # Tiny epochs on a shared machine are too noisy to hold the fit to 15% here (the synthetic tests
+    # check the fit); the report must agree with itself.
+    errors = [abs(p["predicted_seconds"] - p["seconds"]) / p["seconds"] for p in model["points"]]
+    assert math.isfinite(model["max_relative_error"]) and model["max_relative_error"] == pytest.approx(max(errors))
+    assert {p["workers"] for p in model["points"]} == {1, 2}
+    predicted = model["predictions"]["a 1gbit,100us network"]
+    assert sorted({p["workers"] for p in predicted}) == [1, 2, 4, 16]
+    report = (out / "report.md").read_text()
+    assert "1 thread(s) at every worker count" in report and "## Recommendation" in report
+    for plot in ("time_vs_dataset.png", "speedup.png", "efficiency.png", "time_vs_batch.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({plot})" in report
+    # A rerun reuses finished runs, but never one trained with other settings.
+    run = load_run(out / "runs" / "allreduce-b64-w2-f1-r0")
+    same = ["--model", "mlp", "--workers", "2", "--batch-size", "64", "--train-fraction", "1", "--image-size", "8"]
+    check_same_settings(run, same)
+    with pytest.raises(UserError, match="batch_size=64, not 128"):
+        check_same_settings(run, [*same, "--batch-size", "128"])
