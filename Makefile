@@ -25,7 +25,7 @@ train: setup
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
 test: setup postgres
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=20
 
 # distvision tune's shared-study test runs a real PostgreSQL server (Debian's); install it where
 # missing and possible (root with apt), else that one test skips.

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import MLP_SETTINGS, run_cli
+from conftest import MLP_SETTINGS, MLP_TRICKS, run_cli
 from safetensors.torch import load_file
 
 from distvision.models import create
@@ -38,7 +38,8 @@ def allreduce_run(mlp_run_two_workers: Path) -> tuple[Path, dict]:
 
 
 def test_local_sgd_every_step_equals_allreduce(data: Path, allreduce_run, tmp_path: Path):
-    local = _train(data, tmp_path / "local", "--workers", "2", "--sync", "local-sgd", "--sync-every", "1", *COMMON)
+    local = _train(data, tmp_path / "local", "--workers", "2", "--sync", "local-sgd", "--sync-every", "1", *COMMON,
+                   *MLP_TRICKS)  # the shared run's tricks too: averaging every step must still be all-reduce
     a = load_file(allreduce_run[0] / "checkpoint" / "model.safetensors")
     b = load_file(tmp_path / "local" / "checkpoint" / "model.safetensors")
     for name in a:
