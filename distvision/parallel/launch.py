@@ -108,6 +108,13 @@ def run_as_worker(work, config) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"distvision: error: {error}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT)
+    # The work is done, its outputs written and its process group destroyed. Leave without the
+    # interpreter's finalization: with a private rendezvous store (above) a worker whose peer (the
+    # store's host) has already gone sometimes aborted there ("terminate called without an active
+    # exception", exit -6) and turned a finished run into a failed one.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def warn_if_store_is_shared() -> None:
