@@ -391,8 +391,7 @@ def train(config: TrainConfig) -> dict | None:
             optimizer.zero_grad(set_to_none=True)
             in_sync = sync.after_step(state["step"], batch_index == len(batches) - 1)
             if lookahead:
-                done = (epoch * len(train_indices) + state["cursor"] + len(batch)) / total_samples
-                lookahead.maybe_update(unwrap(model), state["step"] + 1, done)
+                lookahead.maybe_update(unwrap(model), state["step"] + 1, progress_fraction + len(batch) / total_samples)
             compute_seconds = (time.perf_counter() - step_started
                                - (sync.stats.communication_seconds - communication_before))
             if rank == slow_rank:  # --debug-slowdown: a slower machine, simulated

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distvision.errors import UserError
+from distvision.fileio import write_json_atomic
 from distvision.metrics import read_metrics
 from distvision.parallel.launch import FOLLOW_PARENT_VARIABLE
 
@@ -59,7 +60,7 @@ def run_train(train_args: list[str], run_dir: Path) -> TrainRun:
     if done.returncode != 0:
         tail = (run_dir.parent / f"{run_dir.name}.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise UserError(f"training run {run_dir.name} failed (exit {done.returncode}): {tail[0]}")
-    (run_dir / "wall_seconds.json").write_text(json.dumps({"wall_seconds": wall}))
+    write_json_atomic(run_dir / "wall_seconds.json", {"wall_seconds": wall})
     return load_run(run_dir)
 
 

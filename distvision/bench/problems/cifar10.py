@@ -19,7 +19,7 @@ register_problem(Problem(
 
 register_problem(Problem(
     name="cifar10-fastnet",
-    description="CIFAR-10, fastnet (airbench94's shape), its default recipe, 10 epochs",
+    description="CIFAR-10, fastnet (airbench94's net), its default recipe, 10 epochs",
     model="fastnet",
     epochs=10,
     data=cifar_data,
