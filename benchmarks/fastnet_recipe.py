@@ -1,12 +1,14 @@
 """fastnet's record recipe on CIFAR-10: seeds, worker counts and an ablation, with `distvision train`.
 
     python benchmarks/fastnet_recipe.py --out /tmp/fastnet --seeds 0,1,2 --workers 2,1
-    python benchmarks/fastnet_recipe.py --out /tmp/fastnet-ablation --ablation --epochs 4 --seeds 0
+    python benchmarks/fastnet_recipe.py --out /tmp/fastnet-ablation --ablation --seeds 0,1 --workers 1 \
+        -- --precision bf16     # flags after -- go to every `distvision train` (one --out per set)
 
 Every run is a real `distvision train --model fastnet` with the default recipe; runs already in
 --out are read, not repeated. Prints a table per worker count (test accuracy with and without
 test-time augmentation, wall seconds, images/s) with the mean and spread over seeds, and with
---ablation one row per trick switched off (`--no-NAME`), at the given epochs.
+--ablation one row per trick switched off (`--no-NAME`) with its accuracy per seed, the mean and
+the difference from the full recipe, at the given epochs.
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ def row(name: str, s: dict) -> str:
             f"{s['wall_seconds']:.0f} | {s['images_per_second']:.0f} |")
 
 
+def ablation_row(name: str, runs: list[dict], full_mean: float | None) -> str:
+    accuracies = [100 * s["test_accuracy"] for s in runs]
+    mean = statistics.mean(accuracies)
+    change = "" if full_mean is None else f"{mean - full_mean:+.2f}"
+    plain = statistics.mean(100 * s["test_accuracy_without_tta"] for s in runs)
+    return f"| {name} | {' | '.join(f'{a:.2f}' for a in accuracies)} | {mean:.2f} | {change} | {plain:.2f} |"
+
+
 def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -49,12 +59,13 @@ def main() -> None:
     parser.add_argument("--workers", default="2")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--ablation", action="store_true", help="also one run per trick switched off")
+    parser.add_argument("train_flags", nargs="*", help="after --: more flags for every `distvision train`")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     header = "| run | test accuracy % | without TTA % | wall s | images/s |\n|---|---|---|---|---|"
     for workers in args.workers.split(","):
         runs = {seed: train(args.out / f"w{workers}-s{seed}", args.data, "--workers", workers, "--seed", str(seed),
-                            "--epochs", str(args.epochs)) for seed in seeds}
+                            "--epochs", str(args.epochs), *args.train_flags) for seed in seeds}
         print(f"\nfastnet, default recipe, {args.epochs} epochs, {workers} worker(s)\n{header}")
         for seed, s in runs.items():
             print(row(f"seed {seed}", s))
@@ -62,12 +73,18 @@ def main() -> None:
               f"{spread([100 * s['test_accuracy'] for s in runs.values()])}%, wall "
               f"{spread([s['wall_seconds'] for s in runs.values()])} s")
         if args.ablation:
-            print(f"\nablation, {args.epochs} epochs, {workers} worker(s), seed {seeds[0]}\n{header}")
-            print(row("full recipe", runs[seeds[0]]))
+            seed_columns = " | ".join(f"seed {seed}" for seed in seeds)
+            print(f"\nablation, {args.epochs} epochs, {workers} worker(s)\n"
+                  f"| run | {seed_columns} | mean | vs full recipe | mean without TTA |\n"
+                  f"|{'---|' * (len(seeds) + 4)}")
+            full = list(runs.values())
+            print(ablation_row("full recipe", full, None))
+            full_mean = statistics.mean(100 * s["test_accuracy"] for s in full)
             for trick in [name for name in TRICK_SWITCHES if name != "tta"]:  # TTA: the "without" column
-                s = train(args.out / f"w{workers}-s{seeds[0]}-no-{trick}", args.data, "--workers", workers,
-                          "--seed", str(seeds[0]), "--epochs", str(args.epochs), f"--no-{trick}")
-                print(row(f"--no-{trick}", s))
+                off = [train(args.out / f"w{workers}-s{seed}-no-{trick}", args.data, "--workers", workers,
+                             "--seed", str(seed), "--epochs", str(args.epochs), f"--no-{trick}", *args.train_flags)
+                       for seed in seeds]
+                print(ablation_row(f"--no-{trick}", off, full_mean))
 
 
 if __name__ == "__main__":
