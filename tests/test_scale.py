@@ -157,6 +157,8 @@ def test_tiny_real_sweep_writes_the_report(tmp_path: Path):
     assert sorted({p["workers"] for p in predicted}) == [1, 2, 4, 16]
     report = (out / "report.md").read_text()
     assert "1 thread(s) at every worker count" in report and "## Recommendation" in report
+    # One batch size cannot separate per-step work: the report says its predictions are optimistic.
+    assert "Not fitted from this grid: per-step work not shared by workers (b)" in report
     for plot in ("time_vs_dataset.png", "speedup.png", "efficiency.png", "time_vs_batch.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({plot})" in report
     # A rerun reuses finished runs, but never one trained with other settings.
