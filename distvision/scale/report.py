@@ -61,6 +61,15 @@ def _term_line(model: PerformanceModel, name: str) -> str:
     return f"| {TERM_NAMES[name]} | {value * scale:.4g}{spread} {unit} |"
 
 
+def serial_fraction_line(fraction: float, samples: int, batch_size: int) -> str:
+    if fraction == 0:
+        return f"Serial fraction at batch {batch_size}: 0%: the fitted model has no part that more workers cannot shorten."
+    if fraction >= 1:
+        return f"Serial fraction at batch {batch_size}: 100% (no speedup from more workers)."
+    return (f"Serial fraction (Amdahl) at D = {samples:,}, batch {batch_size}: {fraction:.1%} of one worker's epoch "
+            f"(fixed costs and per-step work), so no number of workers can be more than {1 / fraction:.1f}x faster.")
+
+
 def write_report_md(path: Path, config: ScaleConfig, measurements: list[Measurement], model: PerformanceModel,
                     points: list[Point], errors: list[float], predictions: dict[str, list[Prediction]],
                     recommendation: dict, context: dict) -> None:
@@ -118,19 +127,14 @@ def write_report_md(path: Path, config: ScaleConfig, measurements: list[Measurem
     ]
     for batch_size in config.batch_sizes:
         fraction = model.serial_fraction(full, batch_size)
-        lines.append(f"Serial fraction (Amdahl) at D = {full:,}, batch {batch_size}: {fraction:.1%} of one "
-                     f"worker's epoch (fixed costs and per-step work), so no number of workers can be "
-                     f"more than {1 / fraction:.1f}x faster." if 0 < fraction < 1 else
-                     f"Serial fraction at batch {batch_size}: 0%: the fitted model has no part that more "
-                     f"workers cannot shorten." if fraction == 0 else
-                     f"Serial fraction at batch {batch_size}: 100% (no speedup from more workers).")
+        lines.append(serial_fraction_line(fraction, full, batch_size))
     unfitted = [TERM_NAMES[name] for name in ("compute_per_step", "sync_overhead") if name not in model.fitted]
     if unfitted:
         # Those are the costs that grow with the worker count at a fixed global batch: a model
         # without them extrapolates only the sharing of compute, and so promises too much.
-        lines += ["", f"Not fitted from this grid: {'; '.join(unfitted)}. Predictions beyond the measured "
-                  "worker counts leave them out and are optimistic; a grid with several batch sizes "
-                  "(`--batch-sizes 128,512`) and sync modes (`--sync allreduce,local-sgd`) fits them."]
+        lines += ["", (f"Not fitted from this grid: {'; '.join(unfitted)}. Predictions beyond the measured "
+                       "worker counts leave them out and are optimistic; a grid with several batch sizes "
+                       "(`--batch-sizes 128,512`) and sync modes (`--sync allreduce,local-sgd`) fits them.")]
     for name, rows in predictions.items():
         lines += ["", f"## Predicted on {name}, D = {full:,}", "",
                   "| sync | batch | workers | epoch s | speedup | efficiency | measured speedup |",
