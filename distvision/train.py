@@ -332,6 +332,7 @@ def train(config: TrainConfig) -> dict | None:
     rules = StopRules(recipe.epochs, config.target_accuracy, config.patience, config.min_delta, config.monitor,
                       config.max_time)
     slow_rank, slow_factor = parse_rank_setting(config.debug_slowdown, 1.0)
+    slowdown_seconds = 0.0  # --debug-slowdown: the extra compute time this step simulates
     nan_rank, nan_step = parse_rank_setting(config.debug_nan_at, -1)
     in_sync = True  # replicas identical (always so under allreduce; after each averaging under local SGD)
 
@@ -373,6 +374,10 @@ def train(config: TrainConfig) -> dict | None:
             x = load_batch(prepared.train_images, local, preprocess, device, augment, config.seed, epoch)
             y = torch.from_numpy(prepared.train_labels[local]).to(device)
             data_seconds += time.perf_counter() - step_started
+            if rank == slow_rank:
+                # A slower machine's extra time falls before the gradient exchange, while the other
+                # workers compute; after the step's exchange it would only make them wait in turn.
+                time.sleep(slowdown_seconds)
             progress_fraction = (epoch * len(train_indices) + state["cursor"]) / total_samples
             lr = recipe.lr * lr_multiplier(recipe.schedule, progress_fraction) * warmup_factor(
                 progress_fraction * recipe.epochs, config.warmup_epochs)
@@ -394,9 +399,8 @@ def train(config: TrainConfig) -> dict | None:
                 lookahead.maybe_update(unwrap(model), state["step"] + 1, progress_fraction + len(batch) / total_samples)
             compute_seconds = (time.perf_counter() - step_started
                                - (sync.stats.communication_seconds - communication_before))
-            if rank == slow_rank:  # --debug-slowdown: a slower machine, simulated
-                time.sleep((slow_factor - 1) * compute_seconds)
-                compute_seconds *= slow_factor
+            if rank == slow_rank:  # the next step sleeps (factor - 1) x this step's own compute time
+                slowdown_seconds = (slow_factor - 1) * (compute_seconds - slowdown_seconds)
             if config.debug_step_delay:
                 time.sleep(config.debug_step_delay)
 
