@@ -63,6 +63,7 @@ class ThroughputBalancer:
     _samples: np.ndarray = field(init=False)
     _steps: int = 0
     _resplits: int = 0
+    _warmed_up: bool = False
 
     def __post_init__(self) -> None:
         self.shares = np.full(self.world_size, 1.0 / self.world_size)
@@ -72,6 +73,9 @@ class ThroughputBalancer:
     def observe(self, compute_seconds: np.ndarray, samples: np.ndarray) -> bool:
         """Add one step's per-rank compute times and sample counts; True when the shares changed."""
         if not self.enabled or self.world_size == 1:
+            return False
+        if not self._warmed_up:  # the first step carries one-off costs (kernel selection, DDP's bucket set-up)
+            self._warmed_up = True
             return False
         self._seconds += compute_seconds
         self._samples += samples
