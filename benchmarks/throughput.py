@@ -303,19 +303,19 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
     for repeat in range(args.repeats):
         # The first round tries every precision; later rounds only those that can still win, so that
         # the three measurements alternate on this noisy machine without a slow precision's cost.
+        this_round = []
         for precision in contenders(bare):
             bare[precision].append(bare_loop(prepared, args.model, args.batch_size, args.images, precision))
+            this_round.append(f"bare {precision} {bare[precision][-1]:.0f}")
         dist_runs.append(distvision_run(data, args.model, args.batch_size, args.epochs, scratch / f"run-{repeat}"))
-        if use_lightning:
-            for precision, name in LIGHTNING_PRECISIONS.items():
-                if name in contenders(lightning):
-                    lightning[name].append(lightning_run(data, args.model, args.batch_size, args.epochs, precision,
-                                                         scratch)["images_per_second"])
-        print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
-            [f"bare {p} {runs[-1]:.0f}" for p, runs in bare.items() if len(runs) == repeat + 1]
-            + [f"distvision ({dist_runs[-1]['precision']}) {dist_runs[-1]['images_per_second']:.0f}"]
-            + [f"Lightning {p} {runs[-1]:.0f}" for p, runs in lightning.items() if len(runs) == repeat + 1])
-            + " img/s", flush=True)
+        this_round.append(f"distvision ({dist_runs[-1]['precision']}) {dist_runs[-1]['images_per_second']:.0f}")
+        racing = contenders(lightning) if use_lightning else []
+        for precision, name in LIGHTNING_PRECISIONS.items():
+            if name in racing:
+                lightning[name].append(lightning_run(data, args.model, args.batch_size, args.epochs, precision,
+                                                     scratch)["images_per_second"])
+                this_round.append(f"Lightning {name} {lightning[name][-1]:.0f}")
+        print(f"repeat {repeat + 1}/{args.repeats}: {', '.join(this_round)} img/s", flush=True)
     bare_precision, bare_median = best_of({p: statistics.median(v) for p, v in bare.items() if v})
     results = {
         "cpu": cpu_model_name(), "cores": os.cpu_count(), "torch": torch.__version__, "load_average_at_start": load,

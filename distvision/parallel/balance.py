@@ -74,7 +74,7 @@ class ThroughputBalancer:
         """Add one step's per-rank compute times and sample counts; True when the shares changed."""
         if not self.enabled or self.world_size == 1:
             return False
-        if not self._warmed_up:  # the first step carries one-off costs (kernel selection, DDP's bucket set-up)
+        if not self._warmed_up:  # the first observation carries one-off costs (kernel selection, DDP's buckets)
             self._warmed_up = True
             return False
         self._seconds += compute_seconds

@@ -62,6 +62,7 @@ def _term_line(model: PerformanceModel, name: str) -> str:
 
 
 def serial_fraction_line(fraction: float, samples: int, batch_size: int) -> str:
+    """The report's sentence on the serial fraction: none, all, or the Amdahl bound it sets."""
     if fraction == 0:
         return f"Serial fraction at batch {batch_size}: 0%: the fitted model has no part that more workers cannot shorten."
     if fraction >= 1:
