@@ -14,7 +14,8 @@ from conftest import MLP_SETTINGS, MLP_TRICKS, run_cli
 from safetensors.torch import load_file
 
 from distvision.models import create
-from distvision.parallel.balance import ThroughputBalancer, split_sizes, weighted_slice
+from distvision.parallel.balance import (REBALANCE_EVERY, REBALANCE_THRESHOLD, ThroughputBalancer, split_sizes,
+                                         weighted_slice)
 from distvision.parallel.stopping import StopRules, stop_after_epoch
 from distvision.parallel.sync import Synchronizer, SyncSettings, unwrap
 
@@ -147,6 +148,24 @@ def test_throughput_balancer_moves_work_to_the_faster_worker():
     balancer = ThroughputBalancer(2, enabled=True)
     changed = [balancer.observe(np.array([0.1, 0.3]), np.array([8, 8])) for _ in range(6)]  # 1 warm-up + 5
     assert changed[-1] and balancer.shares[0] == pytest.approx(0.75)
+
+
+def test_throughput_balancer_follows_drift_but_not_noise():
+    balancer = ThroughputBalancer(2, enabled=True)
+    for _ in range(6):  # 1 warm-up + MEASURE_STEPS: shares 0.75 / 0.25
+        balancer.observe(np.array([0.1, 0.3]), np.array([8, 8]))
+
+    def window_wanting(share: float) -> bool:
+        # Rank 0 takes 12 samples in 0.1 s; rank 1's time for its 4 makes share the speed-proportional split.
+        rank1_seconds = 4 / (120 * (1 - share) / share)
+        changed = [balancer.observe(np.array([0.1, rank1_seconds]), np.array([12, 4]))
+                   for _ in range(REBALANCE_EVERY)]
+        return changed[-1] and not any(changed[:-1])
+
+    assert not window_wanting(0.75 - REBALANCE_THRESHOLD / 2)  # noise: the shares stay
+    assert balancer.shares[0] == pytest.approx(0.75)
+    assert window_wanting(0.75 - REBALANCE_THRESHOLD * 1.5)  # a drift: re-split, once per window
+    assert balancer.shares[0] == pytest.approx(0.75 - REBALANCE_THRESHOLD * 1.5)
 
 
 def test_balance_throughput_with_a_slowed_worker(data: Path, tmp_path: Path):
