@@ -1,13 +1,16 @@
 """Synchronisation modes, throughput balancing and stopping on CIFAR-10, measured with `distvision train`.
 
 Three experiments, each a set of real 2-worker runs, printed as tables:
-  sync      allreduce vs local-sgd (K=8 by default) at the same epochs and global batch:
-            test accuracy, images/s, communication seconds and bytes exchanged per worker
+  sync      synchronisation modes at the same epochs and global batch (--modes; allreduce and
+            local-sgd:8 by default): test accuracy, images/s, communication seconds and bytes
+            exchanged per worker
   balance   one of two workers slowed to half speed (--debug-slowdown 1:2): --balance even vs
             throughput: images/s and accuracy
   target    --target-accuracy 0.70: the epoch it stops at, against the per-epoch accuracies
 
     python benchmarks/sync_modes.py --data ../shared/datasets/cifar10-jpg --out /tmp/sync --only sync
+    python benchmarks/sync_modes.py --out /tmp/sync-fastnet --only sync --model fastnet \
+        --modes allreduce,local-sgd:4,local-sgd:8,local-sgd:epoch,powersgd
 """
 
 from __future__ import annotations
@@ -31,30 +34,49 @@ def train(out: Path, data: Path, *flags: str) -> dict:
     return summary
 
 
+MODE_FLAGS = {  # --modes names -> distvision train flags
+    "allreduce": [],
+    "powersgd": ["--compress", "powersgd"],
+    "fp16": ["--compress", "fp16"],
+}
+
+
+def mode_flags(mode: str) -> list[str]:
+    """Flags for one --modes entry: a MODE_FLAGS name, or local-sgd:K (K steps or `epoch`)."""
+    if mode.startswith("local-sgd:"):
+        return ["--sync", "local-sgd", "--sync-every", mode.split(":", 1)[1]]
+    if mode not in MODE_FLAGS:
+        raise SystemExit(f"sync_modes.py: unknown mode {mode!r}; use {', '.join(MODE_FLAGS)} or local-sgd:K")
+    return MODE_FLAGS[mode]
+
+
 def sync_experiment(args) -> None:
-    runs = {
-        "allreduce": train(args.out / "allreduce", args.data, "--model", args.model, "--epochs", str(args.epochs)),
-        f"local-sgd K={args.every}": train(args.out / f"local-{args.every}", args.data, "--model", args.model,
-                                           "--epochs", str(args.epochs), "--sync", "local-sgd",
-                                           "--sync-every", args.every),
-    }
-    print(f"\n| {args.model}, {args.epochs} epochs | test accuracy | images/s | communication s (per worker) "
-          f"| bytes exchanged (per worker) |")
+    modes = args.modes.split(",")
+    runs = {mode: train(args.out / mode.replace(":", "-"), args.data, "--model", args.model,
+                        "--epochs", str(args.epochs), "--seed", str(args.seed), *mode_flags(mode))
+            for mode in modes}
+    print(f"\n| {args.model}, {args.epochs} epochs, seed {args.seed} | test accuracy | images/s "
+          f"| communication s (per worker) | bytes exchanged (per worker) |")
     print("|---|---|---|---|---|")
     for name, s in runs.items():
         per_worker = [round(c) for c in s["communication_seconds"]]
         print(f"| {name} | {s['test_accuracy']:.4f} | {s['images_per_second']:.0f} | {per_worker} | "
               f"{s['bytes_exchanged'] / 2 / 1e6:.1f} MB |")
-    dense, local = runs["allreduce"], runs[f"local-sgd K={args.every}"]
-    print(f"communication time ratio {sum(dense['communication_seconds']) / sum(local['communication_seconds']):.1f}x, "
-          f"bytes ratio {dense['bytes_exchanged'] / local['bytes_exchanged']:.1f}x, accuracy difference "
-          f"{100 * (local['test_accuracy'] - dense['test_accuracy']):+.2f} points")
+    dense = runs.get("allreduce")
+    for name, s in runs.items():
+        if dense is None or name == "allreduce":
+            continue
+        print(f"{name} against allreduce: communication time "
+              f"{sum(dense['communication_seconds']) / max(sum(s['communication_seconds']), 1e-9):.1f}x less, "
+              f"bytes {dense['bytes_exchanged'] / max(s['bytes_exchanged'], 1):.1f}x fewer, accuracy "
+              f"{100 * (s['test_accuracy'] - dense['test_accuracy']):+.2f} points")
 
 
 def balance_experiment(args) -> None:
     epochs = str(args.balance_epochs)
+    batch = ["--batch-size", str(args.balance_batch_size)] if args.balance_batch_size else []
     runs = {mode: train(args.out / f"balance-{mode}", args.data, "--model", args.model, "--epochs", epochs,
-                        "--debug-slowdown", "1:2", "--balance", mode) for mode in ("even", "throughput")}
+                        "--debug-slowdown", "1:2", "--balance", mode, *batch) for mode in ("even", "throughput")}
     print(f"\n| worker 1 at half speed, {epochs} epochs | images/s | train seconds | test accuracy | batch shares |")
     print("|---|---|---|---|---|")
     for mode, s in runs.items():
@@ -78,8 +100,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="caffe-quick")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--every", default="8")
+    parser.add_argument("--modes", default="allreduce,local-sgd:8",
+                        help="sync experiment: comma-separated allreduce, powersgd, fp16, local-sgd:K (K or epoch)")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--balance-epochs", type=int, default=3)
+    parser.add_argument("--balance-batch-size", type=int, help="global batch of the balance runs (default: the recipe's)")
     parser.add_argument("--only", choices=["sync", "balance", "target"], action="append")
     args = parser.parse_args()
     chosen = args.only or ["sync", "balance", "target"]

@@ -14,8 +14,13 @@ from conftest import MLP_SETTINGS, MLP_TRICKS, run_cli
 from safetensors.torch import load_file
 
 from distvision.models import create
-from distvision.parallel.balance import (REBALANCE_EVERY, REBALANCE_THRESHOLD, ThroughputBalancer, split_sizes,
-                                         weighted_slice)
+from distvision.parallel.balance import (
+    REBALANCE_EVERY,
+    REBALANCE_THRESHOLD,
+    ThroughputBalancer,
+    split_sizes,
+    weighted_slice,
+)
 from distvision.parallel.stopping import StopRules, stop_after_epoch
 from distvision.parallel.sync import Synchronizer, SyncSettings, unwrap
 
