@@ -118,7 +118,17 @@ def stripes(count: int, seed: int, noise: float = 100.0) -> tuple[torch.Tensor, 
     return torch.from_numpy(np.clip(images, 0, 255).astype(np.uint8)), torch.from_numpy(labels)
 
 
-def test_test_time_augmentation_raises_accuracy_of_an_augmented_model():
+@pytest.fixture
+def one_thread():
+    """For tiny models: one thread is as fast as two, and does not collapse when other work shares
+    the cores (with two threads beside a training run this test took 126 s instead of about 5)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_test_time_augmentation_raises_accuracy_of_an_augmented_model(one_thread):
     train_images, train_labels = stripes(2000, seed=0)
     test_images, test_labels = stripes(1000, seed=1)
 
@@ -153,7 +163,7 @@ def test_test_time_augmentation_raises_accuracy_of_an_augmented_model():
     assert plain < flip < flip_shift, (plain, flip, flip_shift)
 
 
-def test_lookahead_lowers_the_loss_of_noisy_sgd():
+def test_lookahead_lowers_the_loss_of_noisy_sgd(one_thread):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(4096, 20, generator=generator)
     y = (x @ torch.randn(20, 4, generator=generator) + 2 * torch.randn(4096, 4, generator=generator)).argmax(1)
