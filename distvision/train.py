@@ -43,6 +43,7 @@ from distvision.fileio import hold_exclusive_lock, write_json_atomic
 from distvision.metrics import Progress, append_metrics, epoch_line, rewrite_log, say
 from distvision.models.registry import create, recipe_for
 from distvision.parallel.balance import ThroughputBalancer, scaled_lr, warmup_factor, weighted_slice
+from distvision.parallel.group import leave_process_group
 from distvision.parallel.stopping import StopRules, stop_after_epoch, time_is_up
 from distvision.parallel.sync import Synchronizer, SyncSettings, unwrap
 from distvision.precision import autocast, choose_precision
@@ -500,7 +501,7 @@ def train(config: TrainConfig) -> dict | None:
     if stop_reason == "stopped":
         checkpoint_now()
         say(f"distvision: stopped at step {state['step']} with a checkpoint; continue with --resume --out {run_dir}")
-        finish_distributed()
+        leave_process_group()
         return None
 
     # Final evaluation with the recipe's test-time settings; the checkpoint holds exactly these weights.
@@ -569,7 +570,7 @@ def train(config: TrainConfig) -> dict | None:
         write_json_atomic(run_dir / "summary.json", summary)
         say(f"distvision: test accuracy {final.accuracy:.4f} after {len(history)} epochs, "
             f"{summary['images_per_second']:.0f} img/s, {summary['wall_seconds']:.0f}s wall; outputs in {run_dir}")
-    finish_distributed()
+    leave_process_group()
     return summary
 
 
@@ -579,12 +580,6 @@ def lock_run_dir(run_dir: Path):
     if handle is None:
         raise UserError(f"another job is writing {run_dir}; give this one its own --out")
     return handle
-
-
-def finish_distributed() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def write_heartbeat(run_dir: Path, step: int, train_seconds: float) -> None:

@@ -150,3 +150,21 @@ def wait_for(condition, timeout: float, what: str):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def spawn_workers(function, args: tuple, nprocs: int = 2, timeout: float = 120) -> None:
+    """Run function(rank, *args) in nprocs spawned processes; fail, and kill them, after timeout seconds.
+
+    torch's mp.spawn joins without a limit and its children are not daemons, so one hung collective
+    would hang the whole suite (and, at exit, the interpreter that waits for its children).
+    """
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(function, args=args, nprocs=nprocs, join=False, daemon=True,
+                                 start_method="spawn")
+    deadline = time.time() + timeout
+    while not context.join(timeout=max(0.1, deadline - time.time())):
+        if time.time() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{function.__name__} did not finish within {timeout:.0f} s")

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import run_cli, write_image_tree
+from conftest import run_cli, spawn_workers, write_image_tree
 from safetensors.torch import load_file
 from torch import nn
 
@@ -21,6 +20,7 @@ from distvision.data.augment import AugmentSettings, augment_batch
 from distvision.evaluate import evaluate_split
 from distvision.inference import forward_logits
 from distvision.models import create
+from distvision.parallel.group import leave_process_group
 from distvision.recipes import lr_multiplier
 from distvision.train import make_optimizer, resolve_recipe
 from distvision.tricks import Lookahead, freeze_norm_scales, image_patches, init_whitening, whitening_filters
@@ -216,13 +216,13 @@ def _finish_lookahead_on_diverged_replicas(rank: int, init_file: str, results: s
     dist.all_gather(gathered, state)
     if rank == 0:
         Path(results).write_text(json.dumps(torch.equal(gathered[0], gathered[1])))
-    dist.destroy_process_group()
+    leave_process_group(barrier=False)
 
 
 def test_lookahead_ends_with_one_model_on_every_worker(tmp_path: Path):
     """Under local SGD each replica keeps its own average: finishing must leave identical weights."""
     results = tmp_path / "same.json"
-    mp.spawn(_finish_lookahead_on_diverged_replicas, args=(str(tmp_path / "init"), str(results)), nprocs=2)
+    spawn_workers(_finish_lookahead_on_diverged_replicas, (str(tmp_path / "init"), str(results)))
     assert json.loads(results.read_text()) is True
 
 

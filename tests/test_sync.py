@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import MLP_SETTINGS, MLP_TRICKS, run_cli
+from conftest import MLP_SETTINGS, MLP_TRICKS, run_cli, spawn_workers
 from safetensors.torch import load_file
 
 from distvision.models import create
@@ -21,6 +20,7 @@ from distvision.parallel.balance import (
     split_sizes,
     weighted_slice,
 )
+from distvision.parallel.group import leave_process_group
 from distvision.parallel.stopping import StopRules, stop_after_epoch
 from distvision.parallel.sync import Synchronizer, SyncSettings, unwrap
 
@@ -88,7 +88,7 @@ def _replicas_after_averaging(rank: int, world_size: int, init_file: str, result
         flags.append(same)
     if rank == 0:
         Path(results).write_text(json.dumps(flags))
-    dist.destroy_process_group()
+    leave_process_group(barrier=False)
 
 
 def _gloo_checks(rank: int, world_size: int, folder: str) -> None:
@@ -100,7 +100,7 @@ def _gloo_checks(rank: int, world_size: int, folder: str) -> None:
 @pytest.fixture(scope="module")
 def gloo_results(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_gloo_checks, args=(2, str(folder)), nprocs=2)
+    spawn_workers(_gloo_checks, (2, str(folder)))
     return folder
 
 
@@ -130,7 +130,7 @@ def _uneven_gradients(rank: int, world_size: int, init_file: str, results: str) 
              for p, q in zip(unwrap(sync.model).parameters(), reference.parameters()))
     if rank == 0:
         Path(results).write_text(json.dumps({"ok": ok, "sizes": [9, 3] if len(local) == 9 else None}))
-    dist.destroy_process_group()
+    leave_process_group(barrier=False)
 
 
 def test_uneven_worker_batches_give_the_whole_batch_gradient(gloo_results: Path):

@@ -39,6 +39,7 @@ from distvision.errors import UserError
 from distvision.fileio import write_json_atomic
 from distvision.inference import InferenceModel, load_inference_model
 from distvision.metrics import say
+from distvision.parallel.group import leave_process_group
 from distvision.parallel.launch import (
     USER_ERROR_EXIT,
     WorkerFailed,
@@ -145,8 +146,7 @@ def classify(config: ClassifyConfig) -> dict | None:
     summary = None
     if rank == 0:
         summary = finish(plan, config, model, launch, launched_at, world_size, threads, decode_threads)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_process_group(barrier=False)
     return summary
 
 

@@ -60,6 +60,8 @@ def _probe_worker(rank: int, init_file: str, results: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from distvision.parallel.group import leave_process_group
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     rows = []
@@ -75,7 +77,7 @@ def _probe_worker(rank: int, init_file: str, results: str) -> None:
         rows.append((size * 4, min(times)))  # the fastest exchange: the network, not the machine's other load
     if rank == 0:
         Path(results).write_text("\n".join(f"{size} {seconds}" for size, seconds in rows))
-    dist.destroy_process_group()
+    leave_process_group(barrier=False)
 
 
 def measure_local_network() -> Network:
