@@ -163,8 +163,8 @@ def spawn_workers(function, args: tuple, nprocs: int = 2, timeout: float = 120) 
     context = mp.start_processes(function, args=args, nprocs=nprocs, join=False, daemon=True,
                                  start_method="spawn")
     deadline = time.time() + timeout
-    while not context.join(timeout=max(0.1, deadline - time.time())):
-        if time.time() >= deadline:
+    while not context.join(timeout=1):  # False until every process has ended (a failure raises)
+        if time.time() > deadline:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"{function.__name__} did not finish within {timeout:.0f} s")
