@@ -6,8 +6,9 @@ Three measurements of training images/s, on the same model, data and global batc
   (3) Lightning   Trainer(strategy="ddp", devices=2) on CPU as its docs show, best of 32-true and bf16-mixed
 
 (1), (2) and (3) alternate --repeats times and their medians are reported, because shared machines
-are noisy (this project's VMs change speed by a third from one minute to the next). The first round
-runs every precision; later rounds repeat only those within 15% of the fastest. Lightning is
+are noisy (this project's VMs change speed by a third from one minute to the next). A probe of two
+bare-loop steps per precision first drops any precision 1.5x slower than the fastest; the first
+round runs the rest, later rounds repeat only those within 15% of the fastest. Lightning is
 optional (`pip install -e .[bench]`).
 
     python benchmarks/throughput.py --data ../shared/datasets/cifar10-jpg --model fastnet --batch-size 512
@@ -44,6 +45,8 @@ IMAGE_SIZE = 32
 WARMUP_STEPS = 3  # bare-loop steps before timing starts (allocator, oneDNN kernel selection)
 LIGHTNING_PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed"}
 STILL_IN_RACE = 1.15  # a precision is measured again when its first run was within 15% of the fastest
+PROBE_STEPS = 2  # bare-loop steps (after one warm-up step) that decide which precisions are worth timing
+PROBE_MARGIN = 1.5  # a precision this much slower than the fastest in the probe is not timed at all
 BUSY_LOAD = 0.5  # 1-minute load average above which the machine is not idle enough to measure
 TARGETS = {"distvision/bare": 0.95, "distvision/lightning": 1.3}  # for fastnet at global batch 512
 
@@ -116,8 +119,9 @@ def batch_indices(sample_count: int, batch_size: int, steps: int) -> list[np.nda
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
-def bare_loop(prepared: Prepared, model_name: str, batch_size: int, images: int, precision: str) -> float:
-    """Training images/s of a plain PyTorch loop in this process, after WARMUP_STEPS untimed steps.
+def bare_loop(prepared: Prepared, model_name: str, batch_size: int, images: int, precision: str,
+              warmup_steps: int = WARMUP_STEPS) -> float:
+    """Training images/s of a plain PyTorch loop in this process, after warmup_steps untimed steps.
 
     It does the work distvision's loop does per step: gather and augment the uint8 batch
     (load_batch), normalise to channels_last float, forward under autocast, label-smoothed
@@ -133,11 +137,11 @@ def bare_loop(prepared: Prepared, model_name: str, batch_size: int, images: int,
     preprocess = build_preprocessing(prepared, recipe)
     augment = AugmentSettings(recipe.translate, recipe.flip, recipe.cutout)
     timed_steps = math.ceil(images / batch_size)
-    batches = batch_indices(len(prepared.train_images), batch_size, WARMUP_STEPS + timed_steps)
+    batches = batch_indices(len(prepared.train_images), batch_size, warmup_steps + timed_steps)
     cpu = torch.device("cpu")
     started, timed_images = 0.0, 0
     for step, indices in enumerate(batches):
-        if step == WARMUP_STEPS:
+        if step == warmup_steps:
             started = time.perf_counter()
         x = load_batch(prepared.train_images, indices, preprocess, cpu, augment, seed=0, epoch=step)
         y = torch.from_numpy(prepared.train_labels[indices])
@@ -151,7 +155,7 @@ def bare_loop(prepared: Prepared, model_name: str, batch_size: int, images: int,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()
-        if step >= WARMUP_STEPS:
+        if step >= warmup_steps:
             timed_images += len(indices)
     return timed_images / (time.perf_counter() - started)
 
@@ -297,8 +301,9 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
         print("(3) Lightning: skipped (--skip-lightning)")
     elif not use_lightning:
         print("(3) Lightning: skipped, not installed; install it with `pip install -e .[bench]`")
-    bare: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    lightning: dict[str, list[float]] = {name: [] for name in LIGHTNING_PRECISIONS.values()}
+    worth_timing = probe_precisions(prepared, args.model, args.batch_size)
+    bare: dict[str, list[float]] = {precision: [] for precision in worth_timing}
+    lightning: dict[str, list[float]] = {LIGHTNING_PRECISIONS[precision]: [] for precision in worth_timing}
     dist_runs: list[dict] = []
     for repeat in range(args.repeats):
         # The first round tries every precision; later rounds only those that can still win, so that
@@ -333,6 +338,21 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
         precision, value = best_of({p: statistics.median(v) for p, v in lightning.items() if v})
         results["lightning"] = {"runs": lightning, "precision": precision, "median": value}
     return results
+
+
+def probe_precisions(prepared: Prepared, model_name: str, batch_size: int) -> list[str]:
+    """The precisions worth a full run: a few bare-loop steps of each, keeping those within
+    PROBE_MARGIN of the fastest. On a CPU without native bf16 (AMD Zen 3) bf16 autocast ran about 10x
+    slower than fp32, and a full bare and Lightning run in it would take most of an hour."""
+    probe = {precision: bare_loop(prepared, model_name, batch_size, PROBE_STEPS * batch_size, precision,
+                                  warmup_steps=1)
+             for precision in LIGHTNING_PRECISIONS}
+    fastest = max(probe.values())
+    kept = [precision for precision, speed in probe.items() if speed * PROBE_MARGIN >= fastest]
+    print(f"precision probe ({PROBE_STEPS} bare steps each): "
+          + ", ".join(f"{precision} {speed:.0f} img/s" for precision, speed in probe.items())
+          + f"; timing {', '.join(kept)}", flush=True)
+    return kept
 
 
 def contenders(runs: dict[str, list[float]]) -> list[str]:
