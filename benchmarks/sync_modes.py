@@ -26,8 +26,10 @@ def train(out: Path, data: Path, *flags: str) -> dict:
     if not (out / "summary.json").is_file():
         command = [sys.executable, "-m", "distvision", "train", "--data", str(data), "--out", str(out),
                    "--workers", "2", *flags]
-        print(" ".join(command), flush=True)
-        subprocess.run(command, check=True)
+        # A run cut short (a session's end, a killed job) goes on from its last checkpoint.
+        resume = ["--resume"] if (out / "checkpoints").is_dir() else []
+        print(" ".join(command + resume), flush=True)
+        subprocess.run(command + resume, check=True)
     summary = json.loads((out / "summary.json").read_text())
     summary["records"] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                           if "epoch" in line and '"event"' not in line]
