@@ -342,7 +342,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
 
 def probe_precisions(prepared: Prepared, model_name: str, batch_size: int) -> list[str]:
     """The precisions worth a full run: a few bare-loop steps of each, keeping those within
-    PROBE_MARGIN of the fastest. On a CPU without native bf16 (AMD Zen 3) bf16 autocast ran about 10x
+    PROBE_MARGIN of the fastest. On a CPU without native bf16 (AMD Zen 3) bf16 autocast ran 19x
     slower than fp32, and a full bare and Lightning run in it would take most of an hour."""
     probe = {precision: bare_loop(prepared, model_name, batch_size, PROBE_STEPS * batch_size, precision,
                                   warmup_steps=1)
