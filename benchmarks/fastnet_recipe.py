@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from distvision.checkpoint import list_training_checkpoints
 from distvision.recipes import TRICK_SWITCHES
 
 
@@ -28,7 +29,7 @@ def train(out: Path, data: Path, *flags: str) -> dict:
         command = [sys.executable, "-m", "distvision", "train", "--data", str(data), "--out", str(out),
                    "--model", "fastnet", *flags]
         print(" ".join(command), flush=True)
-        subprocess.run(command + (["--resume"] if (out / "checkpoints").is_dir() else []), check=True)
+        subprocess.run(command + (["--resume"] if list_training_checkpoints(out) else []), check=True)
     return json.loads((out / "summary.json").read_text())
 
 

@@ -21,13 +21,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from distvision.checkpoint import list_training_checkpoints
+
 
 def train(out: Path, data: Path, *flags: str) -> dict:
     if not (out / "summary.json").is_file():
         command = [sys.executable, "-m", "distvision", "train", "--data", str(data), "--out", str(out),
                    "--workers", "2", *flags]
         # A run cut short (a session's end, a killed job) goes on from its last checkpoint.
-        resume = ["--resume"] if (out / "checkpoints").is_dir() else []
+        resume = ["--resume"] if list_training_checkpoints(out) else []
         print(" ".join(command + resume), flush=True)
         subprocess.run(command + resume, check=True)
     summary = json.loads((out / "summary.json").read_text())
