@@ -64,7 +64,7 @@ class TrainConfig:
     resume: bool = False
     # Debugging aids for tests and demonstrations.
     audit_samples: bool = False  # log every rank's sample indices per step to RUN_DIR/audit/
-    debug_stop_at_step: int | None = None  # stop (resumably) after this global step, as on SIGTERM
+    debug_stop_at_step: int | None = None  # stop (resumably) at the first stats exchange from this step on
     debug_step_delay: float = 0.0  # sleep this long after every step, to make a run slow
     debug_slowdown: str | None = None  # "RANK:FACTOR": that worker computes FACTOR times slower
     debug_nan_at: str | None = None  # "RANK:STEP": that worker's loss turns NaN at that global step

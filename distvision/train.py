@@ -34,7 +34,7 @@ from distvision.checkpoint import (
 )
 from distvision.config import TrainConfig
 from distvision.data.augment import AugmentSettings
-from distvision.data.batches import Preprocessing, load_batch
+from distvision.data.batches import BatchPrefetcher, Preprocessing, load_batch
 from distvision.data.prepare import default_cache_dir, ensure_prepared, open_prepared
 from distvision.data.sharding import epoch_permutation, global_batches, rank_slice
 from distvision.errors import UserError
@@ -330,6 +330,11 @@ def train(config: TrainConfig) -> dict | None:
                                             config.powersgd_rank), device)
     model = sync.model
     balancer = ThroughputBalancer(world_size, config.balance == "throughput")
+
+    def my_share(batch: np.ndarray) -> np.ndarray:
+        """This rank's slice of a global batch, as the balancer splits it now."""
+        return weighted_slice(batch, rank, balancer.shares) if balancer.enabled else rank_slice(batch, rank, world_size)
+
     rules = StopRules(recipe.epochs, config.target_accuracy, config.patience, config.min_delta, config.monitor,
                       config.max_time)
     slow_rank, slow_factor = parse_rank_setting(config.debug_slowdown, 1.0)
@@ -351,6 +356,8 @@ def train(config: TrainConfig) -> dict | None:
     total_samples = recipe.epochs * len(train_indices)
     stop_signal = StopSignal()
     stop_reason = None
+    prefetcher = BatchPrefetcher(prepared.train_images, preprocess, device, augment, config.seed)
+    sync.work_while_exchanging = prefetcher.load_ahead
     last_checkpoint = last_heartbeat = time.time()
     while state["epoch"] < recipe.epochs and stop_reason is None:
         epoch = state["epoch"]
@@ -359,22 +366,22 @@ def train(config: TrainConfig) -> dict | None:
         order = train_indices[epoch_permutation(config.seed, epoch, len(train_indices))]
         batches = global_batches(order[state["cursor"]:], recipe.batch_size, world_size)
         progress = Progress(len(batches), f"epoch {epoch + 1}/{recipe.epochs}")
-        pending = np.zeros(4)  # this worker's loss sum, samples, compute seconds, non-finite losses
+        pending = np.zeros(5)  # this worker's loss sum, samples, compute seconds, non-finite losses, steps
         progress_steps = 0
-        data_seconds = 0.0  # this worker's time gathering and augmenting batches this epoch (this attempt)
+        prefetcher.seconds = 0.0  # this worker's time gathering and augmenting batches this epoch (this attempt)
         segment_started = time.perf_counter()
         model.train()
         for batch_index, batch in enumerate(batches):
             step_started = time.perf_counter()
             communication_before = sync.stats.communication_seconds
-            local = weighted_slice(batch, rank, balancer.shares) if balancer.enabled else rank_slice(
-                batch, rank, world_size)
+            local = my_share(batch)
             if audit:
                 audit.write(json.dumps({"attempt": attempt, "epoch": epoch, "step": state["step"],
                                         "world_size": world_size, "indices": local.tolist()}) + "\n")
-            x = load_batch(prepared.train_images, local, preprocess, device, augment, config.seed, epoch)
+            x = prefetcher.take(local, epoch)
+            if batch_index + 1 < len(batches):  # loaded while this step's gradients are exchanged
+                prefetcher.prefetch(my_share(batches[batch_index + 1]), epoch)
             y = torch.from_numpy(prepared.train_labels[local]).to(device)
-            data_seconds += time.perf_counter() - step_started
             if rank == slow_rank:
                 # A slower machine's extra time falls before the gradient exchange, while the other
                 # workers compute; after the step's exchange it would only make them wait in turn.
@@ -407,29 +414,32 @@ def train(config: TrainConfig) -> dict | None:
 
             local_loss = loss.item()
             pending += (local_loss if math.isfinite(local_loss) else 0.0, len(local), compute_seconds,
-                        not math.isfinite(local_loss))
+                        not math.isfinite(local_loss), 1)
             state["step"] += 1
             state["cursor"] += len(batch)
             now = time.time()
             if not sync.exchanges_stats(batch_index, in_sync, batch_index == len(batches) - 1):
-                continue  # local SGD between averagings: nothing leaves this worker
+                continue  # the losses and votes wait for the next exchange (sync.STATS_EVERY)
 
             # One small all-reduce: the global loss, decisions every rank must share, and each rank's
-            # compute time and sample count (for throughput balancing).
+            # compute time and sample count since the last one (for throughput balancing).
             elapsed = state["train_seconds"] + time.perf_counter() - segment_started
             shared = torch.zeros(6 + 2 * world_size, dtype=torch.float64)
             shared[:6] = torch.tensor([
                 pending[0], pending[1],
-                float(stop_signal.requested or (rank == 0 and state["step"] == config.debug_stop_at_step)),
+                float(stop_signal.requested or (rank == 0 and config.debug_stop_at_step is not None
+                                                and state["step"] >= config.debug_stop_at_step)),
                 pending[3],
                 float(rank == 0 and now - last_checkpoint >= config.checkpoint_every),
                 float(rank == 0 and time_is_up(rules, elapsed)),
             ])
             shared[6 + rank], shared[6 + world_size + rank] = pending[2], pending[1]
+            steps_since_exchange = int(pending[4])
             pending[:] = 0
             sync.small_all_reduce(shared)
             global_loss, samples, stop_votes, diverged_votes, checkpoint_due, time_up = shared[:6].tolist()
-            if balancer.observe(shared[6 : 6 + world_size].numpy(), shared[6 + world_size :].numpy()):
+            if balancer.observe(shared[6 : 6 + world_size].numpy(), shared[6 + world_size :].numpy(),
+                                steps_since_exchange):
                 say(f"distvision: batch shares re-split by measured speed: "
                     f"{', '.join(f'{share:.2f}' for share in balancer.shares)}")
             state["epoch_loss"] += global_loss
@@ -486,7 +496,7 @@ def train(config: TrainConfig) -> dict | None:
                                  device, indices=val_indices)
             record.update(val_loss=val.loss, val_accuracy=val.accuracy)
         record["eval_seconds"] = time.perf_counter() - eval_started
-        record.update(communication_by_worker(sync, state["epoch_seconds"], rank, world_size, data_seconds))
+        record.update(communication_by_worker(sync, state["epoch_seconds"], rank, world_size, prefetcher.seconds))
         state.update(epoch=epoch + 1, cursor=0, epoch_seconds=0.0, epoch_loss=0.0, epoch_samples=0)
         state["log"].append(record)
         checkpoint_now()  # before the line is written: a restart never logs an epoch twice

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from distvision.data.augment import AugmentSettings, augment_batch
+from distvision.data.batches import BatchPrefetcher, Preprocessing, load_batch
 from distvision.data.sharding import epoch_permutation, evaluation_share, global_batches, rank_slice
 from distvision.recipes import lr_multiplier, one_cycle, step_down
 
@@ -71,3 +72,27 @@ def test_schedules():
     assert lr_multiplier(cycle, 0.125) == pytest.approx(0.5)
     assert lr_multiplier(cycle, 0.25) == pytest.approx(1.0)
     assert lr_multiplier(cycle, 1.0) == pytest.approx(0.0)
+
+
+def test_batches_loaded_ahead_equal_batches_loaded_when_taken():
+    images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    preprocess = Preprocessing.build("standardize", [0.5] * 3, [0.25] * 3, np.zeros((8, 8, 3), np.float32))
+    augment = AugmentSettings(translate=2, flip=True)
+    prefetcher = BatchPrefetcher(images, preprocess, torch.device("cpu"), augment, seed=3)
+
+    def expected(indices, epoch):
+        return load_batch(images, indices, preprocess, torch.device("cpu"), augment, 3, epoch)
+
+    first, second = np.array([5, 1, 9, 30]), np.array([2, 7, 11, 39])
+    prefetcher.prefetch(first, epoch=1)
+    prefetcher.load_ahead()
+    prefetcher.load_ahead()  # a second bucket's hook: nothing more to load
+    assert prefetcher.seconds > 0
+    assert torch.equal(prefetcher.take(first, epoch=1), expected(first, 1))
+    # A batch loaded ahead that is not the one needed (another split, another epoch) is not used,
+    # nor is one asked for but never loaded ahead (no exchange ran).
+    for wanted, epoch, exchanged in ((second, 1, True), (first, 2, True), (first, 1, False)):
+        prefetcher.prefetch(first, epoch=1)
+        if exchanged:
+            prefetcher.load_ahead()
+        assert torch.equal(prefetcher.take(wanted, epoch=epoch), expected(wanted, epoch))

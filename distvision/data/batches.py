@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -58,3 +60,46 @@ def load_batch(
     if augment is not None and augment.active:
         batch = augment_batch(batch, indices, augment, seed, epoch)
     return preprocess(batch)
+
+
+class BatchPrefetcher:
+    """Loads the next training batch while this step's gradients are exchanged.
+
+    A CPU worker usually owns one core, and in an all-reduce it mostly waits: for the transfer and
+    for the slowest worker. The exchange runs in gloo's own thread, so the training thread can load
+    the next batch meanwhile (Synchronizer calls load_ahead from its communication hook) instead
+    of after the step. A thread of our own would not do: it competes for the core and the GIL while
+    the step computes. The batch is the same pure function of (indices, epoch) as load_batch; a
+    batch loaded ahead whose indices turn out not to be the ones needed (the balancer re-split the
+    batch meanwhile) is dropped and the batch loaded when it is taken.
+    """
+
+    def __init__(self, images: np.ndarray, preprocess: Preprocessing, device: torch.device,
+                 augment: AugmentSettings, seed: int):
+        self._load = partial(load_batch, images, preprocess=preprocess, device=device, augment=augment, seed=seed)
+        self._wanted: tuple[np.ndarray, int] | None = None  # the batch to load ahead, not yet loaded
+        self._ahead: tuple[np.ndarray, int, torch.Tensor] | None = None
+        self.seconds = 0.0  # spent loading, ahead or not
+
+    def prefetch(self, indices: np.ndarray, epoch: int) -> None:
+        """Ask for a batch to be loaded at the next load_ahead, for a later take()."""
+        self._wanted = (indices, epoch)
+
+    def load_ahead(self) -> None:
+        """Load the batch asked for, if any (called while an exchange is in flight)."""
+        if self._wanted is not None:
+            (indices, epoch), self._wanted = self._wanted, None
+            self._ahead = (indices, epoch, self._timed_load(indices, epoch))
+
+    def take(self, indices: np.ndarray, epoch: int) -> torch.Tensor:
+        """The batch of these indices: the one loaded ahead when it matches, else loaded now."""
+        ahead, self._ahead, self._wanted = self._ahead, None, None
+        if ahead is not None and ahead[1] == epoch and np.array_equal(ahead[0], indices):
+            return ahead[2]
+        return self._timed_load(indices, epoch)
+
+    def _timed_load(self, indices: np.ndarray, epoch: int) -> torch.Tensor:
+        started = time.perf_counter()
+        batch = self._load(indices, epoch=epoch)
+        self.seconds += time.perf_counter() - started
+        return batch

@@ -59,7 +59,7 @@ def weighted_slice(batch: np.ndarray, rank: int, shares: np.ndarray) -> np.ndarr
 @dataclass
 class ThroughputBalancer:
     """Per-worker shares from measured seconds per sample. Fed identical numbers on every rank
-    (the per-step all-reduce carries each rank's compute time), so every rank computes the same shares."""
+    (the small all-reduce of losses and votes carries each rank's compute time), so every rank computes the same shares."""
 
     world_size: int
     enabled: bool
@@ -75,8 +75,8 @@ class ThroughputBalancer:
         self._seconds = np.zeros(self.world_size)
         self._samples = np.zeros(self.world_size)
 
-    def observe(self, compute_seconds: np.ndarray, samples: np.ndarray) -> bool:
-        """Add one step's per-rank compute times and sample counts; True when the shares changed."""
+    def observe(self, compute_seconds: np.ndarray, samples: np.ndarray, steps: int = 1) -> bool:
+        """Add the per-rank compute times and sample counts of the last `steps` steps; True when the shares changed."""
         if not self.enabled or self.world_size == 1:
             return False
         if not self._warmed_up:  # the first observation carries one-off costs (kernel selection, DDP's buckets)
@@ -84,7 +84,7 @@ class ThroughputBalancer:
             return False
         self._seconds += compute_seconds
         self._samples += samples
-        self._steps += 1
+        self._steps += steps
         window = MEASURE_STEPS if self._resplits == 0 else REBALANCE_EVERY
         if self._steps < window:
             return False

@@ -2,7 +2,7 @@
 
 Epoch-end criteria (target accuracy, patience) read the epoch records, whose accuracies are exact
 global counts, identical on every rank. Mid-epoch criteria (time, divergence, a stop signal) travel
-as votes in the per-step all-reduce, so all ranks see them at the same step.
+as votes in the small all-reduce of losses and votes, so all ranks see them at the same step.
 """
 
 from __future__ import annotations
