@@ -93,7 +93,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     debug = parser.add_argument_group("debugging")
     debug.add_argument("--audit-samples", action="store_true",
                        help="log each rank's sample indices per step to RUN_DIR/audit/")
-    debug.add_argument("--debug-stop-at-step", type=int, help="stop resumably at the first exchange of losses and votes at or after this step, as on SIGTERM")
+    debug.add_argument("--debug-stop-at-step", type=int,
+                       help="stop resumably at the first exchange of losses and votes from this step on, "
+                            "as on SIGTERM")
     debug.add_argument("--debug-step-delay", type=float, default=0.0, help="sleep after every step (seconds)")
     debug.add_argument("--debug-slowdown", metavar="RANK:FACTOR",
                        help="make one worker FACTOR times slower (sleeps in proportion to its compute)")

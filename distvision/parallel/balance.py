@@ -58,8 +58,9 @@ def weighted_slice(batch: np.ndarray, rank: int, shares: np.ndarray) -> np.ndarr
 
 @dataclass
 class ThroughputBalancer:
-    """Per-worker shares from measured seconds per sample. Fed identical numbers on every rank
-    (the small all-reduce of losses and votes carries each rank's compute time), so every rank computes the same shares."""
+    """Per-worker shares from measured seconds per sample. Fed identical numbers on every rank (the
+    small all-reduce of losses and votes carries each rank's compute time), so every rank computes
+    the same shares."""
 
     world_size: int
     enabled: bool
