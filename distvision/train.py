@@ -357,7 +357,8 @@ def train(config: TrainConfig) -> dict | None:
     stop_signal = StopSignal()
     stop_reason = None
     prefetcher = BatchPrefetcher(prepared.train_images, preprocess, device, augment, config.seed)
-    sync.work_while_exchanging = prefetcher.load_ahead
+    if device.type == "cpu":  # on a GPU the hook runs in autograd's device thread, which must keep launching kernels
+        sync.work_while_exchanging = prefetcher.load_ahead
     last_checkpoint = last_heartbeat = time.time()
     while state["epoch"] < recipe.epochs and stop_reason is None:
         epoch = state["epoch"]
@@ -369,7 +370,7 @@ def train(config: TrainConfig) -> dict | None:
         pending = np.zeros(5)  # this worker's loss sum, samples, compute seconds, non-finite losses, steps
         progress_steps = 0
         prefetcher.seconds = 0.0  # this worker's time gathering and augmenting batches this epoch (this attempt)
-        segment_started = time.perf_counter()
+        segment_started = last_exchange = time.perf_counter()
         model.train()
         for batch_index, batch in enumerate(batches):
             step_started = time.perf_counter()
@@ -418,27 +419,31 @@ def train(config: TrainConfig) -> dict | None:
             state["step"] += 1
             state["cursor"] += len(batch)
             now = time.time()
-            if not sync.exchanges_stats(batch_index, in_sync, batch_index == len(batches) - 1):
-                continue  # the losses and votes wait for the next exchange (sync.STATS_EVERY)
+            if not sync.exchanges_stats(in_sync, batch_index == len(batches) - 1):
+                continue  # the losses and votes wait for the next exchange (paced by sync.STATS_SECONDS)
 
-            # One small all-reduce: the global loss, decisions every rank must share, and each rank's
-            # compute time and sample count since the last one (for throughput balancing).
+            # One small all-reduce: the global loss, decisions every rank must share, rank 0's seconds
+            # since the last one (to pace them), and each rank's compute time and sample count since
+            # the last one (for throughput balancing).
             elapsed = state["train_seconds"] + time.perf_counter() - segment_started
-            shared = torch.zeros(6 + 2 * world_size, dtype=torch.float64)
-            shared[:6] = torch.tensor([
+            shared = torch.zeros(7 + 2 * world_size, dtype=torch.float64)
+            shared[:7] = torch.tensor([
                 pending[0], pending[1],
                 float(stop_signal.requested or (rank == 0 and config.debug_stop_at_step is not None
                                                 and state["step"] >= config.debug_stop_at_step)),
                 pending[3],
                 float(rank == 0 and now - last_checkpoint >= config.checkpoint_every),
                 float(rank == 0 and time_is_up(rules, elapsed)),
+                time.perf_counter() - last_exchange if rank == 0 else 0.0,
             ])
-            shared[6 + rank], shared[6 + world_size + rank] = pending[2], pending[1]
+            shared[7 + rank], shared[7 + world_size + rank] = pending[2], pending[1]
             steps_since_exchange = int(pending[4])
             pending[:] = 0
             sync.small_all_reduce(shared)
-            global_loss, samples, stop_votes, diverged_votes, checkpoint_due, time_up = shared[:6].tolist()
-            if balancer.observe(shared[6 : 6 + world_size].numpy(), shared[6 + world_size :].numpy(),
+            last_exchange = time.perf_counter()
+            global_loss, samples, stop_votes, diverged_votes, checkpoint_due, time_up, seconds = shared[:7].tolist()
+            sync.pace_stats(seconds / steps_since_exchange)
+            if balancer.observe(shared[7 : 7 + world_size].numpy(), shared[7 + world_size :].numpy(),
                                 steps_since_exchange):
                 say(f"distvision: batch shares re-split by measured speed: "
                     f"{', '.join(f'{share:.2f}' for share in balancer.shares)}")

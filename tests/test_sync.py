@@ -22,7 +22,7 @@ from distvision.parallel.balance import (
 )
 from distvision.parallel.group import leave_process_group
 from distvision.parallel.stopping import StopRules, stop_after_epoch
-from distvision.parallel.sync import Synchronizer, SyncSettings, unwrap
+from distvision.parallel.sync import STATS_EVERY, Synchronizer, SyncSettings, stats_interval, unwrap
 
 COMMON = MLP_SETTINGS  # the settings of the shared all-reduce run (conftest's mlp_run_two_workers)
 
@@ -177,6 +177,11 @@ def test_balance_throughput_with_a_slowed_worker(data: Path, tmp_path: Path):
     summary = _train(data, tmp_path / "balanced", "--workers", "2", "--balance", "throughput",
                      "--debug-slowdown", "1:3", *COMMON)
     assert summary["batch_shares"][0] > 0.6, summary["batch_shares"]  # the unslowed worker takes the larger share
+
+
+def test_losses_and_votes_are_exchanged_about_once_a_second_at_most_every_16_steps():
+    # caffe-quick on a CPU (45 ms steps), shorter steps, a GPU's, and CPU fastnet or resnet steps.
+    assert [stats_interval(s) for s in (0.045, 0.125, 0.001, 0.6, 3.0, 40.0)] == [16, 8, STATS_EVERY, 1, 1, 1]
 
 
 def test_stopping_rules():

@@ -30,10 +30,18 @@ from distvision.errors import UserError
 
 SYNC_MODES = ("allreduce", "local-sgd")
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
-# Steps between the small all-reduces of losses and votes. Each is a collective round-trip of its own:
-# 1.8-2.6 ms with gloo between two local processes on a 2-core VM, against about 45 ms of compute
-# in a caffe-quick step.
+# The small all-reduce of losses and votes is a collective round-trip of its own: 1.8-2.6 ms with gloo
+# between two local processes on a 2-core VM, against about 45 ms of compute in a caffe-quick step.
+# So it runs every few steps: about once a STATS_SECONDS, so that a stop request (which has
+# STOP_GRACE_SECONDS to reach a checkpoint) or a diverged replica is still seen soon, and at most
+# STATS_EVERY steps apart.
+STATS_SECONDS = 1.0
 STATS_EVERY = 16
+
+
+def stats_interval(seconds_per_step: float) -> int:
+    """Steps between the exchanges of losses and votes under all-reduce, for steps this long."""
+    return int(min(STATS_EVERY, max(1, STATS_SECONDS // max(seconds_per_step, 1e-9))))
 
 
 @dataclass
@@ -86,6 +94,8 @@ class Synchronizer:
                                                  **{buffers_option: sync_buffers})
             self._register_hook(device)
         self._since_average = 0
+        self.stats_every = 1  # steps between exchanges of losses and votes under all-reduce, until paced
+        self._steps_since_stats = 0
 
     # -- gradients -------------------------------------------------------------------------------------
     def averages_gradients(self, step: int) -> bool:
@@ -113,17 +123,27 @@ class Synchronizer:
             self.average_replicas()
         return due
 
-    def exchanges_stats(self, batch_index: int, in_sync: bool, last_of_epoch: bool) -> bool:
-        """Whether the small all-reduce of losses and votes runs after this step.
+    def exchanges_stats(self, in_sync: bool, last_of_epoch: bool) -> bool:
+        """Whether the small all-reduce of losses and votes runs after this step (called once a step).
 
-        It runs every STATS_EVERY steps, at the end of each epoch and, under local SGD, whenever the
-        replicas are averaged: often enough that a stop request or a diverged replica is seen within
-        a fraction of a second, rarely enough that its round-trip does not slow small models down.
+        Under all-reduce it runs every `stats_every` steps (paced by pace_stats), under local SGD at
+        every averaging and every STATS_EVERY steps, and always at the end of an epoch.
         """
+        self._steps_since_stats += 1
         if not self.distributed:
-            return True
-        averaged_now = self.settings.mode == "local-sgd" and in_sync
-        return averaged_now or last_of_epoch or (batch_index + 1) % STATS_EVERY == 0
+            due = True
+        elif self.settings.mode == "local-sgd":
+            due = in_sync or last_of_epoch or self._steps_since_stats >= STATS_EVERY
+        else:
+            due = last_of_epoch or self._steps_since_stats >= self.stats_every
+        if due:
+            self._steps_since_stats = 0
+        return due
+
+    def pace_stats(self, seconds_per_step: float) -> None:
+        """Space the exchanges of losses and votes for steps this long (rank 0's wall time per step
+        since the last exchange, the same number on every rank: every rank keeps the same pace)."""
+        self.stats_every = stats_interval(seconds_per_step)
 
     def average_replicas(self) -> None:
         replica = unwrap(self.model)
