@@ -419,7 +419,8 @@ def train(config: TrainConfig) -> dict | None:
             state["step"] += 1
             state["cursor"] += len(batch)
             now = time.time()
-            if not sync.exchanges_stats(in_sync, batch_index == len(batches) - 1):
+            steps_since_exchange = int(pending[4])
+            if not sync.exchanges_stats(steps_since_exchange, in_sync, batch_index == len(batches) - 1):
                 continue  # the losses and votes wait for the next exchange (paced by sync.STATS_SECONDS)
 
             # One small all-reduce: the global loss, decisions every rank must share, rank 0's seconds
@@ -437,7 +438,6 @@ def train(config: TrainConfig) -> dict | None:
                 time.perf_counter() - last_exchange if rank == 0 else 0.0,
             ])
             shared[7 + rank], shared[7 + world_size + rank] = pending[2], pending[1]
-            steps_since_exchange = int(pending[4])
             pending[:] = 0
             sync.small_all_reduce(shared)
             last_exchange = time.perf_counter()

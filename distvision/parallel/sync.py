@@ -95,7 +95,6 @@ class Synchronizer:
             self._register_hook(device)
         self._since_average = 0
         self.stats_every = 1  # steps between exchanges of losses and votes under all-reduce, until paced
-        self._steps_since_stats = 0
 
     # -- gradients -------------------------------------------------------------------------------------
     def averages_gradients(self, step: int) -> bool:
@@ -123,22 +122,18 @@ class Synchronizer:
             self.average_replicas()
         return due
 
-    def exchanges_stats(self, in_sync: bool, last_of_epoch: bool) -> bool:
-        """Whether the small all-reduce of losses and votes runs after this step (called once a step).
+    def exchanges_stats(self, steps_since: int, in_sync: bool, last_of_epoch: bool) -> bool:
+        """Whether the small all-reduce of losses and votes runs after this step, `steps_since` steps
+        (this one included) after the last one.
 
         Under all-reduce it runs every `stats_every` steps (paced by pace_stats), under local SGD at
         every averaging and every STATS_EVERY steps, and always at the end of an epoch.
         """
-        self._steps_since_stats += 1
         if not self.distributed:
-            due = True
-        elif self.settings.mode == "local-sgd":
-            due = in_sync or last_of_epoch or self._steps_since_stats >= STATS_EVERY
-        else:
-            due = last_of_epoch or self._steps_since_stats >= self.stats_every
-        if due:
-            self._steps_since_stats = 0
-        return due
+            return True
+        if self.settings.mode == "local-sgd":
+            return in_sync or last_of_epoch or steps_since >= STATS_EVERY
+        return last_of_epoch or steps_since >= self.stats_every
 
     def pace_stats(self, seconds_per_step: float) -> None:
         """Space the exchanges of losses and votes for steps this long (rank 0's wall time per step
