@@ -77,7 +77,8 @@ class ThroughputBalancer:
         self._samples = np.zeros(self.world_size)
 
     def observe(self, compute_seconds: np.ndarray, samples: np.ndarray, steps: int = 1) -> bool:
-        """Add the per-rank compute times and sample counts of the last `steps` steps; True when the shares changed."""
+        """Add the per-rank compute times and sample counts of the last `steps` steps; True when the
+        shares changed."""
         if not self.enabled or self.world_size == 1:
             return False
         if not self._warmed_up:  # the first observation carries one-off costs (kernel selection, DDP's buckets)

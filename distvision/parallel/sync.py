@@ -70,7 +70,8 @@ class SyncSettings:
 
 
 class Synchronizer:
-    """Wraps one replica; train.py calls backward(), then after_step(), and reads stats."""
+    """Wraps one replica; train.py calls backward(), then after_step(), then exchanges_stats() (and
+    pace_stats() after each exchange), reads stats, and may set work_while_exchanging."""
 
     def __init__(self, model: nn.Module, settings: SyncSettings, device: torch.device):
         if settings.mode not in SYNC_MODES:
