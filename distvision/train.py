@@ -360,6 +360,7 @@ def train(config: TrainConfig) -> dict | None:
     if device.type == "cpu":  # on a GPU the hook runs in autograd's device thread, which must keep launching kernels
         sync.work_while_exchanging = prefetcher.load_ahead
     last_checkpoint = last_heartbeat = time.time()
+    last_test = None  # (step, result) of the newest per-epoch test evaluation in this attempt
     while state["epoch"] < recipe.epochs and stop_reason is None:
         epoch = state["epoch"]
         # The epoch's global batches from the cursor on, identical on every rank; this rank trains on
@@ -486,6 +487,7 @@ def train(config: TrainConfig) -> dict | None:
         replica = unwrap(model)
         eval_started = time.perf_counter()
         test = evaluate_split(replica, prepared.test_images, prepared.test_labels, preprocess, precision, device)
+        last_test = (state["step"], test)
         record = {
             "epoch": epoch + 1,
             "train_loss": state["epoch_loss"] / max(state["epoch_samples"], 1),
@@ -523,9 +525,12 @@ def train(config: TrainConfig) -> dict | None:
     replica = unwrap(model)
     if lookahead:
         lookahead.finish(replica)  # the run's result is the average the lookahead kept
-    final = evaluate_split(replica, prepared.test_images, prepared.test_labels, preprocess, precision, device,
-                           recipe.test_time_flip, recipe.test_time_shift)
     test_time_augmented = recipe.test_time_flip or recipe.test_time_shift
+    if last_test and last_test[0] == state["step"] and not test_time_augmented and not lookahead:
+        final = last_test[1]  # the last epoch's evaluation measured these weights in this same way
+    else:
+        final = evaluate_split(replica, prepared.test_images, prepared.test_labels, preprocess, precision,
+                               device, recipe.test_time_flip, recipe.test_time_shift)
     plain = evaluate_split(replica, prepared.test_images, prepared.test_labels, preprocess, precision,
                            device) if test_time_augmented else final
     summary = None

@@ -58,6 +58,8 @@ def test_cli_trains_evaluates_and_reports(tmp_path: Path):
     assert summary["train_count"] == 72 and summary["val_count"] == 18
     assert [Path(p).name for p in summary["skipped_files"]] == ["broken.jpg"]
     assert summary["test_accuracy"] > 0.5  # 3 easy classes: far above the 33% of chance
+    # No test-time augmentation: the final figure is the last epoch's evaluation of the same weights.
+    assert summary["test_accuracy"] == metrics[-1]["test_accuracy"]
     # evaluate starts no worker: its entry point in this process spares a second `import torch`.
     evaluated = run_cli_in_process(["evaluate", "--checkpoint", str(out), "--data", str(data)], tmp_path / "cache")
     assert evaluated.returncode == 0, evaluated.stderr
