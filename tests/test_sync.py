@@ -22,7 +22,15 @@ from distvision.parallel.balance import (
 )
 from distvision.parallel.group import leave_process_group
 from distvision.parallel.stopping import StopRules, stop_after_epoch
-from distvision.parallel.sync import STATS_EVERY, Synchronizer, SyncSettings, stats_interval, unwrap
+from distvision.parallel.sync import (
+    LOCAL_SGD_STATS_SECONDS,
+    STATS_EVERY,
+    Synchronizer,
+    SyncSettings,
+    stats_interval,
+    unwrap,
+)
+from distvision.train import STOP_GRACE_SECONDS
 
 COMMON = MLP_SETTINGS  # the settings of the shared all-reduce run (conftest's mlp_run_two_workers)
 
@@ -182,6 +190,9 @@ def test_balance_throughput_with_a_slowed_worker(data: Path, tmp_path: Path):
 def test_losses_and_votes_are_exchanged_about_once_a_second_at_most_every_16_steps():
     # caffe-quick on a CPU (45 ms steps), shorter steps, a GPU's, and CPU fastnet or resnet steps.
     assert [stats_interval(s) for s in (0.045, 0.125, 0.001, 0.6, 3.0, 40.0)] == [16, 8, STATS_EVERY, 1, 1, 1]
+    # Local SGD every 5 s: 16 fastnet steps of 3 s would leave a stop request unseen past its 20 s grace.
+    assert [stats_interval(s, LOCAL_SGD_STATS_SECONDS) for s in (0.045, 0.6, 3.0, 40.0)] == [16, 8, 1, 1]
+    assert STOP_GRACE_SECONDS > 2 * LOCAL_SGD_STATS_SECONDS
 
 
 def test_stopping_rules():
