@@ -80,12 +80,12 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
         wall, summary = distvision_seconds(args.data, args.model, args.epochs, scratch / f"run-{index}")
         bare.append(bare_seconds(prepared, args.model, batch_size, args.epochs, precision))
         around = (bare[-2] + bare[-1]) / 2
-        evaluation = sum(record.get("eval_seconds", 0.0)
-                         for record in map(json.loads, (scratch / f"run-{index}" / "metrics.jsonl").open()))
+        epochs = [json.loads(line) for line in (scratch / f"run-{index}" / "metrics.jsonl").open()]
+        evaluation = sum(record.get("eval_seconds", 0.0) for record in epochs)
         rounds.append({"wall_seconds": wall, "bare_before": bare[-2], "bare_after": bare[-1],
                        "ratio": wall / around, "test_accuracy": summary["test_accuracy"],
                        "train_seconds": summary["train_seconds"], "eval_seconds": evaluation,
-                       "precision": summary["precision"]})
+                       "precision": summary["precision"], "epochs": epochs})  # per-epoch records, to see where time went
         print(f"run {index}: {wall:.1f} s wall ({summary['train_seconds']:.1f} s training, {evaluation:.1f} s "
               f"evaluating, the rest starting and ending; "
               f"{summary['precision']}, test accuracy {summary['test_accuracy']:.4f}); bare {index}: "
