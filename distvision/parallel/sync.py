@@ -14,7 +14,6 @@ puts into them are counted in SyncStats, so the cost of each mode is measured, n
 from __future__ import annotations
 
 import inspect
-import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -31,9 +30,8 @@ from distvision.errors import UserError
 
 SYNC_MODES = ("allreduce", "local-sgd")
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
-# The small all-reduce of losses and votes is a collective round-trip of its own: 0.3 ms with gloo
-# between two local processes on a 2-core VM (see wait_yielding), against about 45 ms of compute in
-# a caffe-quick step.
+# The small all-reduce of losses and votes is a collective round-trip of its own: 1.3-2.6 ms with gloo
+# between two local processes on a 2-core VM, against about 45 ms of compute in a caffe-quick step.
 # So it runs every few steps: about once a STATS_SECONDS, so that a stop request (which has
 # STOP_GRACE_SECONDS to reach a checkpoint) or a diverged replica is still seen soon, and at most
 # STATS_EVERY steps apart.
@@ -44,24 +42,6 @@ STATS_EVERY = 16
 # within STOP_GRACE_SECONDS (20 s, train.py) when 16 steps take longer than that (fastnet or resnet18
 # on a CPU).
 LOCAL_SGD_STATS_SECONDS = 5.0
-# How long a worker yields its core to gloo's threads while waiting for a collective, before it
-# sleeps in a blocking wait (see wait_yielding).
-YIELD_SECONDS = 0.05
-
-
-def wait_yielding(done: Callable[[], bool], wait: Callable[[], object]) -> object:
-    """Wait for a gloo collective by yielding the core until done() (for up to YIELD_SECONDS), then wait().
-
-    A thread blocked in wait() sleeps, and on a VM a core with nothing to run halts: each hand-over
-    between the training thread and gloo's threads then waits for a core to be woken. Between two
-    local gloo processes on VM 6 (medians of 300): a 16-float all-reduce took 1.3-1.8 ms with
-    wait() and 0.29-0.34 ms yielding; caffe-quick's 580 KB of gradients 2.1-2.4 against 0.7 ms.
-    A peer that is much later (a straggler, a checkpoint) is waited for asleep, not spinning.
-    """
-    deadline = time.perf_counter() + YIELD_SECONDS
-    while not done() and time.perf_counter() < deadline:
-        os.sched_yield()
-    return wait()
 
 
 def stats_interval(seconds_per_step: float, target_seconds: float = STATS_SECONDS) -> int:
@@ -197,7 +177,6 @@ class Synchronizer:
             inner = {"none": default_hooks.allreduce_hook, "fp16": default_hooks.fp16_compress_hook,
                      "bf16": default_hooks.bf16_compress_hook}[compress]
         stats, rank = self.stats, self.settings.powersgd_rank
-        on_gloo = device.type == "cpu"  # nccl's futures complete on the GPU's stream: wait() as usual
 
         def hook(_state, bucket):
             with stats.timed(_payload_bytes(bucket, compress, rank)):
@@ -205,7 +184,7 @@ class Synchronizer:
             if self.work_while_exchanging:
                 self.work_while_exchanging()
             with stats.timed(0):
-                reduced = wait_yielding(in_flight.done, in_flight.wait) if on_gloo else in_flight.wait()
+                reduced = in_flight.wait()
             done = torch.futures.Future()
             done.set_result(reduced)
             return done
@@ -216,8 +195,7 @@ class Synchronizer:
         """The small all-reduce of losses and votes: counted as communication (and waiting)."""
         if dist.is_initialized():
             with self.stats.timed(values.numel() * values.element_size()):
-                work = dist.all_reduce(values, async_op=True)  # a CPU tensor: gloo, also beside nccl
-                wait_yielding(work.is_completed, work.wait)
+                dist.all_reduce(values)
 
     def step_context(self, step: int):
         """Around forward and backward: DDP decides in forward whether backward exchanges gradients."""
