@@ -203,11 +203,12 @@ def test_stopping_rules():
     assert stop_after_epoch(StopRules(5), history) == "max_epochs"
 
 
-# The compression hooks ride along on two of these runs: they must train and stop like the others.
+# The compression hooks ride along on two of these runs and local SGD on a third: they must train
+# and stop like the others.
 @pytest.mark.parametrize("flags, reason", [
     (["--target-accuracy", "0.5", "--compress", "fp16"], "target_accuracy"),
     (["--patience", "1", "--min-delta", "1.0", "--compress", "powersgd"], "patience"),
-    (["--max-time", "0.01"], "max_time"),
+    (["--max-time", "0.01", "--sync", "local-sgd", "--sync-every", "4"], "max_time"),
     (["--debug-nan-at", "1:3"], "diverged"),
 ])
 def test_every_criterion_stops_all_workers_at_the_same_step(data: Path, tmp_path: Path, flags, reason):
