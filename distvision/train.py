@@ -422,7 +422,7 @@ def train(config: TrainConfig) -> dict | None:
             now = time.time()
             steps_since_exchange = int(pending[4])
             if not sync.exchanges_stats(steps_since_exchange, in_sync, batch_index == len(batches) - 1):
-                continue  # the losses and votes wait for the next exchange (paced by sync.STATS_SECONDS)
+                continue  # the losses and votes wait for the next exchange (paced by sync.pace_stats)
 
             # One small all-reduce: the global loss, decisions every rank must share, rank 0's seconds
             # since the last one (to pace them), and each rank's compute time and sample count since
@@ -525,14 +525,15 @@ def train(config: TrainConfig) -> dict | None:
     replica = unwrap(model)
     if lookahead:
         lookahead.finish(replica)  # the run's result is the average the lookahead kept
-    test_time_augmented = recipe.test_time_flip or recipe.test_time_shift
-    if last_test and last_test[0] == state["step"] and not test_time_augmented and not lookahead:
-        final = last_test[1]  # the last epoch's evaluation measured these weights in this same way
+    # The last epoch's evaluation measured these very weights one plain view per image, unless
+    # training went on after it or the lookahead's average replaced them.
+    if last_test and last_test[0] == state["step"] and not lookahead:
+        plain = last_test[1]
     else:
-        final = evaluate_split(replica, prepared.test_images, prepared.test_labels, preprocess, precision,
-                               device, recipe.test_time_flip, recipe.test_time_shift)
-    plain = evaluate_split(replica, prepared.test_images, prepared.test_labels, preprocess, precision,
-                           device) if test_time_augmented else final
+        plain = evaluate_split(replica, prepared.test_images, prepared.test_labels, preprocess, precision, device)
+    test_time_augmented = recipe.test_time_flip or recipe.test_time_shift
+    final = evaluate_split(replica, prepared.test_images, prepared.test_labels, preprocess, precision, device,
+                           recipe.test_time_flip, recipe.test_time_shift) if test_time_augmented else plain
     summary = None
     if rank == 0:
         weights = dict(replica.state_dict())

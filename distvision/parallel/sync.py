@@ -100,7 +100,7 @@ class Synchronizer:
                                                  **{buffers_option: sync_buffers})
             self._register_hook(device)
         self._since_average = 0
-        self.stats_every = 1  # steps between exchanges of losses and votes under all-reduce, until paced
+        self.stats_every = 1  # steps between exchanges of losses and votes, until paced
 
     # -- gradients -------------------------------------------------------------------------------------
     def averages_gradients(self, step: int) -> bool:
