@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distvision.bench.problems.registry import Problem
+from distvision.bench.problems.registry import Problem, register_family
 from distvision.errors import UserError
 
 
-def folder_problem(path: Path) -> Problem:
+@register_family("folder", argument="PATH")
+def folder_problem(folder: str) -> Problem:
+    """The image folder at `folder` as a problem named after it, trained with caffe-quick for 10 epochs."""
+    path = Path(folder)
     if not path.is_dir():
         raise UserError(f"--problems folder:{path}: no such folder (expected ROOT/<class>/* or ROOT/train/<class>/*)")
     return Problem(name=f"folder:{path.name}", description=f"the image folder {path}", model="caffe-quick",

@@ -1,14 +1,14 @@
 """Problems for `distvision bench`: a data set, a model and a training budget.
 
-Adding a problem is one small file in this package that calls `register_problem`; a user's own
-image folder is a problem too (`folder:PATH`). A problem's data is anything `distvision train
---data` reads; generated problems write a prepared folder once into the cache.
+Adding a problem is one small file in this package that calls `register_problem`, imported by the
+package's __init__.py (as timm's model files are); this module never imports the problem files. A
+family of problems named `PREFIX:ARGUMENT` registers its builder with `@register_family` (a user's
+own image folder, `folder:PATH`). A problem's data is anything `distvision train --data` reads;
+generated problems write a prepared folder once into the cache.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,27 +38,39 @@ class Problem:
 
 
 _PROBLEMS: dict[str, Problem] = {}
+# prefix -> (what follows the prefix, e.g. "PATH"; builder of the problem `prefix:ARGUMENT`)
+_FAMILIES: dict[str, tuple[str, Callable[[str], Problem]]] = {}
 
 
 def register_problem(problem: Problem) -> Problem:
+    """Make a problem known by its name (called at import time by its file in this package)."""
     _PROBLEMS[problem.name] = problem
     return problem
 
 
+def register_family(prefix: str, argument: str) -> Callable[[Callable[[str], Problem]], Callable[[str], Problem]]:
+    """Decorator: builder(argument) -> Problem answers every problem name `prefix:ARGUMENT`."""
+
+    def wrap(builder: Callable[[str], Problem]) -> Callable[[str], Problem]:
+        _FAMILIES[prefix] = (argument, builder)
+        return builder
+
+    return wrap
+
+
 def list_problems() -> list[Problem]:
-    _load_problem_files()
+    """Every registered problem by name (families such as folder:PATH have no fixed members)."""
     return [_PROBLEMS[name] for name in sorted(_PROBLEMS)]
 
 
 def get_problem(name: str) -> Problem:
-    """A registered problem, or `folder:PATH` (a user's image folder, trained with caffe-quick)."""
-    if name.startswith("folder:"):
-        from distvision.bench.problems.imagefolder import folder_problem
-
-        return folder_problem(Path(name.removeprefix("folder:")))
-    _load_problem_files()
+    """A registered problem, or one of a family's (`folder:PATH`: a user's image folder)."""
+    prefix, separator, argument = name.partition(":")
+    if separator and prefix in _FAMILIES:
+        return _FAMILIES[prefix][1](argument)
     if name not in _PROBLEMS:
-        raise UserError(f"unknown problem {name!r}; known: {', '.join(sorted(_PROBLEMS))}, or folder:PATH")
+        families = "".join(f", or {prefix}:{usage}" for prefix, (usage, _) in sorted(_FAMILIES.items()))
+        raise UserError(f"unknown problem {name!r}; known: {', '.join(sorted(_PROBLEMS))}{families}")
     return _PROBLEMS[name]
 
 
@@ -80,11 +92,3 @@ def generated_data(settings: BenchSettings, name: str, make_source: Callable[[],
             if not is_prepared(target):
                 prepare_source(make_source(), target, f"distvision bench problem {name}", image_size, processes=1)
     return str(target)
-
-
-def _load_problem_files() -> None:
-    # Importing every module of this package runs its register_problem call.
-    package = Path(__file__).parent
-    for module in pkgutil.iter_modules([str(package)]):
-        if module.name not in ("registry", "imagefolder"):
-            importlib.import_module(f"distvision.bench.problems.{module.name}")
