@@ -31,7 +31,7 @@ from distvision.data.subsets import GLOBAL_NAME, Subset, find_subsets, union_tes
 from distvision.errors import UserError
 from distvision.fileio import write_json_atomic
 from distvision.metrics import say
-from distvision.parallel.claims import Claim, try_claim
+from distvision.leases import Claim, try_claim
 from distvision.parallel.launch import core_share, start_pinned_child
 
 WAIT_POLL_SECONDS = 2.0  # how often a process with nothing to claim looks again

@@ -4,6 +4,7 @@ A claim is a file created with O_EXCL (atomic on local and NFSv3+ file systems) 
 The owner renews it by touching it; a claim not renewed for `lease_seconds` is expired, and the
 first process to rename it away (rename is atomic: only one succeeds) may claim the job afresh.
 An owner that finds its claim gone or taken has lost the lease and must stop working on the job.
+`distvision train-each` uses them so that several processes split the subsets between them.
 """
 
 from __future__ import annotations
