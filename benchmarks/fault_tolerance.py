@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from distvision.metrics import read_events, read_metrics
-from distvision.parallel.launch import local_worker_pids
+from distvision.procfs import local_worker_pids
 
 
 def heartbeat_step(run_dir: Path) -> int:

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
@@ -170,34 +169,3 @@ def launch_local(command_args: list[str], workers: int, max_restarts: int = 0,
 
 class WorkerFailed(Exception):
     """A worker process crashed (not a user error)."""
-
-
-def local_worker_pids(agent_pid: int) -> dict[int, int]:
-    """{local rank: pid} of the workers an agent process (distvision train or torchrun) runs now.
-
-    torchrun's workers carry LOCAL_RANK in their start-up environment; workers our launcher spawns
-    get it only after start, but are spawned in local-rank order.
-    """
-    workers, spawned = {}, []
-    for child in _children(agent_pid):
-        try:
-            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-            command = Path(f"/proc/{child}/cmdline").read_bytes()
-        except OSError:
-            continue
-        variables = dict(item.split(b"=", 1) for item in environ if b"=" in item)
-        if b"LOCAL_RANK" in variables:
-            workers[int(variables[b"LOCAL_RANK"])] = child
-        elif b"spawn_main" in command:
-            spawned.append(child)
-    return workers or dict(enumerate(sorted(spawned)))
-
-
-def _children(pid: int) -> list[int]:
-    children = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return children
