@@ -8,6 +8,10 @@ as votes in the small all-reduce of losses and votes, so all ranks see them at t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from distvision.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -18,6 +22,12 @@ class StopRules:
     min_delta: float = 0.0
     monitor: str = "test"  # "test" or "val": which accuracy the epoch criteria watch
     max_time: float | None = None  # seconds of training
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, max_epochs: int) -> StopRules:
+        """The rules the stopping flags give; max_epochs is the recipe's epochs after the flags."""
+        return cls(max_epochs, config.target_accuracy, config.patience, config.min_delta, config.monitor,
+                   config.max_time)
 
     @property
     def key(self) -> str:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,9 @@ from torch.distributed.algorithms.model_averaging.utils import average_parameter
 from torch.nn.parallel import DistributedDataParallel
 
 from distvision.errors import UserError
+
+if TYPE_CHECKING:
+    from distvision.config import TrainConfig
 
 SYNC_MODES = ("allreduce", "local-sgd")
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
@@ -67,11 +71,17 @@ class SyncStats:
 
 @dataclass
 class SyncSettings:
+    """The synchronisation flags of a run (TrainConfig holds their defaults and validation)."""
+
     mode: str = "allreduce"
     every: str = "8"  # local-sgd: steps between averagings, or "epoch"
     warmup: int = 0
     compress: str = "none"
     powersgd_rank: int = 2
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> SyncSettings:
+        return cls(config.sync, config.sync_every, config.sync_warmup, config.compress, config.powersgd_rank)
 
 
 class Synchronizer:

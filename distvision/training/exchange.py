@@ -1,0 +1,99 @@
+"""The small all-reduce every few steps: the global loss, the decisions every rank must share, and the
+per-rank timings the throughput balancer needs. One packed float64 tensor, read and written by name.
+
+Gradients travel in the synchroniser's own collectives; this exchange carries only what the loop
+needs to agree on (stop, checkpoint, diverged) and to report (loss), so it runs when the synchroniser
+says it is due (paced to about once a second) rather than every step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from distvision.parallel.sync import Synchronizer
+
+# Slots summed over ranks, in order. Decisions are votes: > 0 means at least one rank voted yes.
+SUMMED = ("loss_sum", "samples", "stop_votes", "diverged_votes", "checkpoint_due", "time_up",
+          "seconds_since_last")
+
+
+@dataclass
+class ExchangeResult:
+    """What every rank knows after the exchange, identical everywhere."""
+
+    loss_sum: float  # over all workers' samples since the last exchange
+    samples: int
+    stop_votes: float
+    diverged_votes: float
+    checkpoint_due: float  # rank 0's checkpoint clock says it is time
+    time_up: float  # rank 0's training clock reached --max-time
+    seconds_since_last: float  # rank 0's wall time since the last exchange
+    compute_seconds: np.ndarray  # per rank, since the last exchange
+    samples_by_rank: np.ndarray
+    steps: int  # since the last exchange, this one's included
+
+    def stop_reason(self) -> str | None:
+        """Why every rank stops now, if it does: a diverged replica first, then a stop request, then time."""
+        if self.diverged_votes:
+            return "diverged"
+        if self.stop_votes:
+            return "stopped"
+        if self.time_up:
+            return "max_time"
+        return None
+
+
+class StepExchange:
+    """This rank's losses, sample counts and compute time since the last exchange, and the exchange."""
+
+    def __init__(self, rank: int, world_size: int, sync: Synchronizer):
+        self.rank, self.world_size, self.sync = rank, world_size, sync
+        self.start()
+
+    def start(self) -> None:
+        """Begin a segment of training: nothing pending, the pacing clock reset."""
+        self.loss_sum = 0.0
+        self.samples = 0
+        self.compute_seconds = 0.0
+        self.nonfinite_losses = 0
+        self.steps = 0
+        self.last_exchange = time.perf_counter()
+
+    def add(self, local_loss: float, samples: int, compute_seconds: float) -> None:
+        """Record one step of this rank; a non-finite loss counts as a vote that training diverged."""
+        finite = math.isfinite(local_loss)
+        self.loss_sum += local_loss if finite else 0.0
+        self.samples += samples
+        self.compute_seconds += compute_seconds
+        self.nonfinite_losses += 0 if finite else 1
+        self.steps += 1
+
+    def due(self, in_sync: bool, last_of_epoch: bool) -> bool:
+        return self.sync.exchanges_stats(self.steps, in_sync, last_of_epoch)
+
+    def exchange(self, stop: bool, checkpoint_due: bool, time_up: bool) -> ExchangeResult:
+        """All-reduce what is pending and this rank's votes; pace the next exchange by rank 0's clock."""
+        world = self.world_size
+        mine = {"loss_sum": self.loss_sum, "samples": self.samples, "stop_votes": float(stop),
+                "diverged_votes": self.nonfinite_losses, "checkpoint_due": float(checkpoint_due),
+                "time_up": float(time_up),
+                "seconds_since_last": time.perf_counter() - self.last_exchange if self.rank == 0 else 0.0}
+        shared = torch.zeros(len(SUMMED) + 2 * world, dtype=torch.float64)
+        shared[: len(SUMMED)] = torch.tensor([float(mine[name]) for name in SUMMED], dtype=torch.float64)
+        per_rank = len(SUMMED)
+        shared[per_rank + self.rank] = self.compute_seconds
+        shared[per_rank + world + self.rank] = self.samples
+        steps = self.steps
+        self.sync.small_all_reduce(shared)
+        self.start()
+        summed = dict(zip(SUMMED, shared[: len(SUMMED)].tolist()))
+        result = ExchangeResult(**dict(summed, samples=int(summed["samples"])),
+                                compute_seconds=shared[per_rank : per_rank + world].numpy(),
+                                samples_by_rank=shared[per_rank + world :].numpy(), steps=steps)
+        self.sync.pace_stats(result.seconds_since_last / steps)
+        return result

@@ -1,0 +1,107 @@
+"""Faults on purpose and stops on request: every --debug-* behaviour, the sample audit, and SIGTERM.
+
+The loop calls the FaultInjector at fixed points of each step; with no debug flag set every call
+returns at once, so the normal path pays nothing for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from distvision.config import TrainConfig
+
+STOP_GRACE_SECONDS = 20.0  # after SIGTERM: time to finish the step and checkpoint before a hard exit
+
+
+def parse_rank_setting(setting: str | None, off: float) -> tuple[int, float]:
+    """A debug setting RANK:NUMBER as (rank, number); (-1, off) when not given."""
+    if not setting:
+        return -1, off
+    rank, number = setting.split(":")
+    return int(rank), float(number)
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGINT so the loop can stop at a step boundary with a checkpoint.
+
+    Installed only around the training loop: anywhere else a signal ends the process at once. A
+    worker that cannot reach a step boundary (stuck in a collective with a dead peer) still exits
+    after STOP_GRACE_SECONDS, so the agent's restart never waits on it.
+    """
+
+    def __init__(self):
+        self.requested = False
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, self._handle)
+
+    def _handle(self, number, frame):
+        if not self.requested:
+            watchdog = threading.Timer(STOP_GRACE_SECONDS, os._exit, args=(128 + number,))
+            watchdog.daemon = True
+            watchdog.start()
+        self.requested = True
+
+
+class FaultInjector:
+    """--debug-slowdown, --debug-nan-at, --debug-step-delay and --debug-stop-at-step for one rank."""
+
+    def __init__(self, config: TrainConfig, rank: int):
+        self.rank = rank
+        self.slow_rank, self.slow_factor = parse_rank_setting(config.debug_slowdown, 1.0)
+        self.nan_rank, nan_step = parse_rank_setting(config.debug_nan_at, -1)
+        self.nan_step = int(nan_step)
+        self.step_delay = config.debug_step_delay
+        self.stop_at_step = config.debug_stop_at_step
+        self.slowdown_seconds = 0.0  # the extra compute time the next step simulates
+
+    def before_exchange_of_gradients(self) -> None:
+        """--debug-slowdown: a slower machine's extra time falls before the gradient exchange, while the
+        other workers compute; after the step's exchange it would only make them wait in turn."""
+        if self.rank == self.slow_rank:
+            time.sleep(self.slowdown_seconds)
+
+    def corrupt_loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """--debug-nan-at: this rank's loss turns NaN at that global step."""
+        if self.rank == self.nan_rank and step == self.nan_step:
+            return loss * float("nan")
+        return loss
+
+    def after_step(self, compute_seconds: float) -> None:
+        if self.rank == self.slow_rank:  # the next step sleeps (factor - 1) x this step's own compute time
+            self.slowdown_seconds = (self.slow_factor - 1) * (compute_seconds - self.slowdown_seconds)
+        if self.step_delay:
+            time.sleep(self.step_delay)
+
+    def wants_stop(self, step: int) -> bool:
+        """--debug-stop-at-step: rank 0 asks for a resumable stop, as SIGTERM would."""
+        return self.rank == 0 and self.stop_at_step is not None and step >= self.stop_at_step
+
+
+class SampleAudit:
+    """--audit-samples: per-rank log of the sample indices trained at each step (for coverage checks).
+
+    Each attempt (start, restart, resume) gets rank 0's clock as its id, shared by all ranks, so a
+    reader can tell a step redone after a restart from the attempt that was lost.
+    """
+
+    def __init__(self, run_dir: Path, rank: int, world_size: int):
+        attempt = [time.time_ns()]
+        if dist.is_initialized():
+            dist.broadcast_object_list(attempt, src=0)
+        folder = run_dir / "audit"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.attempt, self.world_size = attempt[0], world_size
+        self.file = open(folder / f"attempt{self.attempt}-rank{rank}.jsonl", "a", buffering=1)  # noqa: SIM115
+
+    def record(self, epoch: int, step: int, indices: np.ndarray) -> None:
+        self.file.write(json.dumps({"attempt": self.attempt, "epoch": epoch, "step": step,
+                                    "world_size": self.world_size, "indices": indices.tolist()}) + "\n")
