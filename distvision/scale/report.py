@@ -74,7 +74,7 @@ def serial_fraction_line(fraction: float, samples: int, batch_size: int) -> str:
 def write_report_md(path: Path, config: ScaleConfig, measurements: list[Measurement], model: PerformanceModel,
                     points: list[Point], errors: list[float], predictions: dict[str, list[Prediction]],
                     recommendation: dict, context: dict) -> None:
-    full = context["samples"]
+    """report.md of a scaling run: the grid measured, the fitted model, predictions, a recommendation."""
     lines = [
         f"# Scaling report: {config.model}",
         "",
@@ -95,7 +95,16 @@ def write_report_md(path: Path, config: ScaleConfig, measurements: list[Measurem
         ("| workers | samples | batch | sync | repeat | wall s | epoch s | step ms | compute | comm | data | eval "
         "| img/s | MB sent/epoch | test acc |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *_measured_rows(measurements),
+        *_model_section(config, model, points, errors, context["samples"]),
+        *_prediction_sections(predictions, context["samples"]),
+        *_recommendation_section(recommendation, context["plots"]),
     ]
+    path.write_text("\n".join(lines))
+
+
+def _measured_rows(measurements: list[Measurement]) -> list[str]:
+    lines = []
     for m in measurements:
         r = m.row()
         lines.append(f"| {r['workers']} | {r['samples']:,} | {r['batch_size']} | {r['sync']} | {r['repeat']} | "
@@ -103,8 +112,13 @@ def write_report_md(path: Path, config: ScaleConfig, measurements: list[Measurem
                      f"{r['compute_ms_per_step']:.1f} | {r['communication_ms_per_step']:.1f} | "
                      f"{r['data_ms_per_step']:.1f} | {r['eval_ms_per_step']:.1f} | {r['images_per_second']:.0f} | "
                      f"{r['bytes_exchanged'] / 1e6:.1f} | {r['test_accuracy']:.4f} |")
+    return lines
+
+
+def _model_section(config: ScaleConfig, model: PerformanceModel, points: list[Point], errors: list[float],
+                   full: int) -> list[str]:
     worst = max(errors)
-    lines += [
+    lines = [
         "",
         "## Performance model of one epoch",
         "",
@@ -136,14 +150,23 @@ def write_report_md(path: Path, config: ScaleConfig, measurements: list[Measurem
         lines += ["", (f"Not fitted from this grid: {'; '.join(unfitted)}. Predictions beyond the measured "
                        "worker counts leave them out and are optimistic; a grid with several batch sizes "
                        "(`--batch-sizes 128,512`) and sync modes (`--sync allreduce,local-sgd`) fits them.")]
+    return lines
+
+
+def _prediction_sections(predictions: dict[str, list[Prediction]], full: int) -> list[str]:
+    lines = []
     for name, rows in predictions.items():
         lines += ["", f"## Predicted on {name}, D = {full:,}", "",
                   "| sync | batch | workers | epoch s | speedup | efficiency | measured speedup |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {p.sync} | {p.batch_size} | {p.workers} | {p.epoch_seconds:.2f} | {p.speedup:.2f}x | "
                   f"{p.efficiency:.0%} | {f'{p.measured_speedup:.2f}x' if p.measured_speedup else ''} |" for p in rows]
+    return lines
+
+
+def _recommendation_section(recommendation: dict, plots: list[str]) -> list[str]:
     fastest = recommendation["fastest"]
-    lines += [
+    lines = [
         "",
         "## Recommendation",
         "",
@@ -161,7 +184,7 @@ def write_report_md(path: Path, config: ScaleConfig, measurements: list[Measurem
         "",
         "## Plots",
         "",
-        *[f"![{name}]({name})" for name in context["plots"]],
+        *[f"![{name}]({name})" for name in plots],
         "",
     ]
-    path.write_text("\n".join(lines))
+    return lines
