@@ -5,6 +5,8 @@
     python benchmarks/behaviour_check.py run --tree . --out /tmp/check-after
     # per-epoch test accuracies and the final weights, tensor by tensor
     python benchmarks/behaviour_check.py compare /tmp/check-before /tmp/check-after
+    # training speed, the two trees alternating (steady-state img/s from summary.json; run nothing beside it)
+    python benchmarks/behaviour_check.py speed --before /tmp/before --after . --repeats 3
 
 A refactor that changes nothing a user can see passes with identical accuracies and bit-identical
 final weights in every scenario. Precision is fixed to fp32 so that `--precision auto`'s measurement
@@ -16,8 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -76,6 +80,27 @@ def compare(before: Path, after: Path) -> bool:
     return same
 
 
+SPEED_RUN = ["--model", "caffe-quick", "--workers", "2", "--epochs", "3", "--train-fraction", "0.3", "--seed", "0"]
+
+
+def speed(before: Path, after: Path, data: str, repeats: int) -> None:
+    """Steady-state training img/s of both trees, alternating, on the same settings; medians and ratio."""
+    rates: dict[str, list[float]] = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory(prefix="distvision-speed-") as scratch:
+        for repeat in range(repeats):
+            for name, tree in (("before", before), ("after", after)):
+                out = Path(scratch) / f"{name}-{repeat}"
+                command = [sys.executable, "-m", "distvision", "train", "--data", data, "--out", str(out),
+                           *SPEED_RUN]
+                subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(tree.resolve())), check=True,
+                               cwd=tree, stdout=subprocess.DEVNULL)
+                rates[name].append(json.loads((out / "summary.json").read_text())["images_per_second"])
+                print(f"repeat {repeat + 1} {name}: {rates[name][-1]:.0f} img/s", flush=True)
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    print(f"{' '.join(SPEED_RUN)}: median before {medians['before']:.0f}, after {medians['after']:.0f} img/s, "
+          f"after/before {medians['after'] / medians['before']:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -87,9 +112,16 @@ def main() -> None:
     compare_parser = commands.add_parser("compare")
     compare_parser.add_argument("before", type=Path)
     compare_parser.add_argument("after", type=Path)
+    speed_parser = commands.add_parser("speed")
+    speed_parser.add_argument("--before", type=Path, required=True)
+    speed_parser.add_argument("--after", type=Path, required=True)
+    speed_parser.add_argument("--repeats", type=int, default=3)
+    speed_parser.add_argument("--data", default=str(Path("../shared/datasets/cifar10-jpg").resolve()))
     args = parser.parse_args()
     if args.command == "run":
         run(args.tree, args.out, args.data, args.only)
+    elif args.command == "speed":
+        speed(args.before, args.after, args.data, args.repeats)
     else:
         sys.exit(0 if compare(args.before, args.after) else 1)
 
