@@ -68,8 +68,8 @@ class BatchPrefetcher:
     A CPU worker usually owns one core, and in an all-reduce it mostly waits: for the transfer and
     for the slowest worker. The exchange runs in gloo's own thread, so the training thread can load
     the next batch meanwhile (Synchronizer calls load_ahead from its communication hook) instead
-    of after the step. A loading thread of our own gained less (caffe-quick on VM 6, medians of
-    paired epochs: 1.09x against 1.21x): it competed with the step for the core and the GIL.
+    of after the step. A loading thread of our own gained less in paired-epoch measurements
+    (benchmarks/RESULTS.md): it competed with the step for the core and the GIL.
     The batch is the same pure function of (indices, epoch) as load_batch; a batch loaded ahead
     whose indices turn out not to be the ones needed (the balancer re-split the batch meanwhile) is
     dropped and the batch loaded when it is taken.

@@ -19,7 +19,7 @@ REBALANCE_EVERY = 50  # steps between later re-splits, so drifting speeds are fo
 # step times only over several re-splits (per-step costs that do not shrink with a share make a
 # worker look faster at a smaller share than it is), and a coarse threshold stopped them early: at
 # 0.05, one of two workers slowed to half speed stopped at 0.30 after two re-splits, still the
-# slower (1.21x over an even split; 1.31x and 1.39x at 0.02, README).
+# slower, and gained clearly less over an even split than at 0.02 (benchmarks/RESULTS.md).
 REBALANCE_THRESHOLD = 0.02
 
 

@@ -34,11 +34,10 @@ if TYPE_CHECKING:
 
 SYNC_MODES = ("allreduce", "local-sgd")
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
-# The small all-reduce of losses and votes is a collective round-trip of its own: 1.3-2.6 ms with gloo
-# between two local processes on a 2-core VM, against about 45 ms of compute in a caffe-quick step.
-# So it runs every few steps: about once a STATS_SECONDS, so that a stop request (which has
-# STOP_GRACE_SECONDS to reach a checkpoint) or a diverged replica is still seen soon, and at most
-# STATS_EVERY steps apart.
+# The small all-reduce of losses and votes is a collective round-trip of its own, a noticeable share
+# of a short step on the CPU (figures in benchmarks/RESULTS.md). So it runs every few steps: about
+# once a STATS_SECONDS, so that a stop request (which has STOP_GRACE_SECONDS to reach a checkpoint)
+# or a diverged replica is still seen soon, and at most STATS_EVERY steps apart.
 STATS_SECONDS = 1.0
 STATS_EVERY = 16
 # Under local SGD the replicas run free between averagings, and each exchange is a point where they
