@@ -42,7 +42,7 @@ STATS_SECONDS = 1.0
 STATS_EVERY = 16
 # Under local SGD the replicas run free between averagings, and each exchange is a point where they
 # wait for each other, so it runs less often; still often enough that a stop request is seen well
-# within STOP_GRACE_SECONDS (20 s, train.py) when 16 steps take longer than that (fastnet or resnet18
+# within STOP_GRACE_SECONDS (training/faults.py) when 16 steps take longer than that (fastnet or resnet18
 # on a CPU).
 LOCAL_SGD_STATS_SECONDS = 5.0
 
