@@ -1,8 +1,8 @@
 """Choose the numeric precision by measuring it: which of fp32 and bf16 autocast trains faster.
 
 The answer differs between CPUs (either can win by a wide margin: bf16 on CPUs with native bf16
-units, fp32 on those without; benchmarks/RESULTS.md), so `auto` times a few real training steps of both and caches the result per
-CPU model, network, batch size and thread count.
+units, fp32 on those without; benchmarks/RESULTS.md), so `auto` times a few real training steps of
+both and caches the result per CPU model, network, batch size and thread count.
 """
 
 from __future__ import annotations
