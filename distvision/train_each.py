@@ -7,12 +7,12 @@ that several `train-each` processes (machines on a shared file system, or array 
 subsets between them and take over the subsets of a process that died.
 
 Flow: find and prepare the subsets -> (optionally) the union for a global model -> a pool of
-`--parallel` slots runs the jobs, largest first -> subsets.csv, summary.json and a comparison plot.
+`--parallel` slots runs the jobs, largest first -> subsets.csv, summary.json and a comparison plot
+(train_each_report.py).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import socket
@@ -23,19 +23,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from distvision.checkpoint import list_training_checkpoints
-from distvision.data.prepare import file_lock, open_prepared
-from distvision.data.subsets import GLOBAL_NAME, Subset, find_subsets, union_test_slices, write_union
+from distvision.data.prepare import file_lock
+from distvision.data.subsets import GLOBAL_NAME, Subset, find_subsets, write_union
 from distvision.errors import UserError
 from distvision.fileio import write_json_atomic
-from distvision.metrics import say
 from distvision.leases import Claim, try_claim
+from distvision.metrics import say
 from distvision.parallel.launch import core_share, start_pinned_child
+from distvision.train_each_report import add_global_accuracy, collect_rows, plot_comparison, write_outputs
 
 WAIT_POLL_SECONDS = 2.0  # how often a process with nothing to claim looks again
-CSV_COLUMNS = ["subset", "samples", "classes", "test_accuracy", "global_test_accuracy", "epochs", "seconds", "host"]
 
 
 @dataclass
@@ -82,7 +80,7 @@ def train_each(data: Path, out: Path, settings: PoolSettings, image_size: int, c
     pool_started = time.time()
     failed = run_pool(jobs, settings, out)
     pool_seconds = time.time() - pool_started
-    rows = collect_rows([j for j in everything if j.subset.problem is None], out)
+    rows = collect_rows([j.subset for j in everything if j.subset.problem is None], out)
     if union and (out / GLOBAL_NAME / "summary.json").is_file():
         add_global_accuracy(rows, trainable, out / GLOBAL_NAME, union.data)
         plot_comparison(rows, out / "comparison.png")
@@ -196,84 +194,3 @@ def run_job(job: Job, claim: Claim, cores: list[int], settings: PoolSettings, ou
     say(f"train-each: {job.name} done: test_acc {summary['test_accuracy']:.4f}, {summary['epochs']} epochs, "
         f"{seconds:.0f}s on {len(cores)} core(s), {record['host']}")
     return True
-
-
-def collect_rows(jobs: list[Job], out: Path) -> list[dict]:
-    """One row per finished job, read from disk: jobs other processes trained count too."""
-    rows = []
-    for job in jobs:
-        if not is_finished(job.run_dir):
-            continue
-        summary = json.loads((job.run_dir / "summary.json").read_text())
-        pool = json.loads((job.run_dir / "train-each.json").read_text()) if (
-            job.run_dir / "train-each.json").is_file() else {}
-        rows.append({
-            "subset": job.name, "samples": job.subset.samples, "classes": len(job.subset.classes),
-            "test_accuracy": summary["test_accuracy"], "global_test_accuracy": None,
-            "epochs": summary["epochs"], "seconds": pool.get("seconds"), "host": pool.get("host"),
-            "core_seconds": pool.get("core_seconds"),
-        })
-    return rows
-
-
-def add_global_accuracy(rows: list[dict], subsets: list[Subset], global_run: Path, union_data: Path) -> None:
-    """The global model's accuracy on each subset's own test images (all classes compete)."""
-    from distvision.evaluate import evaluate_split
-    from distvision.inference import load_inference_model
-
-    loaded = load_inference_model(global_run)
-    union = open_prepared(union_data)
-    for name, part in union_test_slices(subsets).items():
-        indices = np.arange(part.start, part.stop)
-        result = evaluate_split(loaded.model, union.test_images, union.test_labels, loaded.preprocess,
-                                loaded.precision, loaded.device, loaded.test_time_flip, loaded.test_time_shift,
-                                indices=indices)
-        for row in rows:
-            if row["subset"] == name:
-                row["global_test_accuracy"] = result.accuracy
-
-
-def plot_comparison(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = [r for r in rows if r["subset"] != GLOBAL_NAME and r["global_test_accuracy"] is not None]
-    positions = np.arange(len(shown))
-    figure, axes = plt.subplots(figsize=(max(5, 1.4 * len(shown) + 2), 4))
-    axes.bar(positions - 0.2, [r["test_accuracy"] for r in shown], 0.4, label="subset model")
-    axes.bar(positions + 0.2, [r["global_test_accuracy"] for r in shown], 0.4, label="global model")
-    axes.set_xticks(positions, [r["subset"] for r in shown])
-    axes.set_ylabel("test accuracy on the subset's test split")
-    axes.set_ylim(0, 1)
-    axes.legend(loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def write_outputs(out: Path, rows: list[dict], subsets: list[Subset], failed: list[str], wall: float,
-                  pool_seconds: float) -> None:
-    with open(out / "subsets.csv.tmp", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(out / "subsets.csv.tmp", out / "subsets.csv")
-    core_seconds = sum(r["core_seconds"] or 0 for r in rows)
-    cores = len(os.sched_getaffinity(0))
-    write_json_atomic(out / "summary.json", {
-        "subsets": rows,
-        "trained": [r["subset"] for r in rows],
-        "not_trainable": {s.name: s.problem for s in subsets if s.problem},
-        "failed": failed,
-        "wall_seconds": round(wall, 2),  # everything, data preparation and comparison included
-        "pool_seconds": round(pool_seconds, 2),  # from the first job's start to the last one's end
-        "job_core_seconds": round(core_seconds, 2),
-        # The ideal pool: every core busy all the time (meaningful when this process ran every job).
-        "ideal_pool_seconds": round(core_seconds / cores, 2),
-        "cores": cores,
-    })
-    say(f"train-each: {len(rows)} model(s) trained, {len(failed)} failed, "
-        f"{sum(1 for s in subsets if s.problem)} subset(s) not trainable; {wall:.0f}s wall; "
-        f"see {out / 'subsets.csv'}")
