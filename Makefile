@@ -9,7 +9,7 @@ ARGS    ?=
 
 SETUP_STAMP := $(VENV)/.distvision-installed
 
-.PHONY: setup train test lint bench clean postgres
+.PHONY: setup train test test-fast lint bench clean postgres
 
 $(SETUP_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,15 @@ train: setup
 	$(VENV)/bin/distvision train $(if $(DATA),--data $(DATA)) --model $(MODEL) --workers $(WORKERS) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
-test: setup postgres
-	$(VENV)/bin/python -m pytest -q --durations=20
+# Lint (style and the import layering) first, then both tiers: the unit tier, which starts no process
+# and takes under a minute, before the end-to-end tier (tests/e2e, real processes, several minutes).
+test: setup lint postgres
+	$(VENV)/bin/python -m pytest tests/unit -q
+	$(VENV)/bin/python -m pytest tests/e2e -q --durations=20
+
+# The unit tier alone, for the edit-test loop.
+test-fast: setup
+	$(VENV)/bin/python -m pytest tests/unit -q
 
 # distvision tune's shared-study test runs a real PostgreSQL server (Debian's); install it where
 # missing and possible (root with apt), else that one test skips.
@@ -35,9 +42,10 @@ postgres:
 		  apt-get install -y -qq --no-install-recommends postgresql; } || \
 		echo "PostgreSQL is not installed: the tune test that needs it will skip"
 
+# ruff and import-linter come with the test extras; the layering contracts are in pyproject.toml.
 lint: setup
-	$(VENV)/bin/pip install --quiet ruff
 	$(VENV)/bin/ruff check distvision tests benchmarks
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(VENV)/bin/pip install --quiet -e '.[bench]' torch==2.13.0

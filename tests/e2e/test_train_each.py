@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_class_image, run_cli, run_cli_in_process
 
 from distvision.metrics import read_events
+from tests.helpers import REPO, make_class_image, run_cli, run_cli_in_process
 
 FAST = ["--model", "caffe-quick", "--epochs", "3", "--batch-size", "10", "--lr", "0.002", "--precision", "fp32"]
 # Each class name has its own learnable look (make_class_image's label), whichever subset holds it.

@@ -1,7 +1,7 @@
 """distvision tune: real Optuna studies of real `distvision train` trials on small generated data.
 
 Parallel workers sharing the journal file, two commands sharing a real PostgreSQL server, a worker
-killed mid-trial, best.toml reproducing the best trial, and bad search spaces.
+killed mid-trial, and best.toml reproducing the best trial (bad search spaces: tests/unit/test_tune.py).
 """
 
 from __future__ import annotations
@@ -16,24 +16,10 @@ import time
 from pathlib import Path
 
 import optuna
-import pytest
-from conftest import REPO, run_cli, write_image_tree
-from postgres import postgres_server
 
-from distvision.cli import main
 from distvision.metrics import read_metrics
-
-FAST = ["--precision", "fp32", "--model", "caffe-quick"]
-
-
-@pytest.fixture(scope="module")
-def tiny_images(tmp_path_factory) -> Path:
-    return write_image_tree(tmp_path_factory.mktemp("tune") / "images", classes=3, train_per_class=30,
-                            test_per_class=6)
-
-
-def tune_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["tune", "--data", str(data), "--out", str(out), *FAST, *extra]
+from tests.e2e.postgres import postgres_server
+from tests.helpers import REPO, run_cli, tune_args
 
 
 def read_trials_csv(out: Path) -> list[dict]:
@@ -142,47 +128,3 @@ def _processes_mentioning(text: str) -> list[int]:
         except OSError:
             continue
     return found
-
-
-BAD_SPACES = [
-    ("[lr]\ntype = 'log'\nlow = 0.1\nhigh = 0.01\n", "bad range, low (0.1) must be below high (0.01)"),
-    ("[learning_rate]\ntype = 'log'\nlow = 0.001\nhigh = 0.1\n", "[learning_rate] is not a recipe setting"),
-    ("[lr]\ntype = 'normal'\n", "type must be one of int, float, log, categorical"),
-    ("[lr]\ntype = 'log'\nlow = 0.0\nhigh = 0.1\n", "a log setting needs low > 0"),
-    ("[batch_size]\ntype = 'float'\nlow = 10\nhigh = 20\n", "batch_size is an integer setting"),
-    ("[momentum]\ntype = 'float'\nlow = 0.5\nhigh = 1.5\n", "1.5 is out of range for momentum"),
-    ("[flip]\ntype = 'categorical'\nchoices = [1, 2]\n", "1 is not a valid flip"),
-    ("[lr]\ntype = 'log'\nlow = 0.001\nhigh = 0.1\nstep = 0.01\n", "log settings take none"),
-    ("[lr\n", "not valid TOML"),
-]
-
-
-@pytest.mark.parametrize("space, message", BAD_SPACES)
-def test_bad_search_space_is_one_line_error(space, message, tiny_images, tmp_path, capsys):
-    (tmp_path / "space.toml").write_text(space)
-    with pytest.raises(SystemExit) as exit_status:  # the CLI's own entry point, in this process
-        main(tune_args(tiny_images, tmp_path / "search", "--space", str(tmp_path / "space.toml")))
-    stderr = capsys.readouterr().err
-    assert exit_status.value.code == 2
-    assert stderr.startswith("distvision: error: --space") and stderr.count("\n") == 1
-    assert message in stderr
-    assert not (tmp_path / "search").exists()  # refused before anything was written
-
-
-def test_train_config_file_rejects_unknown_settings(tiny_images, tmp_path, capsys):
-    (tmp_path / "bad.toml").write_text("learning_rate = 0.1\n")
-    with pytest.raises(SystemExit) as exit_status:
-        main(["train", "--config", str(tmp_path / "bad.toml"), "--data", str(tiny_images)])
-    stderr = capsys.readouterr().err
-    assert exit_status.value.code == 2 and stderr.count("\n") == 1
-    assert "unknown setting 'learning_rate'" in stderr
-
-
-def test_train_config_file_values_are_defaults_that_flags_override(tmp_path):
-    from distvision.cli import build_parser
-    from distvision.config import read_config_file
-
-    (tmp_path / "best.toml").write_text('lr = 0.5\nepochs = 3\nrecipe_settings = ["flip=true"]\n')
-    argv = ["train", "--config", str(tmp_path / "best.toml"), "--lr", "0.1", "--set", "translate=2"]
-    args = build_parser(read_config_file(tmp_path / "best.toml")).parse_args(argv)
-    assert (args.lr, args.epochs, args.recipe_settings) == (0.1, 3, ["flip=true", "translate=2"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -17,17 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port
+
 
 def postgres_bin() -> Path | None:
     """The newest installed server's bin folder (/usr/lib/postgresql/<version>/bin), or None."""
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
     return found[-1].parent if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -39,7 +34,7 @@ def postgres_server() -> Iterator[str]:
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     # Not under pytest's tmp_path: its parent is private to root, and the server runs as postgres.
     root = Path(tempfile.mkdtemp(prefix="distvision-pg-"))
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
     if as_postgres:
         shutil.chown(root, "postgres", "postgres")
     try:

@@ -1,34 +1,36 @@
 """Fault tolerance with real processes: dead workers, resumes at other world sizes, nodes joining and
-leaving, stopped peers, corrupt checkpoints, and a clean stop on SIGTERM."""
+leaving, stopped peers, and a clean stop on SIGTERM (corrupt checkpoints: tests/unit/test_elastic.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, run_cli_in_process, wait_for, write_image_tree
 from safetensors.torch import load_file
 
-from distvision.checkpoint import (
-    list_training_checkpoints,
-    load_latest_training_checkpoint,
-    save_training_checkpoint,
-)
-from distvision.errors import UserError
+from distvision.checkpoint import list_training_checkpoints
 from distvision.metrics import read_events, read_metrics
-from distvision.parallel.launch import PRIVATE_STORE_VARIABLE, local_worker_pids
+from distvision.parallel.launch import PRIVATE_STORE_VARIABLE
+from distvision.procfs import local_worker_pids
+from tests.helpers import (
+    REPO,
+    assert_each_epoch_covered_once,
+    free_port,
+    restart_world_sizes,
+    run_cli,
+    run_cli_in_process,
+    wait_for,
+    write_image_tree,
+)
 
-TRAIN_COUNT = 3 * 40
-# tests/test_elastic_membership.py covers a stopped node too (after a late one joins); this older
+# tests/e2e/test_elastic_membership.py covers a stopped node too (after a late one joins); this older
 # two-node run adds a minute to the suite, so it is opt-in.
 slow_two_node_run = pytest.mark.skipif(os.environ.get("DISTVISION_RESTART_TESTS") != "1",
                                        reason="about a minute; covered by test_elastic_membership.py; "
@@ -62,23 +64,6 @@ def _steps_done(run_dir: Path) -> int:
         return json.loads((run_dir / "heartbeat.json").read_text())["step"]
     except (OSError, ValueError, KeyError):
         return 0
-
-
-def assert_each_epoch_covered_once(run_dir: Path, epochs: int, sample_count: int = TRAIN_COUNT) -> None:
-    """From the audit logs: per epoch, the steps that counted (the latest attempt of each) cover every
-    sample exactly once, whatever restarts and world-size changes happened."""
-    attempts: dict[tuple[int, int], dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for path in (run_dir / "audit").glob("*.jsonl"):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            # A later attempt at the same step (after a restart) supersedes the one that was lost.
-            attempts[(record["epoch"], record["step"])][record["attempt"]].extend(record["indices"])
-    for epoch in range(epochs):
-        seen = []
-        for (record_epoch, _), by_attempt in attempts.items():
-            if record_epoch == epoch:
-                seen += by_attempt[max(by_attempt)]
-        assert sorted(seen) == list(range(sample_count)), f"epoch {epoch}: {len(seen)} samples, not each once"
 
 
 def test_a_killed_worker_is_restarted_and_no_sample_is_lost(data: Path, tmp_path: Path):
@@ -129,24 +114,6 @@ def test_resume_at_other_world_sizes_matches_an_uninterrupted_run(data: Path, tm
     assert_each_epoch_covered_once(out, 3)
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path: Path):
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model(torch.randn(4, 3)).sum().backward()
-    optimizer.step()
-    for step in (10, 20, 30):
-        save_training_checkpoint(tmp_path, model.state_dict(), optimizer, {"step": step})
-    assert [p.name for p in list_training_checkpoints(tmp_path)] == ["step-000000020", "step-000000030"]
-    newest = list_training_checkpoints(tmp_path)[-1] / "model.safetensors"
-    newest.write_bytes(newest.read_bytes()[:-7])
-    warnings = []
-    _, _, state = load_latest_training_checkpoint(tmp_path, warn=warnings.append)
-    assert state["step"] == 20 and "corrupt" in warnings[0]
-    (list_training_checkpoints(tmp_path)[0] / "state.json").write_text("{not json")
-    with pytest.raises(UserError, match="every checkpoint"):
-        load_latest_training_checkpoint(tmp_path, warn=warnings.append)
-
-
 def test_sigterm_stops_workers_and_agent_cleanly_with_a_resumable_checkpoint(data: Path, tmp_path: Path):
     out = tmp_path / "run"
     args = _train_args(data, out, "--workers", "2", "--epochs", "3", "--debug-step-delay", "0.05")
@@ -165,12 +132,6 @@ def test_sigterm_stops_workers_and_agent_cleanly_with_a_resumable_checkpoint(dat
     assert_each_epoch_covered_once(out, 3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _agent(data: Path, out: Path, tmp_path: Path, endpoint: str, *extra: str) -> subprocess.Popen:
     """One torchrun agent ("node") with one worker, in an elastic job of 1 to 2 nodes."""
     torchrun = ["-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=1", "--max-restarts=5",
@@ -181,15 +142,11 @@ def _agent(data: Path, out: Path, tmp_path: Path, endpoint: str, *extra: str) ->
                   tmp_path, module=torchrun)
 
 
-def _world_sizes(out: Path) -> list[tuple[int, int]]:
-    return [(e["old_world_size"], e["new_world_size"]) for e in read_events(out) if e["event"] == "restart"]
-
-
 @slow_two_node_run
 @pytest.mark.timeout(400)
 def test_a_stopped_node_does_not_hang_the_survivor(data: Path, tmp_path: Path):
     """SIGSTOP (not kill) a node: the survivor's collective times out, it regroups alone and finishes."""
-    out, endpoint = tmp_path / "run", f"127.0.0.1:{_free_port()}"
+    out, endpoint = tmp_path / "run", f"127.0.0.1:{free_port()}"
     extra = ("--epochs", "6", "--debug-step-delay", "0.2")
     first = _agent(data, out, tmp_path, endpoint, *extra)
     time.sleep(1)  # the first agent hosts the c10d store, which must survive; both join the first round
@@ -206,13 +163,13 @@ def test_a_stopped_node_does_not_hang_the_survivor(data: Path, tmp_path: Path):
             os.kill(pid, signal.SIGKILL)
         second.communicate(timeout=30)
     assert first.returncode == 0, output[-3000:]
-    assert (2, 1) in _world_sizes(out)
+    assert (2, 1) in restart_world_sizes(out)
     assert_each_epoch_covered_once(out, 6)
 
 
 def test_missing_workers_at_rendezvous_is_an_error_not_a_hang(data: Path, tmp_path: Path):
     torchrun = ["-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-conf=join_timeout=5", "-m", "distvision"]
+                f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-conf=join_timeout=5", "-m", "distvision"]
     started = time.time()
     lonely = _start(_train_args(data, tmp_path / "run", "--epochs", "1"), tmp_path, module=torchrun)
     output = lonely.communicate(timeout=120)[0]

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_class_image, write_cifar_batches, write_image_tree
 from PIL import Image
 
 from distvision.data.prepare import ensure_prepared, open_prepared, prepare
 from distvision.data.sources import open_source
 from distvision.errors import UserError
+from tests.helpers import make_class_image, write_cifar_batches, write_image_tree
 
 
 def test_cifar_python_folder_and_tarball_give_the_same_arrays(tmp_path: Path):

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, run_cli_in_process, write_image_tree
 from safetensors.torch import load_file
 
 from distvision.metrics import read_metrics
 from distvision.models import create
+from tests.helpers import run_cli, run_cli_in_process, write_image_tree
 
 
 def _train(data: Path, out: Path, cache: Path, *extra: str):
@@ -23,7 +23,7 @@ def _train(data: Path, out: Path, cache: Path, *extra: str):
 
 def test_two_workers_reach_the_same_weights_as_one_process(mlp_run_one_worker: Path, mlp_run_two_workers: Path):
     """Data parallelism's defining property: 2 workers with global batch B == 1 process with batch B,
-    with the record recipe's step- and sample-based tricks on (conftest.MLP_TRICKS)."""
+    with the record recipe's step- and sample-based tricks on (tests.helpers.MLP_TRICKS)."""
     one = load_file(mlp_run_one_worker / "checkpoint" / "model.safetensors")
     two = load_file(mlp_run_two_workers / "checkpoint" / "model.safetensors")
     torch.manual_seed(0)

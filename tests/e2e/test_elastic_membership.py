@@ -4,30 +4,30 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, wait_for, write_image_tree
-from test_elastic import assert_each_epoch_covered_once
 
 from distvision.checkpoint import list_training_checkpoints
 from distvision.metrics import read_events
-from distvision.parallel.launch import PRIVATE_STORE_VARIABLE, local_worker_pids, warn_if_store_is_shared
+from distvision.parallel.launch import PRIVATE_STORE_VARIABLE
+from distvision.procfs import local_worker_pids
+from tests.helpers import (
+    REPO,
+    assert_each_epoch_covered_once,
+    free_port,
+    restart_world_sizes,
+    wait_for,
+    write_image_tree,
+)
 
 EPOCHS = 5
 # keep_alive_max_attempt must be 3 or more: a node's first heartbeat after a rendezvous comes about
 # two keep-alive intervals after its last one in it, and a node whose heartbeat has expired once
 # never sends another (torch 2.13), so a later node would find it dead and start a job of its own.
 RENDEZVOUS_CONF = "join_timeout=60,last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=4"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _node(data: Path, out: Path, tmp_path: Path, endpoint: str) -> subprocess.Popen:
@@ -42,10 +42,6 @@ def _node(data: Path, out: Path, tmp_path: Path, endpoint: str) -> subprocess.Po
                **{PRIVATE_STORE_VARIABLE: "1"})
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-
-
-def _world_sizes(out: Path) -> list[tuple[int, int]]:
-    return [(e["old_world_size"], e["new_world_size"]) for e in read_events(out) if e["event"] == "restart"]
 
 
 def _newest_checkpoint_step(out: Path) -> int:
@@ -67,13 +63,13 @@ def test_a_late_node_joins_the_running_job_and_a_stopped_one_leaves_it(tmp_path:
     """World size 1 -> 2 when a second node starts later, 2 -> 1 when that node is frozen (SIGSTOP, so the
     survivor's collective must time out rather than hang); the survivor finishes and no sample is lost."""
     data = write_image_tree(tmp_path / "data", classes=3, train_per_class=40, test_per_class=4)
-    out, endpoint = tmp_path / "run", f"127.0.0.1:{_free_port()}"
+    out, endpoint = tmp_path / "run", f"127.0.0.1:{free_port()}"
     first = _node(data, out, tmp_path, endpoint)
     second = None
     try:
         wait_for(lambda: (out / "heartbeat.json").exists(), 120, "the first node to train alone")
         second = _node(data, out, tmp_path, endpoint)
-        wait_for(lambda: (1, 2) in _world_sizes(out), 90, "the second node to join (world size 1 -> 2)")
+        wait_for(lambda: (1, 2) in restart_world_sizes(out), 90, "the second node to join (world size 1 -> 2)")
         joined_at = next(e["step"] for e in read_events(out) if e.get("new_world_size") == 2)
         # The join is on record once the two-node group has checkpointed (a restart goes back to a checkpoint).
         wait_for(lambda: _newest_checkpoint_step(out) > joined_at, 60, "the two nodes to train and checkpoint")
@@ -85,19 +81,5 @@ def test_a_late_node_joins_the_running_job_and_a_stopped_one_leaves_it(tmp_path:
                 _signal_node(node, signal.SIGKILL)
                 node.communicate(timeout=30)
     assert first.returncode == 0, output[-3000:]
-    assert _world_sizes(out)[-2:] == [(1, 2), (2, 1)], output[-3000:]
+    assert restart_world_sizes(out)[-2:] == [(1, 2), (2, 1)], output[-3000:]
     assert_each_epoch_covered_once(out, EPOCHS)
-
-
-def test_a_worker_of_torchrun_with_a_shared_store_warns_once(monkeypatch, capsys):
-    """Rank 0 names the torchrun setting that the elastic paths need, on its first start only."""
-    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
-    warn_if_store_is_shared()
-    assert f"{PRIVATE_STORE_VARIABLE}=1" in capsys.readouterr().err
-    later = [("TORCHELASTIC_RESTART_COUNT", "1"), ("RANK", "1"), ("TORCHELASTIC_USE_AGENT_STORE", "False")]
-    for variable, value in later:
-        monkeypatch.setenv(variable, value)
-        warn_if_store_is_shared()
-        assert capsys.readouterr().err == ""

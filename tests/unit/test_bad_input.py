@@ -1,7 +1,8 @@
 """Bad input: one line on stderr, exit status 2, no traceback, nothing already written destroyed.
 
-All of these are refused by the command itself, before any worker starts, so most run the CLI's
-entry point in this process; one goes through a fresh `python -m distvision`, as a user runs it."""
+All of these are refused by the command itself, before any worker starts, so they run the CLI's
+entry point in this process; one more goes through a fresh `python -m distvision`, as a user runs it
+(tests/e2e/test_bad_input.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, run_cli_in_process, write_image_tree
+
+from tests.helpers import assert_fails_cleanly, write_image_tree
 
 
 @pytest.fixture
@@ -17,28 +19,15 @@ def data(tmp_path: Path) -> Path:
     return write_image_tree(tmp_path / "data", classes=2, train_per_class=4, test_per_class=2)
 
 
-def _fails_cleanly(args: list[str], tmp_path: Path, expected: str, own_process: bool = False) -> None:
-    result = (run_cli if own_process else run_cli_in_process)(args, tmp_path / "cache")
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("distvision: error:"), result.stderr
-    assert expected in lines[0]
-
-
-def test_missing_data_path(tmp_path: Path):
-    _fails_cleanly(["train", "--data", str(tmp_path / "nowhere")], tmp_path, "does not exist", own_process=True)
-
-
 def test_empty_data_folder(tmp_path: Path):
     (tmp_path / "empty").mkdir()
-    _fails_cleanly(["train", "--data", str(tmp_path / "empty")], tmp_path, "empty")
+    assert_fails_cleanly(["train", "--data", str(tmp_path / "empty")], tmp_path, "empty")
 
 
 def test_folder_without_readable_images(tmp_path: Path):
     (tmp_path / "junk" / "a").mkdir(parents=True)
     (tmp_path / "junk" / "a" / "x.png").write_bytes(b"junk")
-    _fails_cleanly(["train", "--data", str(tmp_path / "junk")], tmp_path, "no readable image")
+    assert_fails_cleanly(["train", "--data", str(tmp_path / "junk")], tmp_path, "no readable image")
 
 
 @pytest.mark.parametrize(
@@ -52,22 +41,22 @@ def test_folder_without_readable_images(tmp_path: Path):
     ],
 )
 def test_bad_flags(data: Path, tmp_path: Path, flags: list[str], expected: str):
-    _fails_cleanly(["train", "--data", str(data), *flags], tmp_path, expected)
+    assert_fails_cleanly(["train", "--data", str(data), *flags], tmp_path, expected)
 
 
 def test_output_path_that_is_a_file_is_left_alone(data: Path, tmp_path: Path):
     precious = tmp_path / "precious.txt"
     precious.write_text("keep me")
-    _fails_cleanly(["train", "--data", str(data), "--out", str(precious)], tmp_path, "is a file")
+    assert_fails_cleanly(["train", "--data", str(data), "--out", str(precious)], tmp_path, "is a file")
     assert precious.read_text() == "keep me"
 
 
 def test_evaluate_without_a_checkpoint(data: Path, tmp_path: Path):
-    _fails_cleanly(["evaluate", "--checkpoint", str(tmp_path), "--data", str(data)], tmp_path, "no checkpoint")
+    assert_fails_cleanly(["evaluate", "--checkpoint", str(tmp_path), "--data", str(data)], tmp_path, "no checkpoint")
 
 
 def test_unknown_recipe_setting(data: Path, tmp_path: Path):
-    _fails_cleanly(["train", "--data", str(data), "--set", "warp_speed=9"], tmp_path, "--set")
+    assert_fails_cleanly(["train", "--data", str(data), "--set", "warp_speed=9"], tmp_path, "--set")
 
 
 def test_no_network_for_the_default_download_is_one_line(tmp_path: Path):
@@ -82,4 +71,4 @@ def test_no_network_for_the_default_download_is_one_line(tmp_path: Path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_requested_without_a_gpu(data: Path, tmp_path: Path):
-    _fails_cleanly(["train", "--data", str(data), "--device", "cuda"], tmp_path, "no CUDA GPU")
+    assert_fails_cleanly(["train", "--data", str(data), "--device", "cuda"], tmp_path, "no CUDA GPU")

@@ -1,17 +1,13 @@
-"""fastnet's record recipe: each trick checked on its own (distvision/tricks.py), then in real runs."""
+"""fastnet's record recipe: each trick checked on its own (distvision/tricks.py); in real runs:
+tests/e2e/test_recipe.py."""
 
 from __future__ import annotations
 
-import json
 from itertools import pairwise
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-from conftest import run_cli, spawn_workers, write_image_tree
-from safetensors.torch import load_file
 from torch import nn
 
 from distvision.cli import build_parser
@@ -20,7 +16,6 @@ from distvision.data.augment import AugmentSettings, augment_batch
 from distvision.evaluate import evaluate_split
 from distvision.inference import forward_logits
 from distvision.models import create
-from distvision.parallel.group import leave_process_group
 from distvision.recipes import lr_multiplier
 from distvision.train import make_optimizer, resolve_recipe
 from distvision.tricks import Lookahead, freeze_norm_scales, image_patches, init_whitening, whitening_filters
@@ -200,56 +195,6 @@ def test_trick_switches_reach_the_recipe():
     assert not recipe.whiten and recipe.ema_every == 0 and not recipe.test_time_flip and not recipe.test_time_shift
     assert recipe.frozen_norm_scale and recipe.alternating_flip  # the others stay on
     assert build_parser().parse_args(["train"]).disable == []
-
-
-def _finish_lookahead_on_diverged_replicas(rank: int, init_file: str, results: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    torch.manual_seed(rank)  # replicas that differ, as between local-SGD averagings
-    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
-    lookahead = Lookahead(model, every=1)
-    with torch.no_grad():
-        model[0].weight.add_(1.0)
-    lookahead.maybe_update(model, step=1, progress=0.8)
-    lookahead.finish(model)
-    state = torch.cat([t.flatten() for t in model.state_dict().values() if t.is_floating_point()])
-    gathered = [torch.zeros_like(state) for _ in range(2)]
-    dist.all_gather(gathered, state)
-    if rank == 0:
-        Path(results).write_text(json.dumps(torch.equal(gathered[0], gathered[1])))
-    leave_process_group(barrier=False)
-
-
-def test_lookahead_ends_with_one_model_on_every_worker(tmp_path: Path):
-    """Under local SGD each replica keeps its own average: finishing must leave identical weights."""
-    results = tmp_path / "same.json"
-    spawn_workers(_finish_lookahead_on_diverged_replicas, (str(tmp_path / "init"), str(results)))
-    assert json.loads(results.read_text()) is True
-
-
-def test_fastnet_recipe_trains_on_two_workers_and_evaluate_agrees(tmp_path: Path):
-    data = write_image_tree(tmp_path / "data", classes=3, train_per_class=24, test_per_class=6)
-    out = tmp_path / "run"
-    result = run_cli(["train", "--data", str(data), "--out", str(out), "--model", "fastnet", "--workers", "2",
-                      "--epochs", "2", "--batch-size", "24", "--lr-scaling", "linear", "--precision", "fp32",
-                      "--sync", "local-sgd", "--sync-every", "2"],
-                     tmp_path / "cache")
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    recipe = summary["recipe"]
-    assert recipe["whiten"] and recipe["frozen_norm_scale"] and recipe["ema_every"] == 5
-    assert recipe["lr"] == pytest.approx(1.5 * 24 / 1024)  # the recipe's lr, for batch 1024, scaled
-    assert "test_accuracy_without_tta" in summary
-    weights = load_file(out / "checkpoint" / "model.safetensors")
-    stem = weights["0.weight"]  # whitening filters and their negatives, untouched by training
-    assert torch.equal(stem[12:], -stem[:12]) and (weights["2.norm1.weight"] == 1).all()
-    evaluated = run_cli(["evaluate", "--checkpoint", str(out), "--data", str(data)], tmp_path / "cache")
-    assert evaluated.returncode == 0, evaluated.stderr
-    assert json.loads(evaluated.stdout)["test_accuracy"] == summary["test_accuracy"]  # the same 6 views
-
-
-def test_sync_bn_on_the_cpu_is_a_clear_error(tmp_path: Path):
-    result = run_cli(["train", "--data", str(tmp_path), "--device", "cpu", "--sync-bn"], tmp_path / "cache")
-    assert result.returncode == 2 and "SyncBatchNorm" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_evaluate_split_reports_the_views_it_was_asked_for():

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, make_class_image, run_cli, run_cli_in_process, wait_for
 from PIL import Image
 
 from distvision.data.prepare import prepare
 from distvision.evaluate import evaluate_checkpoint
-from distvision.parallel.launch import local_worker_pids
+from distvision.procfs import local_worker_pids
+from tests.helpers import REPO, make_class_image, run_cli, run_cli_in_process, wait_for
 
 CLASSES = 3
 # (format, modes it can hold): every mode the issue names, in every format that stores it.
@@ -34,7 +34,8 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(mlp_run_one_worker: Path, mlp_data: Path) -> tuple[Path, Path]:
-    """(run folder, its training data): conftest's tiny mlp on 3 generated classes, with test-time flips on."""
+    """(run folder, its training data): the tiny mlp of tests/e2e/conftest.py on 3 generated classes, with
+    test-time flips on."""
     return mlp_run_one_worker, mlp_data
 
 
@@ -247,7 +248,7 @@ def test_bad_input_fails_with_one_line(case: str, expected: str, trained, workdi
         "bad top-k": {"--top-k": "0"},
     }[case])
     # Refused before any worker starts: the CLI's entry point in this process (the train command's
-    # bad input has one test through a fresh process, in test_bad_input.py).
+    # bad input has one test through a fresh process, in tests/e2e/test_bad_input.py).
     result = run_cli_in_process(["classify", *[v for pair in args.items() for v in pair]], workdir / "cache")
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, write_image_tree
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import REPO, free_port, write_image_tree
 
 
 def test_two_torchrun_nodes_train_one_model(tmp_path: Path):
     data = write_image_tree(tmp_path / "data", classes=2, train_per_class=16, test_per_class=4)
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",

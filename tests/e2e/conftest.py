@@ -1,0 +1,53 @@
+"""The end-to-end tier: every test here starts processes, so every one is marked slow; and the fixtures
+that train a run once per session for several test files, and the real CIFAR-10 copy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import MLP_SETTINGS, MLP_TRICKS, REAL_CIFAR, run_cli, write_image_tree
+
+E2E = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test of this folder slow (`-m "not slow"` leaves the unit tier)."""
+    for item in items:
+        if item.path.is_relative_to(E2E):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def real_cifar() -> Path:
+    if not (REAL_CIFAR / "train").is_dir():
+        pytest.skip(f"the real CIFAR-10 copy is not at {REAL_CIFAR}")
+    return REAL_CIFAR
+
+
+@pytest.fixture(scope="session")
+def mlp_data(tmp_path_factory) -> Path:
+    """3 easy classes, 24 training and 8 test images each, generated once; read-only for the tests."""
+    return write_image_tree(tmp_path_factory.mktemp("mlp") / "data", classes=3, train_per_class=24, test_per_class=8)
+
+
+def _train_mlp(data: Path, out: Path, workers: int) -> Path:
+    # Test-time flips and shifts on, for classify's tests: they change the final evaluation, not the weights.
+    result = run_cli(["train", "--data", str(data), "--out", str(out), "--workers", str(workers), *MLP_SETTINGS,
+                      *MLP_TRICKS, "--set", "test_time_flip=true", "--set", "test_time_shift=true"],
+                     out.parent / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def mlp_run_one_worker(mlp_data: Path, tmp_path_factory) -> Path:
+    """Run folder of MLP_SETTINGS trained by one worker, once per session; read-only (copy it to change it)."""
+    return _train_mlp(mlp_data, tmp_path_factory.mktemp("mlp-one") / "run", workers=1)
+
+
+@pytest.fixture(scope="session")
+def mlp_run_two_workers(mlp_data: Path, tmp_path_factory) -> Path:
+    """Run folder of MLP_SETTINGS trained by two workers (gloo), once per session; read-only."""
+    return _train_mlp(mlp_data, tmp_path_factory.mktemp("mlp-two") / "run", workers=2)

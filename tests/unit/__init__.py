@@ -1,0 +1,1 @@
+"""Unit tier: starts no process (tests/unit/conftest.py refuses any); under a minute on 2 cores."""
