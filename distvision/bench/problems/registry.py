@@ -49,7 +49,10 @@ def register_problem(problem: Problem) -> Problem:
 
 
 def register_family(prefix: str, argument: str) -> Callable[[Callable[[str], Problem]], Callable[[str], Problem]]:
-    """Decorator: builder(argument) -> Problem answers every problem name `prefix:ARGUMENT`."""
+    """Decorator: builder(text) -> Problem answers every problem name `prefix:text`.
+
+    `argument` names the text in messages, e.g. "PATH" for `folder:PATH`.
+    """
 
     def wrap(builder: Callable[[str], Problem]) -> Callable[[str], Problem]:
         _FAMILIES[prefix] = (argument, builder)
@@ -69,7 +72,7 @@ def get_problem(name: str) -> Problem:
     if separator and prefix in _FAMILIES:
         return _FAMILIES[prefix][1](argument)
     if name not in _PROBLEMS:
-        families = "".join(f", or {prefix}:{usage}" for prefix, (usage, _) in sorted(_FAMILIES.items()))
+        families = "".join(f", or {family}:{usage}" for family, (usage, _) in sorted(_FAMILIES.items()))
         raise UserError(f"unknown problem {name!r}; known: {', '.join(sorted(_PROBLEMS))}{families}")
     return _PROBLEMS[name]
 
