@@ -73,6 +73,8 @@ def add_global_accuracy(rows: list[dict], subsets: list[Subset], global_run: Pat
     by_name = {row["subset"]: row for row in rows}
     parts = union_test_slices(subsets)
     for subset in subsets:
+        if subset.name not in by_name:  # not trained (yet): nothing to compare with
+            continue
         part = parts[subset.name]
         among = [union_class[name] for name in subset.classes]
         correct = correct_among = 0
@@ -84,9 +86,8 @@ def add_global_accuracy(rows: list[dict], subsets: list[Subset], global_run: Pat
             correct += correct_predictions(logits, labels)
             correct_among += correct_predictions(logits, labels, among)
         count = max(part.stop - part.start, 1)
-        if subset.name in by_name:
-            by_name[subset.name]["global_test_accuracy"] = correct / count
-            by_name[subset.name]["global_test_accuracy_subset_classes"] = correct_among / count
+        by_name[subset.name]["global_test_accuracy"] = correct / count
+        by_name[subset.name]["global_test_accuracy_subset_classes"] = correct_among / count
 
 
 def plot_comparison(rows: list[dict], path: Path) -> None:
