@@ -17,7 +17,7 @@ from distvision.evaluate import evaluate_split
 from distvision.inference import forward_logits
 from distvision.models import create
 from distvision.recipes import lr_multiplier
-from distvision.train import make_optimizer, resolve_recipe
+from distvision.training.setup import make_optimizer, resolve_recipe
 from distvision.tricks import Lookahead, freeze_norm_scales, image_patches, init_whitening, whitening_filters
 
 CPU = torch.device("cpu")

@@ -15,7 +15,7 @@ from distvision.parallel.balance import (
 )
 from distvision.parallel.stopping import StopRules, stop_after_epoch
 from distvision.parallel.sync import LOCAL_SGD_STATS_SECONDS, STATS_EVERY, stats_interval
-from distvision.train import STOP_GRACE_SECONDS
+from distvision.training.faults import STOP_GRACE_SECONDS
 
 
 def test_weighted_slices_cover_every_sample_once():
