@@ -71,6 +71,9 @@ def test_parallel_pool_trains_every_subset_and_compares_with_a_global_model(subs
         assert summary["epochs"] == 3
         assert float(rows[name]["test_accuracy"]) == summary["test_accuracy"] > chance + 0.2
         assert 0 <= float(rows[name]["global_test_accuracy"]) <= 1
+        # The global model again, choosing among the subset's classes only (as the subset model does).
+        among_subset = float(rows[name]["global_test_accuracy_subset_classes"])
+        assert float(rows[name]["global_test_accuracy"]) <= among_subset <= 1
         assert rows[name]["host"] and float(rows[name]["seconds"]) > 0
     assert int(rows["vehicles"]["classes"]) == 3 and int(rows["vehicles"]["samples"]) == 90
     global_summary = json.loads((out / "_global" / "summary.json").read_text())
