@@ -13,7 +13,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from distvision.models import create
-from distvision.parallel.balance import weighted_slice
+from distvision.parallel.balance import split_sizes, weighted_slice
 from distvision.parallel.group import leave_process_group
 from distvision.parallel.sync import Synchronizer, SyncSettings, unwrap
 from tests.helpers import MLP_SETTINGS, MLP_TRICKS, run_cli, spawn_workers
@@ -132,9 +132,27 @@ def test_uneven_worker_batches_give_the_whole_batch_gradient(gloo_results: Path)
 
 
 def test_balance_throughput_with_a_slowed_worker(data: Path, tmp_path: Path):
-    summary = _train(data, tmp_path / "balanced", "--workers", "2", "--balance", "throughput",
-                     "--debug-slowdown", "1:3", *COMMON)
-    assert summary["batch_shares"][0] > 0.6, summary["batch_shares"]  # the unslowed worker takes the larger share
+    out = tmp_path / "balanced"
+    # 5 steps an epoch, losses and timings exchanged at each epoch's end once paced: the shares are
+    # re-split after epoch 2 and the third epoch trains with them.
+    # Slowed 6x: an mlp step takes about a millisecond, and on a loaded machine a slighter slowdown can
+    # drown in the scheduler's noise.
+    summary = _train(data, out, "--workers", "2", "--balance", "throughput", "--debug-slowdown", "1:6",
+                     "--audit-samples", *COMMON, "--epochs", "3")
+    shares = summary["batch_shares"]
+    assert shares[0] > 0.6, shares  # the unslowed worker takes the larger share
+    sizes = {}  # (epoch, step) -> [rank 0's samples, rank 1's]
+    for log in (out / "audit").glob("attempt*-rank*.jsonl"):
+        rank = int(log.stem.rsplit("rank", 1)[1])
+        for line in log.read_text().splitlines():
+            record = json.loads(line)
+            sizes.setdefault((record["epoch"], record["step"]), [0, 0])[rank] = len(record["indices"])
+    last_epoch = [sizes[key] for key in sorted(sizes) if key[0] == 2]
+    assert len(last_epoch) == 5
+    # every step of the last epoch was split by the measured shares, the slowed worker taking less
+    for rank0, rank1 in last_epoch:
+        assert [rank0, rank1] == split_sizes(rank0 + rank1, np.array(shares)).tolist()
+        assert rank0 > rank1
 
 
 # The compression hooks ride along on two of these runs and local SGD on a third: they must train
