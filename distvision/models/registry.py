@@ -36,14 +36,12 @@ def register_model(name: str, recipe: Recipe, description: str, alternatives: di
 
 
 def get_entry(name: str) -> ModelEntry:
-    _load_families()
     if name not in _REGISTRY:
         raise UserError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 
 def list_models() -> list[ModelEntry]:
-    _load_families()
     return [_REGISTRY[name] for name in sorted(_REGISTRY)]
 
 
@@ -77,7 +75,3 @@ def mflops_per_image(model: nn.Module, image_size: int, in_channels: int = 3, in
         model(torch.zeros(shape))
     return counter.get_total_flops() / 1e6
 
-
-def _load_families() -> None:
-    # Importing the family modules runs their @register_model decorators.
-    from distvision.models import caffe, fastnet, mlp, resnet  # noqa: F401
