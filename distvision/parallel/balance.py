@@ -43,8 +43,9 @@ def split_sizes(total: int, shares: np.ndarray) -> np.ndarray:
     sizes = np.maximum(np.floor(raw).astype(np.int64), 1)
     while sizes.sum() > total:  # the minimum of 1 overshot: take from the largest
         sizes[np.argmax(sizes)] -= 1
-    order = np.argsort(-(raw - np.floor(raw)), kind="stable")
-    for i in range(total - int(sizes.sum())):  # hand out the remainder by largest fraction
+    # Hand out the remainder to the largest deficits; a worker raised to the minimum has none left.
+    order = np.argsort(-(raw - sizes), kind="stable")
+    for i in range(total - int(sizes.sum())):
         sizes[order[i % len(sizes)]] += 1
     return sizes
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from distvision.data.augment import AugmentSettings, augment_batch
+from distvision.data.augment import AugmentSettings, augment_batch, sample_uniforms
 from distvision.data.batches import BatchPrefetcher, Preprocessing, load_batch
 from distvision.data.sharding import epoch_permutation, evaluation_share, global_batches, rank_slice
+from distvision.parallel.balance import split_sizes
 from distvision.recipes import lr_multiplier, one_cycle, step_down
 
 
@@ -96,3 +99,35 @@ def test_batches_loaded_ahead_equal_batches_loaded_when_taken():
         if exchanged:
             prefetcher.load_ahead()
         assert torch.equal(prefetcher.take(wanted, epoch=epoch), expected(wanted, epoch))
+
+
+@settings(max_examples=40, deadline=None)
+@given(pad=st.integers(1, 4), index=st.integers(0, 10**6), seed=st.integers(0, 2**31), epoch=st.integers(0, 50),
+       size=st.integers(6, 10))
+def test_translate_is_a_reflect_padded_crop_at_the_drawn_offset(pad, index, seed, epoch, size):
+    image = torch.randint(0, 256, (1, size, size, 3), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(index))
+    shifted = augment_batch(image, np.array([index]), AugmentSettings(translate=pad), seed, epoch)
+    uniforms = sample_uniforms(seed, epoch, np.array([index]), 5)[0]
+    dy, dx = int(uniforms[1] * (2 * pad + 1)), int(uniforms[2] * (2 * pad + 1))
+    padded = np.pad(image[0].numpy(), ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    assert np.array_equal(shifted[0].numpy(), padded[dy : dy + size, dx : dx + size])
+
+
+def test_translate_offsets_cover_every_shift():
+    offsets = sample_uniforms(0, 0, np.arange(2000), 5)[:, 1:3] * 5  # translate 2: offsets 0..4
+    assert set(offsets.astype(int).ravel().tolist()) == {0, 1, 2, 3, 4}
+
+
+@settings(max_examples=100, deadline=None)
+@given(total=st.integers(1, 5000), shares=st.lists(st.floats(0.01, 1.0), min_size=1, max_size=8))
+def test_split_sizes_sum_to_the_batch_in_proportion(total, shares):
+    sizes = split_sizes(total, np.array(shares))
+    assert sizes.sum() == total
+    if total >= len(shares):
+        assert sizes.min() >= 1
+        wanted = np.array(shares) / sum(shares) * total
+        # no worker is more than one sample off its share, beyond what raising others to one sample took
+        assert np.all(sizes[wanted < 1] == 1)  # a worker raised to the minimum gets no more
+        raised = np.maximum(0, 1 - wanted).sum()
+        assert np.all(np.abs(sizes - wanted) < 1 + raised + 1e-9)
