@@ -124,13 +124,14 @@ def test_prepared_cache_detects_corruption(tmp_path: Path):
 
 def test_ensure_prepared_builds_once_outside_the_data_folder(tmp_path: Path):
     root = write_image_tree(tmp_path / "tree", classes=2, train_per_class=3, test_per_class=1)
-    os.chmod(root, 0o555)  # the data folder may be read-only
-    try:
-        first = ensure_prepared(root, 32, tmp_path / "cache")
-        built = (first / "manifest.json").stat().st_mtime_ns
-        second = ensure_prepared(root, 32, tmp_path / "cache")
-    finally:
-        os.chmod(root, 0o755)
+    # The data folder may be read-only: nothing is written in it. (A chmod would not show that: the
+    # tests run as root in CI, and root writes through 0o555.)
+    before = {path: path.stat().st_mtime_ns for path in root.rglob("*")}
+    first = ensure_prepared(root, 32, tmp_path / "cache")
+    built = (first / "manifest.json").stat().st_mtime_ns
+    second = ensure_prepared(root, 32, tmp_path / "cache")
+    assert {path: path.stat().st_mtime_ns for path in root.rglob("*")} == before
+    assert not first.is_relative_to(root)
     assert first == second and first.parent.parent == tmp_path / "cache"
     assert (second / "manifest.json").stat().st_mtime_ns == built
     assert ensure_prepared(first, 32, tmp_path / "cache") == first  # a prepared folder is used as is
