@@ -1,114 +1,138 @@
-"""Run settings as a dataclass: the single source of the defaults the CLI shows."""
+"""Settings of `distvision train`: one dataclass, the single source of every setting.
+
+Each field carries its default, its command-line help and its choices; the fields are grouped in
+sections (data, recipe overrides, parallel, stopping, fault tolerance, debug) that check
+themselves. The train command line is generated from this table (add_train_arguments), and
+TrainConfig.to_argv / from_argv turn a config into that command line and back, which is how every
+parent (tune, train-each, scale, bench) hands its settings to a `distvision train` child.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 
 from distvision.errors import UserError
+from distvision.recipes import TRICK_SWITCHES
+
+RECIPE_NOTE = "(default: the model's recipe, see `distvision models`)"
+
+
+def flag_options(help: str | None = None, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
+                 metavar: str | None = None) -> dict:
+    """A field's metadata for its command-line flag: help, choices, metavar, and the flag itself where
+    it is not --FIELD-NAME."""
+    return {"help": help, "flag": flag, "choices": choices, "metavar": metavar}
+
+
+def setting(default, help: str | None = None, **options) -> Field:
+    """A TrainConfig field: its default and its command-line flag (options as for flag_options)."""
+    return field(default=default, metadata=flag_options(help, **options))
+
+
+def check_sync_every(value: str) -> None:
+    """--sync-every is a step count >= 1 or 'epoch' (for train and for the scale grid)."""
+    if value != "epoch" and not (value.isdigit() and int(value) >= 1):
+        raise UserError(f"--sync-every must be a step count >= 1 or 'epoch' (got {value!r})")
+
+
+# --- The sections. Each one's fields, in the order --help lists them, and its own checks. ---
+
+@dataclass
+class DataSettings:
+    """Where the images come from, and which share of them trains."""
+
+    TITLE = "data"
+
+    data: str = field(metadata=flag_options("image folder, CIFAR-10 batches (folder or .tar.gz) or a prepared "
+                                            "folder; default: download the official CIFAR-10"))
+    val_fraction: float = setting(0.0, "seeded share of the training set held out for validation (default 0)")
+    # A seeded share of the training set (after the validation split): `distvision scale` varies it.
+    train_fraction: float = setting(1.0, "train on this seeded share of the training set (default 1: all of it)")
+    image_size: int = setting(32)
+    cache_dir: str | None = setting(None, "where prepared data is cached (default ~/.cache/distvision)")
+
+    def check_data(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise UserError(f"--train-fraction must be in (0, 1] (got {self.train_fraction})")
+        if self.image_size < 8:
+            raise UserError(f"--image-size must be at least 8 (got {self.image_size})")
 
 
 @dataclass
-class TrainConfig:
-    data: str
-    model: str = "caffe-quick"
-    recipe: str = "default"  # or a model's named alternative, e.g. "caffe"
-    workers: int = 2  # local worker processes when not started by torchrun
-    # None means: take the value from the model's recipe.
-    epochs: int | None = None
-    batch_size: int | None = None  # global, split across workers
-    lr: float | None = None  # for the global batch
-    momentum: float | None = None
-    weight_decay: float | None = None
-    label_smoothing: float | None = None
-    recipe_settings: list[str] = field(default_factory=list)  # "field=value" for any recipe field
-    disable: list[str] = field(default_factory=list)  # tricks switched off (recipes.TRICK_SWITCHES)
-    sync_bn: bool = False  # batch-norm statistics over all workers (torch's SyncBatchNorm: CUDA only)
-    precision: str = "auto"
-    device: str = "auto"
-    # Synchronisation (parallel/sync.py) and batch balancing (parallel/balance.py).
-    sync: str = "allreduce"  # or "local-sgd"
-    sync_every: str = "8"  # local-sgd: average the replicas every K optimizer steps, or "epoch"
-    sync_warmup: int = 0  # local-sgd: plain all-reduce for the first S steps (post-local SGD)
-    compress: str = "none"  # allreduce: none | fp16 | bf16 | powersgd
-    powersgd_rank: int = 2
-    lr_scaling: str = "none"  # none | linear | sqrt: scale the lr given for base_batch_size to the global batch
-    base_batch_size: int | None = None  # default: the recipe's batch size
-    warmup_epochs: float = 0.0  # linear lr warmup over the first epochs, on top of the schedule
-    balance: str = "even"  # or "throughput": per-worker batch shares follow measured speed
-    # Stopping criteria (parallel/stopping.py); --epochs is the maximum.
-    target_accuracy: float | None = None
-    patience: int | None = None  # epochs without an improvement of more than min_delta
-    min_delta: float = 0.0
-    monitor: str = "test"  # which accuracy target and patience watch: test | val
-    max_time: float | None = None  # seconds of training (evaluation excluded), across resumes
-    seed: int = 0
-    val_fraction: float = 0.0
-    # A seeded share of the training set (after the validation split): `distvision scale` varies it.
-    train_fraction: float = 1.0
-    # Threads each worker uses; None: the machine's cores split over the local workers. Fixed by
-    # `distvision scale`, so that every worker count gets the same resources per worker.
-    threads_per_worker: int | None = None
-    image_size: int = 32
-    out: str | None = None
-    cache_dir: str | None = None
-    # Fault tolerance. A collective waits at most this long for a peer (then the group restarts)
-    # instead of torch's 30-minute default.
-    collective_timeout: float = 120.0
-    checkpoint_every: float = 60.0  # seconds of training between checkpoints (and at every epoch end)
-    max_restarts: int = 3  # local worker-group restarts after a worker dies
-    join_timeout: float = 600.0  # seconds to wait for the minimum number of workers at rendezvous
-    resume: bool = False
-    # Debugging aids for tests and demonstrations.
-    audit_samples: bool = False  # log every rank's sample indices per step to RUN_DIR/audit/
-    debug_stop_at_step: int | None = None  # stop (resumably) at the first stats exchange from this step on
-    debug_step_delay: float = 0.0  # sleep this long after every step, to make a run slow
-    debug_slowdown: str | None = None  # "RANK:FACTOR": that worker computes FACTOR times slower
-    debug_nan_at: str | None = None  # "RANK:STEP": that worker's loss turns NaN at that global step
+class RecipeSettings:
+    """The model, its recipe, and the user's overrides of the recipe (None: the recipe's value)."""
 
-    def run_dir(self) -> Path:
-        return Path(self.out) if self.out else Path("runs") / f"{self.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    TITLE = "model and recipe"
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    model: str = setting("caffe-quick", "registered model name (default %(default)s)")
+    recipe: str = setting("default", "'default' or a model's named recipe, e.g. 'caffe' for Caffe's exact solver")
+    epochs: int | None = setting(None, f"epochs {RECIPE_NOTE}")  # the most: stopping may end a run earlier
+    batch_size: int | None = setting(None, f"global batch size, split across workers {RECIPE_NOTE}")
+    lr: float | None = setting(None, f"learning rate for the global batch {RECIPE_NOTE}")
+    momentum: float | None = setting(None, f"SGD momentum {RECIPE_NOTE}")
+    weight_decay: float | None = setting(None, f"weight decay {RECIPE_NOTE}")
+    label_smoothing: float | None = setting(None, f"label smoothing {RECIPE_NOTE}")
+    recipe_settings: list[str] = field(default_factory=list, metadata=flag_options(
+        "override any recipe field, e.g. --set cutout=8 --set 'schedule=[[0,1],[1,0]]'", flag="--set",
+        metavar="FIELD=VALUE"))
+    # Tricks switched off (recipes.TRICK_SWITCHES), one --no-TRICK flag each.
+    disable: list[str] = field(default_factory=list, metadata=flag_options(flag="--no-TRICK"))
+    precision: str = setting("auto", "auto measures which is faster here (default)", choices=("auto", "bf16", "fp32"))
+    seed: int = setting(0)
 
-    def validate(self) -> None:
-        """Reject settings that cannot work, with a message that says what to change."""
-        if self.workers < 1:
-            raise UserError(f"--workers must be at least 1 (got {self.workers})")
+    def check_recipe(self) -> None:
         if self.epochs is not None and self.epochs < 1:
             raise UserError(f"--epochs must be at least 1 (got {self.epochs})")
         if self.batch_size is not None and self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
         if self.lr is not None and self.lr <= 0:
             raise UserError(f"--lr must be positive (got {self.lr})")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise UserError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
-        if not 0.0 < self.train_fraction <= 1.0:
-            raise UserError(f"--train-fraction must be in (0, 1] (got {self.train_fraction})")
+
+
+@dataclass
+class ParallelSettings:
+    """Workers, synchronisation (parallel/sync.py) and batch balancing (parallel/balance.py)."""
+
+    TITLE = "workers, synchronisation and batch balancing"
+
+    workers: int = setting(2, "local worker processes (default %(default)s); ignored under torchrun")
+    # None: the machine's cores split over the local workers. Fixed by `distvision scale`, so that
+    # every worker count gets the same resources per worker.
+    threads_per_worker: int | None = setting(None, "threads of each worker (default: the cores split over the "
+                                             "local workers)")
+    device: str = setting("auto", choices=("auto", "cpu", "cuda"))
+    sync: str = setting("allreduce", "allreduce: gradients averaged every step (default); local-sgd: local steps, "
+                        "replicas averaged every --sync-every steps (Dahl et al.'s Pattern Parallel Training)",
+                        choices=("allreduce", "local-sgd"))
+    sync_every: str = setting("8", "local-sgd: optimizer steps between averagings, or 'epoch' (default %(default)s)",
+                              metavar="K|epoch")
+    sync_warmup: int = setting(0, "local-sgd: all-reduce every step for the first S steps (default %(default)s)",
+                               metavar="S")  # post-local SGD
+    compress: str = setting("none", "allreduce: compress gradients through a DDP communication hook",
+                            choices=("none", "fp16", "bf16", "powersgd"))
+    powersgd_rank: int = setting(2)
+    lr_scaling: str = setting("none", "scale the lr given for --base-batch-size to the global batch (Goyal et al.)",
+                              choices=("none", "linear", "sqrt"))
+    base_batch_size: int | None = setting(None, "batch size the lr is given for (default: the recipe's)")
+    # On top of the recipe's schedule.
+    warmup_epochs: float = setting(0.0, "linear lr warmup over the first epochs (default %(default)s)")
+    balance: str = setting("even", "throughput: split each global batch across workers in proportion to measured "
+                           "speed", choices=("even", "throughput"))
+    sync_bn: bool = setting(False, "batch-norm statistics over all workers (CUDA only; default: per worker)")
+
+    def check_parallel(self) -> None:
+        if self.workers < 1:
+            raise UserError(f"--workers must be at least 1 (got {self.workers})")
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
             raise UserError(f"--threads-per-worker must be at least 1 (got {self.threads_per_worker})")
-        if self.image_size < 8:
-            raise UserError(f"--image-size must be at least 8 (got {self.image_size})")
-        self._validate_parallel_settings()
-        if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
-            raise UserError(f"--out {self.out} is a file; give a folder for the run's outputs")
-        if self.out and (Path(self.out) / "summary.json").exists():
-            raise UserError(f"--out {self.out} already holds a finished run; choose another folder")
-        if self.checkpoint_every <= 0:
-            raise UserError(f"--checkpoint-every must be positive (got {self.checkpoint_every})")
-        if self.max_restarts < 0:
-            raise UserError(f"--max-restarts must be 0 or more (got {self.max_restarts})")
-        if self.sync_bn and self.device == "cpu":
-            raise UserError("--sync-bn needs CUDA: torch's SyncBatchNorm does not run on the CPU; "
-                            "leave it off (per-worker statistics)")
-
-    def _validate_parallel_settings(self) -> None:
-        if self.sync_every != "epoch" and not (self.sync_every.isdigit() and int(self.sync_every) >= 1):
-            raise UserError(f"--sync-every must be a step count >= 1 or 'epoch' (got {self.sync_every!r})")
+        check_sync_every(self.sync_every)
         if self.sync_warmup < 0:
             raise UserError(f"--sync-warmup must be >= 0 (got {self.sync_warmup})")
         if self.compress != "none" and self.sync != "allreduce":
@@ -119,25 +143,195 @@ class TrainConfig:
             raise UserError(f"--base-batch-size must be at least 1 (got {self.base_batch_size})")
         if self.warmup_epochs < 0:
             raise UserError(f"--warmup-epochs must be >= 0 (got {self.warmup_epochs})")
+        if self.sync_bn and self.device == "cpu":
+            raise UserError("--sync-bn needs CUDA: torch's SyncBatchNorm does not run on the CPU; "
+                            "leave it off (per-worker statistics)")
+
+
+@dataclass
+class StoppingSettings:
+    """Stopping criteria (parallel/stopping.py), agreed by every worker; --epochs is the maximum."""
+
+    TITLE = "stopping (every worker stops at the same step)"
+
+    target_accuracy: float | None = setting(None, "stop at the first epoch reaching this accuracy")
+    patience: int | None = setting(None, "stop after N epochs without improvement")  # of more than min_delta
+    min_delta: float = setting(0.0, "smallest accuracy gain that counts as an improvement (default %(default)s)")
+    monitor: str = setting("test", "accuracy that --target-accuracy and --patience watch (default %(default)s)",
+                           choices=("test", "val"))
+    # Across resumes; evaluation excluded.
+    max_time: float | None = setting(None, "stop after this many seconds of training")
+
+    def check_stopping(self) -> None:
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
             raise UserError(f"--target-accuracy is a fraction in (0, 1] (got {self.target_accuracy})")
         if self.patience is not None and self.patience < 1:
             raise UserError(f"--patience must be at least 1 epoch (got {self.patience})")
         if self.max_time is not None and self.max_time <= 0:
             raise UserError(f"--max-time must be positive (got {self.max_time})")
+
+
+@dataclass
+class FaultToleranceSettings:
+    """The run folder, and how the job survives a dead worker: checkpoints, restarts, timeouts."""
+
+    TITLE = "run folder and fault tolerance"
+
+    out: str | None = setting(None, "run folder (default runs/<model>-<time>)")
+    resume: bool = setting(False, "continue the unfinished run in --out")
+    # A collective waits at most this long for a peer (then the group restarts) instead of torch's
+    # 30-minute default.
+    collective_timeout: float = setting(120.0, "seconds a collective waits for a peer before the group restarts "
+                                        "(default %(default)s)")
+    checkpoint_every: float = setting(60.0, "seconds of training between checkpoints; also at every epoch end "
+                                      "(default %(default)s)")
+    max_restarts: int = setting(3, "restarts of the local worker group after a worker dies (default %(default)s)")
+    join_timeout: float = setting(600.0, "seconds to wait for the workers at rendezvous before failing "
+                                  "(default %(default)s)")
+
+    def check_fault_tolerance(self) -> None:
+        if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
+            raise UserError(f"--out {self.out} is a file; give a folder for the run's outputs")
+        if self.out and (Path(self.out) / "summary.json").exists():
+            raise UserError(f"--out {self.out} already holds a finished run; choose another folder")
+        if self.checkpoint_every <= 0:
+            raise UserError(f"--checkpoint-every must be positive (got {self.checkpoint_every})")
+        if self.max_restarts < 0:
+            raise UserError(f"--max-restarts must be 0 or more (got {self.max_restarts})")
+
+
+@dataclass
+class DebugSettings:
+    """Debugging aids for tests and demonstrations: they make a run slow, fail or stop on purpose."""
+
+    TITLE = "debugging"
+
+    audit_samples: bool = setting(False, "log each rank's sample indices per step to RUN_DIR/audit/")
+    debug_stop_at_step: int | None = setting(None, "stop resumably at the first exchange of losses and votes from "
+                                             "this step on, as on SIGTERM")
+    debug_step_delay: float = setting(0.0, "sleep after every step (seconds)")
+    debug_slowdown: str | None = setting(None, "make one worker FACTOR times slower (sleeps in proportion to its "
+                                         "compute)", metavar="RANK:FACTOR")
+    debug_nan_at: str | None = setting(None, "make one worker's loss NaN at a global step", metavar="RANK:STEP")
+
+    def check_debug(self) -> None:
+        for flag, value, minimum in (("--debug-slowdown", self.debug_slowdown, 1.0),
+                                     ("--debug-nan-at", self.debug_nan_at, 0.0)):
+            if value is None:
+                continue
+            parts = value.split(":")
+            try:
+                rank, number = int(parts[0]), float(parts[1])
+            except (IndexError, ValueError):
+                raise UserError(f"{flag} takes RANK:NUMBER, e.g. 1:2 (got {value!r})") from None
+            if rank < 0 or number < minimum or len(parts) != 2:
+                raise UserError(f"{flag} needs RANK >= 0 and a number >= {minimum:g} (got {value!r})")
+
+
+SECTIONS = (DataSettings, RecipeSettings, ParallelSettings, StoppingSettings, FaultToleranceSettings, DebugSettings)
+
+
+# A dataclass takes its bases' fields last base first: listed in reverse, the fields (and so
+# summary.json's "config" and --help) run data, recipe, parallel, stopping, fault tolerance, debug.
+@dataclass
+class TrainConfig(DebugSettings, FaultToleranceSettings, StoppingSettings, ParallelSettings, RecipeSettings,
+                  DataSettings):
+    """Every setting of one training run, read flat (config.sync, config.max_time) by the training loop."""
+
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / f"{self.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Reject settings that cannot work, with a message that says what to change."""
+        for check in (self.check_data, self.check_recipe, self.check_parallel, self.check_stopping,
+                      self.check_fault_tolerance, self.check_debug):
+            check()
+        # Settings that depend on two sections.
         if self.monitor == "val" and self.val_fraction <= 0:
             raise UserError("--monitor val needs a validation split: add --val-fraction, e.g. 0.1")
-        for flag, setting, minimum in (("--debug-slowdown", self.debug_slowdown, 1.0),
-                                       ("--debug-nan-at", self.debug_nan_at, 0.0)):
-            if setting is None:
+
+    def to_argv(self) -> list[str]:
+        """The `distvision train` flags that give these settings (those left at their default are omitted)."""
+        argv: list[str] = []
+        for field_ in fields(self):
+            value, flag = getattr(self, field_.name), _flag(field_)
+            if field_.name == "disable":
+                argv += [f"--no-{trick}" for trick in value]
+            elif isinstance(value, list):
+                argv += [item for entry in value for item in (flag, entry)]
+            elif value is None or value == field_.default:
                 continue
-            parts = setting.split(":")
-            try:
-                rank, value = int(parts[0]), float(parts[1])
-            except (IndexError, ValueError):
-                raise UserError(f"{flag} takes RANK:NUMBER, e.g. 1:2 (got {setting!r})") from None
-            if rank < 0 or value < minimum or len(parts) != 2:
-                raise UserError(f"{flag} needs RANK >= 0 and a number >= {minimum:g} (got {setting!r})")
+            elif isinstance(value, bool):
+                argv.append(flag)
+            else:
+                argv += [flag, str(value)]
+        return argv
+
+    @classmethod
+    def from_argv(cls, argv: list[str], base: TrainConfig | None = None) -> TrainConfig:
+        """The settings `distvision train <argv>` runs with; base's values stand where argv sets nothing."""
+        parser = _RaisingParser(prog="distvision train", add_help=False)
+        add_train_arguments(parser, base.to_dict() if base else None)
+        return cls.from_namespace(parser.parse_args(argv))
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> TrainConfig:
+        """The settings in parsed arguments (a namespace from add_train_arguments' flags, and perhaps others)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UserError(f"train settings: {message}")
+
+
+def _flag(field_: Field) -> str:
+    return field_.metadata.get("flag") or f"--{field_.name.replace('_', '-')}"
+
+
+def _value_type(field_: Field) -> str:
+    """The field's type as written, without "| None": int, float, str, bool or list[str]."""
+    return str(field_.type).replace(" | None", "")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """Add every TrainConfig setting to parser as a flag, in one group per section; `defaults` (e.g.
+    from `train --config FILE`) replace the dataclass defaults."""
+    for section in SECTIONS:
+        group = parser.add_argument_group(section.TITLE)
+        for field_ in fields(section):
+            if field_.name == "disable":
+                _add_trick_switches(parser)
+                continue
+            meta = field_.metadata
+            options = {"dest": field_.name, "help": meta["help"]}
+            default = [] if field_.default is MISSING else field_.default  # lists are new on every parse
+            if field_.name == "data":
+                default = None  # required by the dataclass, optional on the command line
+            kind = _value_type(field_)
+            if kind == "bool":
+                options["action"] = "store_true"
+            elif kind == "list[str]":
+                options["action"] = "append"
+            elif kind != "str":
+                options["type"] = {"int": int, "float": float}[kind]
+            for key in ("choices", "metavar"):
+                if meta[key]:
+                    options[key] = meta[key]
+            group.add_argument(_flag(field_), default=default, **options)
+    if defaults:
+        parser.set_defaults(**defaults)
+
+
+def _add_trick_switches(parser: argparse.ArgumentParser) -> None:
+    tricks = parser.add_argument_group("switching off the recipe's tricks (for ablations)")
+    for name, fields_set in TRICK_SWITCHES.items():
+        tricks.add_argument(f"--no-{name}", dest="disable", action="append_const", const=name, default=[],
+                            help=f"recipe fields: {', '.join(f'{k}={v}' for k, v in fields_set.items())}")
+
 
 # --- Config files (`distvision train --config FILE`, written by `distvision tune` as best.toml) ---
 CONFIG_FILE_FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -161,7 +355,7 @@ def read_config_file(path: Path) -> dict:
         field_ = CONFIG_FILE_FIELDS.get(key)
         if field_ is None:
             raise UserError(f"--config {path}: unknown setting {key!r}; known: {', '.join(CONFIG_FILE_FIELDS)}")
-        expected = _FIELD_TYPES[str(field_.type).replace(" | None", "")]
+        expected = _FIELD_TYPES[_value_type(field_)]
         if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
             raise UserError(f"--config {path}: {key} = {value!r} has the wrong type ({field_.type})")
         if expected is list and not all(isinstance(item, str) for item in value):

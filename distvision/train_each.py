@@ -16,21 +16,20 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from distvision.checkpoint import list_training_checkpoints
+from distvision.config import TrainConfig
 from distvision.data.prepare import file_lock
 from distvision.data.subsets import GLOBAL_NAME, Subset, find_subsets, write_union
 from distvision.errors import UserError
 from distvision.fileio import write_json_atomic
 from distvision.leases import Claim, try_claim
 from distvision.metrics import say
-from distvision.parallel.launch import core_share, start_pinned_child
+from distvision.parallel.child import core_share, start_training
 from distvision.train_each_report import add_global_accuracy, collect_rows, plot_comparison, write_outputs
 
 WAIT_POLL_SECONDS = 2.0  # how often a process with nothing to claim looks again
@@ -41,7 +40,7 @@ class PoolSettings:
     parallel: int
     workers_per_job: int
     lease_seconds: float
-    train_args: list[str]  # passed through to every `distvision train`
+    train_config: TrainConfig  # every subset's `distvision train` settings, but its data, run folder and workers
     cores: list[int] = field(default_factory=lambda: sorted(os.sched_getaffinity(0)))
 
 
@@ -162,30 +161,25 @@ def run_pool(jobs: list[Job], settings: PoolSettings, out: Path) -> list[str]:
 
 def run_job(job: Job, claim: Claim, cores: list[int], settings: PoolSettings, out: Path) -> bool:
     """Train one subset in a child `distvision train`, renewing the claim; True when it finished."""
-    command = [sys.executable, "-m", "distvision", "train", "--data", str(job.subset.data),
-               "--out", str(job.run_dir), "--workers", str(settings.workers_per_job), *settings.train_args]
-    if list_training_checkpoints(job.run_dir):
-        command.append("--resume")  # a run someone began (perhaps a process that died): continue it
-    log_path = out / ".logs" / f"{job.name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    config = replace(settings.train_config, data=str(job.subset.data), out=str(job.run_dir),
+                     workers=settings.workers_per_job,
+                     # A run someone began (perhaps a process that died): continue it.
+                     resume=bool(list_training_checkpoints(job.run_dir)))
     started = time.time()
-    with open(log_path, "ab") as log:
-        child = start_pinned_child(command, cores, stdout=log, stderr=subprocess.STDOUT)
-        last_renewal = time.time()
-        while child.poll() is None:
-            time.sleep(0.5)
-            if time.time() - last_renewal >= settings.lease_seconds / 4:
-                last_renewal = time.time()
-                if not claim.renew():
-                    say(f"train-each: {job.name}: lost its claim to another process; stopping here")
-                    child.terminate()
-                    child.wait()
-                    return False
+    child = start_training(config, out / ".logs" / f"{job.name}.log", cores)
+    last_renewal = time.time()
+    while child.poll() is None:
+        time.sleep(0.5)
+        if time.time() - last_renewal >= settings.lease_seconds / 4:
+            last_renewal = time.time()
+            if not claim.renew():
+                say(f"train-each: {job.name}: lost its claim to another process; stopping here")
+                child.stop()
+                return False
     seconds = time.time() - started
     if child.returncode != 0 or not is_finished(job.run_dir):
-        last = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-1:]
         say(f"train-each: {job.name}: training failed (exit {child.returncode}): "
-            f"{last[0] if last else 'no output'} (log: {log_path})")
+            f"{child.last_log_line('no output')} (log: {child.log_path})")
         return False
     record = {"host": socket.gethostname(), "cores": len(cores), "seconds": round(seconds, 2),
               "core_seconds": round(seconds * len(cores), 2), "finished_at": time.time()}

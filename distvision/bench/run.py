@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from distvision.bench.problems.registry import BenchSettings, Problem, resolve
+from distvision.config import TrainConfig
 from distvision.errors import UserError
 from distvision.fileio import write_json_atomic
 from distvision.metrics import say
@@ -57,11 +58,14 @@ def run_bench(config: BenchConfig) -> list[dict]:
 def _bench_problem(problem: Problem, config: BenchConfig, settings: BenchSettings, out: Path) -> list[dict]:
     data = problem.data(settings)
     epochs = min(config.epochs_for.get(problem.name, problem.epochs), config.max_epochs or problem.epochs)
-    base = ["--model", problem.model, "--epochs", str(epochs), *problem.train_args,
-            "--threads-per-worker", str(config.threads_per_worker), "--precision", config.precision,
-            "--seed", str(config.seed), "--sync-every", config.sync_every, "--max-restarts", "0"]
-    base += ["--data", data] if data else []
-    base += ["--cache-dir", config.cache_dir] if config.cache_dir else []
+    # The problem's own flags over its model and budget; the bench's settings over those.
+    base = TrainConfig.from_argv(list(problem.train_args), TrainConfig(data=None, model=problem.model, epochs=epochs))
+    base = replace(base, threads_per_worker=config.threads_per_worker, precision=config.precision, seed=config.seed,
+                   sync_every=config.sync_every, max_restarts=0)  # no restarts: their timings would mix
+    if data:
+        base.data = data
+    if config.cache_dir:
+        base.cache_dir = config.cache_dir
     folder = out / "runs" / problem.name.replace(":", "-").replace("/", "-")
     rows, alone = [], None
     # One worker trains the same whatever the sync mode (nothing to synchronise): run it once.
@@ -69,7 +73,7 @@ def _bench_problem(problem: Problem, config: BenchConfig, settings: BenchSetting
         for workers in sorted(config.workers):
             if workers == 1 and alone is not None:
                 continue
-            run = run_train([*base, "--workers", str(workers), "--sync", sync],
+            run = run_train(replace(base, workers=workers, sync=sync),
                             folder / ("w1" if workers == 1 else f"{sync}-w{workers}"))
             row = {"problem": problem.name, "model": problem.model, "sync": "-" if workers == 1 else sync,
                    "workers": workers, "test_accuracy": round(run.summary["test_accuracy"], 4),

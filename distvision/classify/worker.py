@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import record
 
 from distvision.classify.inputs import ImageReader
 from distvision.classify.report import (
@@ -40,13 +39,7 @@ from distvision.fileio import write_json_atomic
 from distvision.inference import InferenceModel, load_inference_model
 from distvision.metrics import say
 from distvision.parallel.group import leave_process_group
-from distvision.parallel.launch import (
-    USER_ERROR_EXIT,
-    WorkerFailed,
-    launch_local,
-    run_as_worker,
-    started_by_torchrun,
-)
+from distvision.parallel.launch import USER_ERROR_EXIT, start_workers
 
 # Workers reach the final barrier up to one chunk apart; a peer that died is the agent's to notice.
 BARRIER_TIMEOUT_SECONDS = 1800
@@ -54,15 +47,18 @@ BARRIER_TIMEOUT_SECONDS = 1800
 
 def classify_command(config: ClassifyConfig, argv: list[str]) -> None:
     """What `distvision classify` runs: a worker under torchrun, else the local launcher."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-
-    from distvision.checkpoint import load_checkpoint
-    from distvision.train import pick_device
-
     config.validate()
-    if started_by_torchrun():
-        run_classify_worker(config)
-        return
+    kept = f"finished chunks are kept in {config.outputs().parts}: run the same command again to continue"
+    start_workers("classify", classify, config, lambda: plan_job(config, argv), workers=config.workers,
+                  max_restarts=config.max_restarts, join_timeout=config.join_timeout, stopped_hint=kept,
+                  failed_hint=kept)
+
+
+def plan_job(config: ClassifyConfig, argv: list[str]) -> list[str]:
+    """Before any worker starts: check the input and settle the plan; the workers' arguments."""
+    from distvision.checkpoint import load_checkpoint
+    from distvision.parallel.worker import pick_device
+
     launched_at = _process_started_at()  # start-up is measured from the user's command, imports included
     pick_device(config.device, config.workers)  # too few GPUs fails here, not in every worker
     # Bad input (checkpoint, input, leftover parts of another job) fails here, before any worker starts.
@@ -74,28 +70,13 @@ def classify_command(config: ClassifyConfig, argv: list[str]) -> None:
     say(f"distvision: classifying {len(plan.data.paths)} files ({plan.data.kind} {plan.data.location}) in "
         f"{plan.chunk_count} chunks on {config.workers} worker(s)"
         + (f"; {done} chunk(s) already done, resuming" if done else ""))
-    try:
-        # The workers get the user's arguments; the plan is settled, so they resume it as it is.
-        launch_local(["classify", *argv, "--resume", "--planned", "--launched-at", repr(launched_at)],
-                     config.workers, max_restarts=config.max_restarts, join_timeout=config.join_timeout)
-    except SignalException as stop:
-        print(f"distvision: stopped by signal {stop.sigval}; finished chunks are kept in {outputs.parts}: "
-              "run the same command again to continue", file=sys.stderr)
-        sys.exit(128 + int(stop.sigval))
-    except WorkerFailed as failure:
-        raise WorkerFailed(f"{failure}; finished chunks are kept in {outputs.parts}: run the same command "
-                           "again to continue") from None
-
-
-@record
-def run_classify_worker(config: ClassifyConfig) -> None:
-    """Entry point of each worker process: a UserError is printed once, by rank 0, and ends it with status 2."""
-    run_as_worker(classify, config)
+    # The workers get the user's arguments; the plan is settled, so they resume it as it is.
+    return [*argv, "--resume", "--planned", "--launched-at", repr(launched_at)]
 
 
 def classify(config: ClassifyConfig) -> dict | None:
     """Classify as one worker (rank) of the job; return the summary on rank 0."""
-    from distvision.train import pick_device, set_worker_threads
+    from distvision.parallel.worker import pick_device, set_worker_threads
 
     launched_at = config.launched_at or _process_started_at()
     device = pick_device(config.device)

@@ -12,16 +12,12 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import uuid
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-if TYPE_CHECKING:
-    from distvision.config import TrainConfig
 
 # Exit status a worker uses for a UserError, so the launcher can tell it from a crash.
 USER_ERROR_EXIT = 2
@@ -69,33 +65,12 @@ def stop_when_parent_dies(parent: int | None = None) -> None:
 FOLLOW_PARENT_VARIABLE = "DISTVISION_STOP_WITH_PARENT"
 
 
-def start_pinned_child(command: list[str], cores: list[int], **popen_options) -> subprocess.Popen:
-    """Start a distvision child process on these cores only, stopping resumably if this process dies.
-
-    No preexec_fn (unsafe in a process with threads): the affinity is set right after the start,
-    long before the child counts its cores, and the child asks for SIGTERM on our death itself
-    (distvision's main() reads FOLLOW_PARENT_VARIABLE).
-    """
-    env = dict(popen_options.pop("env", None) or os.environ, **{FOLLOW_PARENT_VARIABLE: str(os.getpid())})
-    child = subprocess.Popen(command, env=env, **popen_options)
-    try:
-        os.sched_setaffinity(child.pid, cores)
-    except ProcessLookupError:  # it already ended; its exit status says why
-        pass
-    return child
-
-
-def core_share(cores: list[int], slot: int, slots: int) -> list[int]:
-    """Slot `slot` of `slots`' share of these cores (a whole core at least, shared when too few)."""
-    share = cores[slot * len(cores) // slots:(slot + 1) * len(cores) // slots]
-    return share or [cores[slot % len(cores)]]
-
-
-def run_as_worker(work, config) -> None:
-    """Run one worker's part of a job (work(config)) as every distvision worker entry point does.
+@record
+def run_as_worker(work: Callable, config) -> None:
+    """Run one worker's part of a job (work(config)): the entry point of every distvision worker.
 
     It stops with its agent; a UserError is printed once, by rank 0, and ends the worker with
-    status 2; anything else propagates to the caller's @record, which hands the traceback to the agent.
+    status 2; anything else reaches @record, which hands the traceback to the agent.
     """
     from distvision.errors import UserError
 
@@ -125,12 +100,30 @@ def warn_if_store_is_shared() -> None:
               f"{PRIVATE_STORE_VARIABLE}=1 (see the README)", file=sys.stderr, flush=True)
 
 
-@record
-def run_worker(config: TrainConfig) -> None:
-    """Entry point of each training worker process (started by torchrun or launch_local): train one rank."""
-    from distvision.train import train
+def start_workers(command: str, work: Callable, config, prepare: Callable[[], list[str]], *, workers: int,
+                  max_restarts: int, join_timeout: float, stopped_hint: str, failed_hint: str | None = None) -> None:
+    """The start-up of every distributed command (train, classify): one way for both.
 
-    run_as_worker(train, config)
+    Under torchrun this process is one worker: it runs work(config). Otherwise prepare() checks
+    what can fail before any worker starts and returns the workers' arguments, and `workers` local
+    workers run `distvision <command> <those arguments>`. A signal that stops them exits with
+    128 + the signal, saying `stopped_hint` (how to continue); failed_hint is added to a failure.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    if started_by_torchrun():
+        run_as_worker(work, config)
+        return
+    worker_args = prepare()
+    try:
+        launch_local([command, *worker_args], workers, max_restarts=max_restarts, join_timeout=join_timeout)
+    except SignalException as stop:
+        print(f"distvision: stopped by signal {stop.sigval}; {stopped_hint}", file=sys.stderr)
+        sys.exit(128 + int(stop.sigval))
+    except WorkerFailed as failure:
+        if failed_hint is None:
+            raise
+        raise WorkerFailed(f"{failure}; {failed_hint}") from None
 
 
 def launch_local(command_args: list[str], workers: int, max_restarts: int = 0,

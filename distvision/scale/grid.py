@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 
+from distvision.config import TrainConfig
 from distvision.scale.model import Point
 from distvision.scale.runs import TrainRun, run_train
 from distvision.scale.settings import ScaleConfig
@@ -66,20 +67,26 @@ def run_grid(config: ScaleConfig, out: Path, on_done=None) -> list[Measurement]:
     measurements = []
     for sync, batch_size, workers, fraction in grid_points(config):
         for repeat in range(config.repeats):
-            args = ["--model", config.model, "--workers", str(workers), "--epochs", str(config.epochs),
-                    "--batch-size", str(batch_size), "--sync", sync, "--sync-every", config.sync_every,
-                    "--train-fraction", str(fraction), "--threads-per-worker", str(config.threads_per_worker),
-                    "--precision", config.precision, "--seed", str(config.seed), "--image-size",
-                    str(config.image_size), "--max-restarts", "0", *config.train_args]
-            if config.data:
-                args += ["--data", config.data]
-            if config.cache_dir:
-                args += ["--cache-dir", config.cache_dir]
-            run = run_train(args, out / "runs" / point_name(sync, batch_size, workers, fraction, repeat))
+            run = run_train(point_config(config, sync, batch_size, workers, fraction),
+                            out / "runs" / point_name(sync, batch_size, workers, fraction, repeat))
             measurements.append(measure(run, sync, config.sync_every, repeat))
             if on_done:
                 on_done(measurements[-1])
     return measurements
+
+
+def point_config(config: ScaleConfig, sync: str, batch_size: int, workers: int, fraction: float) -> TrainConfig:
+    """The training settings of one grid point: no restarts, whose timings would mix two attempts."""
+    point = TrainConfig(data=None, model=config.model, workers=workers, epochs=config.epochs, batch_size=batch_size,
+                        sync=sync, sync_every=config.sync_every, train_fraction=fraction,
+                        threads_per_worker=config.threads_per_worker, precision=config.precision, seed=config.seed,
+                        image_size=config.image_size, max_restarts=0)
+    point = TrainConfig.from_argv(config.train_args, base=point)  # further flags, which win
+    if config.data:
+        point.data = config.data
+    if config.cache_dir:
+        point.cache_dir = config.cache_dir
+    return point
 
 
 def measure(run: TrainRun, sync: str, sync_every: str, repeat: int) -> Measurement:

@@ -8,18 +8,16 @@ they report includes everything a user waits for: start-up, rendezvous, training
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from distvision.config import TrainConfig
 from distvision.errors import UserError
 from distvision.fileio import write_json_atomic
 from distvision.metrics import read_metrics
-from distvision.parallel.launch import FOLLOW_PARENT_VARIABLE
+from distvision.parallel.child import TrainingFailed, run_training, training_command
 
 RUN_TIMEOUT_SECONDS = 6 * 3600  # a run that takes longer than this is stuck, not slow
 
@@ -34,32 +32,31 @@ class TrainRun:
     epochs: list[dict]
 
 
-def run_train(train_args: list[str], run_dir: Path) -> TrainRun:
-    """Run `distvision train <train_args> --out run_dir` to the end; reuse a run that already finished there.
+def run_train(config: TrainConfig, run_dir: Path) -> TrainRun:
+    """Run `distvision train` with these settings and --out run_dir to the end; reuse a run that already
+    finished there.
 
-    Callers pass --max-restarts 0: a restarted run's timings would mix two attempts.
+    Callers set max_restarts=0: a restarted run's timings would mix two attempts.
 
     Reuse makes an interrupted grid resumable: rerunning the same command measures only what is missing.
     """
     run_dir = Path(run_dir)
     finished = load_run(run_dir)
     if finished:
-        check_same_settings(finished, train_args)
+        check_same_settings(finished, config)
         return finished
     if run_dir.exists():  # an unfinished attempt: its partial timings would mislead, start over
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    command = [sys.executable, "-m", "distvision", "train", *train_args, "--out", str(run_dir)]
-    (run_dir.parent / f"{run_dir.name}.command").write_text(" ".join(command) + "\n")
+    config = replace(config, out=str(run_dir))
+    (run_dir.parent / f"{run_dir.name}.command").write_text(" ".join(training_command(config)) + "\n")
     started = time.perf_counter()
-    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
-        env = {**os.environ, FOLLOW_PARENT_VARIABLE: str(os.getpid())}  # stops if we die
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                              timeout=RUN_TIMEOUT_SECONDS, check=False)
+    try:
+        run_training(config, run_dir.parent / f"{run_dir.name}.log", timeout=RUN_TIMEOUT_SECONDS, append_log=False)
+    except TrainingFailed as failure:
+        raise UserError(f"training run {run_dir.name} failed (exit {failure.status}): "
+                        f"{failure.last_line or '(no output)'}") from None
     wall = time.perf_counter() - started
-    if done.returncode != 0:
-        tail = (run_dir.parent / f"{run_dir.name}.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise UserError(f"training run {run_dir.name} failed (exit {done.returncode}): {tail[0]}")
     write_json_atomic(run_dir / "wall_seconds.json", {"wall_seconds": wall})
     return load_run(run_dir)
 
@@ -69,20 +66,20 @@ _IDENTITY = ("model", "workers", "epochs", "batch_size", "sync", "sync_every", "
              "threads_per_worker", "precision", "seed", "image_size")
 
 
-def check_same_settings(run: TrainRun, train_args: list[str]) -> None:
-    """Refuse to reuse a finished run trained with other settings than train_args ask for."""
-    from distvision.cli import build_parser
-
-    wanted = vars(build_parser().parse_args(["train", *train_args]))
+def check_same_settings(run: TrainRun, wanted: TrainConfig | list[str]) -> None:
+    """Refuse to reuse a finished run trained with other settings than `wanted` (a config, or train's flags)."""
+    if not isinstance(wanted, TrainConfig):
+        wanted = TrainConfig.from_argv(wanted)
     # The resolved values where the recipe supplied them; epochs as asked, not as stopped early.
     had = dict(run.summary["config"], workers=run.summary["world_size"], epochs=run.summary["recipe"]["epochs"],
                batch_size=run.summary["global_batch_size"])
     for name in _IDENTITY:
-        if wanted.get(name) in (None, "auto"):  # left to the recipe or to the run: anything goes
+        value = getattr(wanted, name)
+        if value in (None, "auto"):  # left to the recipe or to the run: anything goes
             continue
-        if wanted[name] != had.get(name):
+        if value != had.get(name):
             raise UserError(f"{run.run_dir} holds a finished run with {name}={had.get(name)!r}, not "
-                            f"{wanted[name]!r}: give another --out, or remove that folder")
+                            f"{value!r}: give another --out, or remove that folder")
 
 
 def load_run(run_dir: Path) -> TrainRun | None:

@@ -58,6 +58,7 @@ def parse_syncs(text: str) -> list[str]:
 
 def validate(config: ScaleConfig) -> None:
     """Settings that cannot work, refused before any run starts."""
+    from distvision.config import check_sync_every
     from distvision.models.registry import get_entry
     from distvision.scale.network import parse_network
 
@@ -66,8 +67,7 @@ def validate(config: ScaleConfig) -> None:
         parse_network(config.network)
     if config.epochs < 1 or config.repeats < 1 or config.threads_per_worker < 1:
         raise UserError("--epochs, --repeats and --threads-per-worker must be at least 1")
-    if config.sync_every != "epoch" and not (config.sync_every.isdigit() and int(config.sync_every) >= 1):
-        raise UserError(f"--sync-every must be a step count >= 1 or 'epoch' (got {config.sync_every!r})")
+    check_sync_every(config.sync_every)
     if 1 not in config.workers:
         raise UserError("--workers must include 1: speedups are measured against one worker")
     if min(config.batch_sizes) < max(config.workers):

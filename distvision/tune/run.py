@@ -75,7 +75,7 @@ def run_tune(config: TuneConfig) -> dict:
 
 def run_parallel(config: TuneConfig, space, epochs: int, cores: list[int]) -> None:
     """config.parallel worker processes on one study, each trial on its worker's share of the cores."""
-    from distvision.parallel.launch import core_share
+    from distvision.parallel.child import core_share
 
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=worker_process, name=f"tune-worker-{i}",

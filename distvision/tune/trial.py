@@ -10,23 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
-from distvision.config import write_config_file
-from distvision.parallel.launch import start_pinned_child
+from distvision.config import TrainConfig, write_config_file
+from distvision.parallel.child import TrainingChild, TrainingFailed, start_training
 from distvision.tune.config import TuneConfig
 from distvision.tune.space import Dimension, train_settings
 
 POLL_SECONDS = 0.5  # how often the parent looks for a new epoch line
-STOP_WAIT_SECONDS = 60.0  # after SIGTERM: time the child gets to stop before it is killed
 
 
 class TrialFailed(Exception):
@@ -69,20 +65,16 @@ def make_objective(config: TuneConfig, space: list[Dimension], epochs: int, core
         params = {dimension.name: dimension.suggest(trial) for dimension in space}
         run_dir = Path(config.out) / "trials" / str(trial.number)
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_path = run_dir / "config.toml"
-        write_config_file(config_path, trial_config(config, epochs, params), f"trial {trial.number}")
+        values = trial_config(config, epochs, params)
+        write_config_file(run_dir / "config.toml", values, f"trial {trial.number}")
         trial.set_user_attr("run_dir", str(run_dir))
-        command = [sys.executable, "-m", "distvision", "train", "--config", str(config_path), "--out", str(run_dir)]
-        with open(run_dir / "train.log", "ab") as log:
-            # On this worker's share of the cores (train gives its workers cores/workers threads each);
-            # SIGTERM, a clean stop, if this worker dies, so no training outlives its trial.
-            child = start_pinned_child(command, cores, stdout=log, stderr=subprocess.STDOUT,
-                                       env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        # On this worker's share of the cores (train gives its workers cores/workers threads each);
+        # SIGTERM, a clean stop, if this worker dies, so no training outlives its trial.
+        child = start_training(TrainConfig(**values, out=str(run_dir)), run_dir / "train.log", cores)
         try:
             return _follow(trial, child, run_dir, epochs)
         finally:
-            if child.poll() is None:
-                _stop(child)
+            child.stop()
 
     return objective
 
@@ -97,7 +89,7 @@ def trials_before(study: optuna.Study, number: int) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False, states=counted) if t.number < number)
 
 
-def _follow(trial: optuna.Trial, child: subprocess.Popen, run_dir: Path, epochs: int) -> float:
+def _follow(trial: optuna.Trial, child: TrainingChild, run_dir: Path, epochs: int) -> float:
     """Report each new epoch's validation accuracy; prune, or return the final one.
 
     The last epoch is reported but never pruned: the training is done, and a pruned trial could
@@ -110,16 +102,17 @@ def _follow(trial: optuna.Trial, child: subprocess.Popen, run_dir: Path, epochs:
         for record in records[seen:]:
             trial.report(record["val_accuracy"], record["epoch"])
             if record["epoch"] < epochs and trial.should_prune():
-                _stop(child)
+                child.stop()
                 raise optuna.TrialPruned(f"pruned after epoch {record['epoch']}")
         seen = len(records)
         if finished:
             break
         time.sleep(POLL_SECONDS)
-    if child.returncode != 0:
-        tail = (run_dir / "train.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
-        trial.set_user_attr("error", f"exit {child.returncode}: {tail[0][:300]}")
-        raise TrialFailed(f"trial {trial.number}: training exited with status {child.returncode}: {tail[0]}")
+    try:
+        child.check()
+    except TrainingFailed as failure:
+        trial.set_user_attr("error", f"exit {failure.status}: {failure.last_line[:300]}")
+        raise TrialFailed(f"trial {trial.number}: {failure}") from None
     summary = json.loads((run_dir / "summary.json").read_text())
     trial.set_user_attr("precision", summary["precision"])
     trial.set_user_attr("stop_reason", summary["stop_reason"])
@@ -141,13 +134,3 @@ def _epoch_records(metrics_path: Path) -> list[dict]:
         if "event" not in record and "val_accuracy" in record:
             records.append(record)
     return records
-
-
-def _stop(child: subprocess.Popen) -> None:
-    """SIGTERM (train checkpoints and exits at the next step), SIGKILL if it does not."""
-    child.send_signal(signal.SIGTERM)
-    try:
-        child.wait(STOP_WAIT_SECONDS)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()

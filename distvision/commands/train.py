@@ -1,0 +1,50 @@
+"""`distvision train`: settle the run's data and folder, then run as a worker or launch the workers."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from distvision.checkpoint import list_training_checkpoints
+from distvision.config import TrainConfig
+from distvision.data.prepare import default_cache_dir, ensure_prepared
+from distvision.errors import UserError
+from distvision.parallel.launch import start_workers
+from distvision.parallel.worker import pick_device
+from distvision.recipes import Recipe
+from distvision.train import resolve_recipe, train
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> None:
+    """Train with the parsed settings; argv (the user's train flags) is passed on to local workers."""
+    config = TrainConfig.from_namespace(args)
+    config.validate()
+    recipe = resolve_recipe(config)  # unknown model, recipe or setting fails here, before any launch
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    if config.data is None:
+        from distvision.data.download import download_cifar10
+
+        config.data = str(download_cifar10(cache_dir))
+    config.out = str(config.run_dir())
+    # Under torchrun a run folder with checkpoints is always resumed: a node joining a running job
+    # and a restarted worker must continue it, and neither can tell itself from a new start.
+    start_workers("train", train, config, lambda: check_before_launch(config, recipe, cache_dir, argv),
+                  workers=config.workers, max_restarts=config.max_restarts, join_timeout=config.join_timeout,
+                  stopped_hint=f"continue with --resume --out {config.out}")
+
+
+def check_before_launch(config: TrainConfig, recipe: Recipe, cache_dir: Path, argv: list[str]) -> list[str]:
+    """What fails once here rather than in every local worker; the workers' arguments."""
+    if recipe.batch_size < config.workers:
+        raise UserError(f"--batch-size {recipe.batch_size} is smaller than --workers {config.workers}: "
+                        "every worker needs at least one sample per step")
+    pick_device(config.device, config.workers)  # too few GPUs fails here, not in every worker
+    has_checkpoints = bool(list_training_checkpoints(Path(config.out)))
+    if has_checkpoints and not config.resume:
+        raise UserError(f"--out {config.out} holds an unfinished run: add --resume to continue it, "
+                        "or choose another folder")
+    if config.resume and not has_checkpoints:
+        raise UserError(f"--resume: {config.out} holds no checkpoint to continue from")
+    ensure_prepared(Path(config.data), config.image_size, cache_dir)  # bad data fails before any worker starts
+    # The workers get the user's arguments, with the data path and run folder settled here.
+    return [*argv, "--data", config.data, "--out", config.out]

@@ -1,0 +1,55 @@
+"""TrainConfig is the one source of train's settings: its flags, and the command line a child gets."""
+
+from __future__ import annotations
+
+import pytest
+
+from distvision.config import TrainConfig
+from distvision.errors import UserError
+
+
+def test_a_config_survives_the_trip_through_the_command_line():
+    config = TrainConfig(
+        data="cifar", model="fastnet", recipe="default", workers=3, epochs=4, batch_size=64, lr=0.05,
+        momentum=0.85, weight_decay=1e-4, label_smoothing=0.1, recipe_settings=["cutout=8", "schedule=[[0,1],[1,0]]"],
+        disable=["ema", "tta"], precision="fp32", device="cpu", sync="local-sgd", sync_every="epoch", sync_warmup=5,
+        powersgd_rank=4, lr_scaling="sqrt", base_batch_size=256, warmup_epochs=0.5, balance="throughput",
+        target_accuracy=0.9, patience=2, min_delta=0.01, monitor="val", max_time=30.5, seed=7, val_fraction=0.1,
+        train_fraction=0.25, threads_per_worker=1, image_size=16, out="runs/x", cache_dir="cache",
+        collective_timeout=5.0, checkpoint_every=0.5, max_restarts=0, join_timeout=9.0, resume=True,
+        audit_samples=True, debug_stop_at_step=12, debug_step_delay=0.05, debug_slowdown="1:2", debug_nan_at="0:3",
+    )
+    assert TrainConfig.from_argv(config.to_argv()) == config
+    assert "--set" in config.to_argv() and "--no-ema" in config.to_argv() and "--resume" in config.to_argv()
+
+
+def test_settings_left_at_their_default_are_not_passed_on():
+    assert TrainConfig(data=None).to_argv() == []
+    assert TrainConfig(data=None, seed=0, sync_every="8", workers=2).to_argv() == []
+    assert TrainConfig.from_argv([]) == TrainConfig(data=None)
+
+
+def test_flags_over_a_base_config_win_and_lists_grow():
+    base = TrainConfig(data="d", model="mlp", epochs=3, recipe_settings=["flip=true"])
+    config = TrainConfig.from_argv(["--epochs", "5", "--set", "translate=2", "--no-ema"], base)
+    assert (config.model, config.epochs, config.data) == ("mlp", 5, "d")
+    assert config.recipe_settings == ["flip=true", "translate=2"] and config.disable == ["ema"]
+
+
+def test_bad_flags_are_a_user_error():
+    with pytest.raises(UserError, match="--sync: invalid choice"):
+        TrainConfig.from_argv(["--sync", "gossip"])
+    with pytest.raises(UserError, match="unrecognized arguments"):
+        TrainConfig.from_argv(["--learning-rate", "0.1"])
+
+
+def test_each_section_checks_its_own_settings():
+    with pytest.raises(UserError, match="--train-fraction"):
+        TrainConfig(data=None, train_fraction=0.0).validate()
+    with pytest.raises(UserError, match="--compress fp16 applies to --sync allreduce only"):
+        TrainConfig(data=None, sync="local-sgd", compress="fp16").validate()
+    with pytest.raises(UserError, match="--monitor val needs a validation split"):
+        TrainConfig(data=None, monitor="val").validate()
+    with pytest.raises(UserError, match="--debug-nan-at takes RANK:NUMBER"):
+        TrainConfig(data=None, debug_nan_at="soon").validate()
+    TrainConfig(data=None).validate()
