@@ -10,9 +10,6 @@ from distvision.config import TrainConfig
 from distvision.errors import UserError
 from distvision.train_each import PoolSettings, train_each
 
-# The train settings train-each settles itself for each subset's run (a config file does not set them).
-SETTLED_PER_SUBSET = ("data", "out", "workers", "resume")
-
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     """Train every subset; the exit status: 0 when all of them are trained."""
