@@ -67,6 +67,14 @@ def _time_steps(model: nn.Module, precision: str, batch_size: int, image_size: i
     return elapsed / PROBE_TIMED_STEPS
 
 
+def precision_cache_file(cache_dir: Path, model_name: str, image_size: int, local_batch_size: int) -> tuple[Path, str]:
+    """Where the choice for this CPU model, network, input, batch, thread count and torch is kept, and its key."""
+    threads = torch.get_num_threads()
+    key_text = f"{cpu_model_name()}|{model_name}|{image_size}|{local_batch_size}|{threads}|{torch.__version__}"
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
+    return cache_dir / "precision" / f"{key}.json", key_text
+
+
 def choose_precision(
     requested: str,
     model: nn.Module,
@@ -81,10 +89,7 @@ def choose_precision(
         return requested, "requested"
     if device.type == "cuda":
         return ("bf16", "cuda supports bf16") if torch.cuda.is_bf16_supported() else ("fp32", "no bf16 on GPU")
-    threads = torch.get_num_threads()
-    key_text = f"{cpu_model_name()}|{model_name}|{image_size}|{local_batch_size}|{threads}|{torch.__version__}"
-    key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
-    cache_file = cache_dir / "precision" / f"{key}.json"
+    cache_file, key_text = precision_cache_file(cache_dir, model_name, image_size, local_batch_size)
     cached, cached_how = None, ""
     if cache_file.is_file():
         with contextlib.suppress(OSError, ValueError, KeyError):

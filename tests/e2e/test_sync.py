@@ -16,6 +16,7 @@ from distvision.models import create
 from distvision.parallel.balance import split_sizes, weighted_slice
 from distvision.parallel.group import leave_process_group
 from distvision.parallel.sync import Synchronizer, SyncSettings, unwrap
+from distvision.precision import choose_precision, precision_cache_file
 from tests.helpers import MLP_SETTINGS, MLP_TRICKS, run_cli, spawn_workers
 
 COMMON = MLP_SETTINGS  # the settings of the shared all-reduce run (this tier's conftest: mlp_run_two_workers)
@@ -85,10 +86,28 @@ def _replicas_after_averaging(rank: int, world_size: int, init_file: str, result
     leave_process_group(barrier=False)
 
 
+def _precision_vote(rank: int, world_size: int, init_file: str, folder: str) -> None:
+    """--precision auto on two ranks whose caches (as on two machines) disagree or are missing."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    model = create("mlp", num_classes=3, image_size=8)
+    answers = {}
+    for case, cached in {"disagree": ("bf16", "fp32"), "agree": ("bf16", "bf16"), "one-missing": ("bf16", None)}.items():
+        cache_dir = Path(folder) / case / f"rank{rank}"
+        cache_file, key = precision_cache_file(cache_dir, "mlp", 8, 8)
+        if cached[rank]:
+            cache_file.parent.mkdir(parents=True)
+            cache_file.write_text(json.dumps({"precision": cached[rank], "key": key, "how": "test"}))
+        answers[case] = choose_precision("auto", model, "mlp", 8, 8, torch.device("cpu"), cache_dir)
+    Path(folder, f"precision-rank{rank}.json").write_text(json.dumps(answers))
+    leave_process_group(barrier=False)
+
+
 def _gloo_checks(rank: int, world_size: int, folder: str) -> None:
-    """Both spawned checks, one after the other, in one pair of processes (each start costs seconds)."""
+    """The spawned checks, one after the other, in one pair of processes (each start costs seconds)."""
     _replicas_after_averaging(rank, world_size, f"{folder}/init-averaging", f"{folder}/flags.json")
     _uneven_gradients(rank, world_size, f"{folder}/init-uneven", f"{folder}/grads.json")
+    _precision_vote(rank, world_size, f"{folder}/init-precision", folder)
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +144,14 @@ def _uneven_gradients(rank: int, world_size: int, init_file: str, results: str) 
     if rank == 0:
         Path(results).write_text(json.dumps({"ok": ok, "sizes": [9, 3] if len(local) == 9 else None}))
     leave_process_group(barrier=False)
+
+
+def test_ranks_agree_on_precision_and_take_bf16_only_where_every_rank_found_it_faster(gloo_results: Path):
+    answers = [json.loads((gloo_results / f"precision-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert answers[0] == answers[1]  # every rank trains in the same precision
+    assert answers[0]["disagree"] == ["fp32", "cached, test"]
+    assert answers[0]["agree"] == ["bf16", "cached, test"]
+    assert answers[0]["one-missing"][1].startswith("measured")  # one rank without an answer: all measure
 
 
 def test_uneven_worker_batches_give_the_whole_batch_gradient(gloo_results: Path):
