@@ -6,14 +6,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from distvision.config import TrainConfig
+from distvision.data.sharding import global_batches
 from distvision.parallel.balance import (
     REBALANCE_EVERY,
     REBALANCE_THRESHOLD,
     ThroughputBalancer,
+    scaled_lr,
     split_sizes,
+    warmup_factor,
     weighted_slice,
 )
-from distvision.parallel.stopping import StopRules, stop_after_epoch
+from distvision.parallel.stopping import StopRules, stop_after_epoch, time_is_up
 from distvision.parallel.sync import LOCAL_SGD_STATS_SECONDS, STATS_EVERY, stats_interval
 from distvision.training.faults import STOP_GRACE_SECONDS
 
@@ -68,3 +72,76 @@ def test_stopping_rules():
     assert stop_after_epoch(StopRules(10, patience=2, min_delta=0.02), history[:4]) == "patience"
     assert stop_after_epoch(StopRules(10, patience=3, min_delta=0.02), history[:4]) is None
     assert stop_after_epoch(StopRules(5), history) == "max_epochs"
+
+
+def test_target_accuracy_watches_the_last_epoch_of_the_monitored_split():
+    history = [{"test_accuracy": a, "val_accuracy": v} for a, v in ((0.7, 0.2), (0.3, 0.8), (0.5, 0.4))]
+    rules = StopRules(10, target_accuracy=0.6)
+    assert stop_after_epoch(rules, history[:1]) == "target_accuracy"
+    assert stop_after_epoch(rules, history) is None  # 0.7 was two epochs ago
+    assert stop_after_epoch(StopRules(10, target_accuracy=0.6, monitor="val"), history[:2]) == "target_accuracy"
+    assert stop_after_epoch(StopRules(10, target_accuracy=0.6, monitor="val"), history[:1]) is None
+    assert stop_after_epoch(rules, []) is None
+
+
+def test_patience_counts_epochs_without_more_than_min_delta_of_gain():
+    rise = [{"test_accuracy": a} for a in (0.5, 0.52, 0.51, 0.53, 0.52)]
+    # 2 epochs of patience need 3 records; a gain of exactly min_delta is no improvement.
+    assert stop_after_epoch(StopRules(10, patience=2, min_delta=0.0), rise[:2]) is None
+    assert stop_after_epoch(StopRules(10, patience=2, min_delta=0.03), rise[:3]) == "patience"
+    assert stop_after_epoch(StopRules(10, patience=2, min_delta=0.03), rise[:4]) == "patience"
+    assert stop_after_epoch(StopRules(10, patience=1, min_delta=0.005), rise[:4]) is None  # 0.53 > 0.525
+    exact = [{"test_accuracy": a} for a in (0.5, 0.5, 0.75)]
+    assert stop_after_epoch(StopRules(10, patience=1, min_delta=0.25), exact) == "patience"
+    late = [{"test_accuracy": a} for a in (0.5, 0.4, 0.45, 0.6)]
+    assert stop_after_epoch(StopRules(10, patience=3), late) is None  # the newest epoch is the best
+
+
+def test_max_time_and_the_rules_from_the_flags():
+    config = TrainConfig(data="unused", target_accuracy=0.9, patience=4, min_delta=0.01, monitor="val",
+                         max_time=30.0)
+    assert StopRules.from_config(config, max_epochs=7) == StopRules(7, 0.9, 4, 0.01, "val", 30.0)
+    assert time_is_up(StopRules(7, max_time=30.0), 30.0) and not time_is_up(StopRules(7, max_time=30.0), 29.9)
+    assert not time_is_up(StopRules(7), 1e9)
+
+
+def test_lr_scaling_and_warmup():
+    assert scaled_lr(0.1, 512, 128, "linear") == pytest.approx(0.4)
+    assert scaled_lr(0.1, 512, 128, "sqrt") == pytest.approx(0.2)
+    assert scaled_lr(0.1, 512, 128, "none") == 0.1
+    with pytest.raises(KeyError):
+        scaled_lr(0.1, 512, 128, "cubic")
+    # from near zero (never exactly: the first step would learn nothing) up to 1, then 1
+    assert [warmup_factor(e, 2.0) for e in (0.0, 0.5, 1.0, 2.0, 5.0)] == pytest.approx(
+        [0.0005, 0.2505, 0.5005, 1.0, 1.0])
+    assert warmup_factor(0.0, 0.0) == 1.0
+
+
+def test_batch_tails_and_minimum_shares():
+    # a tail as large as the world size keeps its own step; a smaller one joins the batch before it
+    assert [len(b) for b in global_batches(np.arange(10), 4, 2)] == [4, 4, 2]
+    assert [len(b) for b in global_batches(np.arange(9), 4, 2)] == [4, 5]
+    assert [len(b) for b in global_batches(np.arange(3), 4, 4)] == [3]  # one batch: nothing to fold into
+    sizes = split_sizes(10, np.array([1.0, 0.01]))
+    assert sizes.tolist() == [9, 1] and sizes.dtype.kind == "i"
+
+
+def test_throughput_balancer_is_inert_when_off_or_alone():
+    for balancer in (ThroughputBalancer(2, enabled=False), ThroughputBalancer(1, enabled=True)):
+        assert not any(balancer.observe(np.array([0.1, 0.9][: balancer.world_size]), np.array([8, 8][: balancer.world_size]))
+                       for _ in range(20))
+        assert balancer.shares.tolist() == [1 / balancer.world_size] * balancer.world_size
+    assert ThroughputBalancer(4, enabled=True).shares.tolist() == [0.25] * 4
+
+
+def test_throughput_balancer_sums_its_window_and_waits_between_resplits():
+    balancer = ThroughputBalancer(2, enabled=True)
+    assert not balancer.observe(np.array([9.0, 0.1]), np.array([8, 8]))  # the warm-up is ignored
+    # one observation of 5 steps completes the first window: the sums, not the last call, decide
+    assert not balancer.observe(np.array([0.1, 0.3]), np.array([8, 8]), steps=2)
+    assert balancer.observe(np.array([0.1, 0.3]), np.array([8, 8]), steps=3)
+    assert balancer.shares[0] == pytest.approx(0.75)
+    # later re-splits wait a whole REBALANCE_EVERY window, whatever the speeds do meanwhile
+    assert not balancer.observe(np.array([0.3, 0.1]), np.array([8, 8]), steps=REBALANCE_EVERY - 1)
+    assert balancer.observe(np.array([0.3, 0.1]), np.array([8, 8]), steps=1)
+    assert balancer.shares[0] == pytest.approx(0.25)
