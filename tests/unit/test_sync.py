@@ -93,6 +93,8 @@ def test_patience_counts_epochs_without_more_than_min_delta_of_gain():
     assert stop_after_epoch(StopRules(10, patience=1, min_delta=0.005), rise[:4]) is None  # 0.53 > 0.525
     exact = [{"test_accuracy": a} for a in (0.5, 0.5, 0.75)]
     assert stop_after_epoch(StopRules(10, patience=1, min_delta=0.25), exact) == "patience"
+    # the window is the last `patience` epochs: here 0.6 in it beats 0.5 before it
+    assert stop_after_epoch(StopRules(10, patience=2), [{"test_accuracy": a} for a in (0.5, 0.6, 0.4)]) is None
     late = [{"test_accuracy": a} for a in (0.5, 0.4, 0.45, 0.6)]
     assert stop_after_epoch(StopRules(10, patience=3), late) is None  # the newest epoch is the best
 
@@ -115,6 +117,7 @@ def test_lr_scaling_and_warmup():
     assert [warmup_factor(e, 2.0) for e in (0.0, 0.5, 1.0, 2.0, 5.0)] == pytest.approx(
         [0.0005, 0.2505, 0.5005, 1.0, 1.0])
     assert warmup_factor(0.0, 0.0) == 1.0
+    assert warmup_factor(0.25, 0.5) == pytest.approx(0.502)  # warmups shorter than an epoch too
 
 
 def test_batch_tails_and_minimum_shares():
@@ -124,6 +127,10 @@ def test_batch_tails_and_minimum_shares():
     assert [len(b) for b in global_batches(np.arange(3), 4, 4)] == [3]  # one batch: nothing to fold into
     sizes = split_sizes(10, np.array([1.0, 0.01]))
     assert sizes.tolist() == [9, 1] and sizes.dtype.kind == "i"
+    assert split_sizes(10, np.array([1.0, 0.001, 0.001])).tolist() == [8, 1, 1]  # the largest gives way
+    # the remainder goes to the largest fractions (2.9 -> 3), not the largest shares
+    assert split_sizes(10, np.array([0.29, 0.71])).tolist() == [3, 7]
+    assert split_sizes(10, np.array([0.57, 0.43])).tolist() == [6, 4]
 
 
 def test_throughput_balancer_is_inert_when_off_or_alone():
@@ -137,9 +144,9 @@ def test_throughput_balancer_is_inert_when_off_or_alone():
 def test_throughput_balancer_sums_its_window_and_waits_between_resplits():
     balancer = ThroughputBalancer(2, enabled=True)
     assert not balancer.observe(np.array([9.0, 0.1]), np.array([8, 8]))  # the warm-up is ignored
-    # one observation of 5 steps completes the first window: the sums, not the last call, decide
-    assert not balancer.observe(np.array([0.1, 0.3]), np.array([8, 8]), steps=2)
-    assert balancer.observe(np.array([0.1, 0.3]), np.array([8, 8]), steps=3)
+    # observations of 5 steps in all complete the first window: their sums, not the last one, decide
+    assert not balancer.observe(np.array([0.1, 0.1]), np.array([8, 4]), steps=2)
+    assert balancer.observe(np.array([0.1, 0.5]), np.array([8, 12]), steps=3)  # alone: 0.833 / 0.167
     assert balancer.shares[0] == pytest.approx(0.75)
     # later re-splits wait a whole REBALANCE_EVERY window, whatever the speeds do meanwhile
     assert not balancer.observe(np.array([0.3, 0.1]), np.array([8, 8]), steps=REBALANCE_EVERY - 1)
