@@ -25,10 +25,11 @@ train: setup
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
 # Lint (style and the import layering) first, then both tiers: the unit tier, which starts no process
-# and takes under a minute, before the end-to-end tier (tests/e2e, real processes, several minutes).
+# and takes under a minute, before the end-to-end tier (tests/e2e, real processes, several minutes;
+# two test files at a time, each file's tests in one process so its shared runs are made once).
 test: setup lint postgres
 	$(VENV)/bin/python -m pytest tests/unit -q
-	$(VENV)/bin/python -m pytest tests/e2e -q --durations=20
+	$(VENV)/bin/python -m pytest tests/e2e -q -n 2 --dist loadfile --durations=20
 
 # The unit tier alone, for the edit-test loop.
 test-fast: setup

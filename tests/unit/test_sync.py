@@ -128,6 +128,7 @@ def test_batch_tails_and_minimum_shares():
     sizes = split_sizes(10, np.array([1.0, 0.01]))
     assert sizes.tolist() == [9, 1] and sizes.dtype.kind == "i"
     assert split_sizes(10, np.array([1.0, 0.001, 0.001])).tolist() == [8, 1, 1]  # the largest gives way
+    assert split_sizes(10, np.array([0.001, 1.0, 0.001])).tolist() == [1, 8, 1]
     # the remainder goes to the largest fractions (2.9 -> 3), not the largest shares
     assert split_sizes(10, np.array([0.29, 0.71])).tolist() == [3, 7]
     assert split_sizes(10, np.array([0.57, 0.43])).tolist() == [6, 4]
