@@ -175,6 +175,15 @@ class Synchronizer:
             raise UserError(f"unknown --compress {compress!r}; choose from {', '.join(COMPRESSIONS)}")
         if compress == "bf16":
             _check_bf16_collectives(device)
+        stats, rank = self.stats, self.settings.powersgd_rank
+
+        def counted_allreduce(state, bucket):
+            """torch's all-reduce hook, counting the bytes really handed to the collective (after any
+            cast a compression wrapper made)."""
+            buffer = bucket.buffer()
+            stats.bytes_exchanged += buffer.numel() * buffer.element_size()
+            return default_hooks.allreduce_hook(state, bucket)
+
         if compress == "powersgd":
             inner_state = powerSGD_hook.PowerSGDState(process_group=None,
                                                       matrix_approximation_rank=self.settings.powersgd_rank,
@@ -183,12 +192,15 @@ class Synchronizer:
             inner = powerSGD_hook.powerSGD_hook
         else:
             inner_state = None
-            inner = {"none": default_hooks.allreduce_hook, "fp16": default_hooks.fp16_compress_hook,
-                     "bf16": default_hooks.bf16_compress_hook}[compress]
-        stats, rank = self.stats, self.settings.powersgd_rank
+            # fp16_compress_hook is fp16_compress_wrapper(allreduce_hook) (torch's docs): the same
+            # arithmetic, with the count taken where the compressed buffer meets the collective.
+            inner = {"none": counted_allreduce, "fp16": default_hooks.fp16_compress_wrapper(counted_allreduce),
+                     "bf16": default_hooks.bf16_compress_wrapper(counted_allreduce)}[compress]
 
         def hook(_state, bucket):
-            with stats.timed(_payload_bytes(bucket, compress, rank)):
+            # PowerSGD's collectives happen inside torch's hook: its bytes are computed from the shapes
+            # of the P and Q matrices it sends (_powersgd_payload_bytes).
+            with stats.timed(_powersgd_payload_bytes(bucket, rank) if compress == "powersgd" else 0):
                 in_flight = inner(inner_state, bucket)
             if self.work_while_exchanging:
                 self.work_while_exchanging()
@@ -213,22 +225,18 @@ class Synchronizer:
         return nullcontext()
 
 
-def _payload_bytes(bucket, compress: str, rank: int) -> int:
-    """Bytes this worker contributes to one bucket's reduction."""
-    numel = bucket.buffer().numel()
-    if compress in ("fp16", "bf16"):
-        return numel * 2
-    if compress == "powersgd":
-        total = 0
-        for gradient in bucket.gradients():
-            if gradient.ndim <= 1:
-                total += gradient.numel() * 4
-                continue
-            rows = gradient.shape[0]
-            cols = gradient.numel() // rows
-            total += min((rows + cols) * rank, rows * cols) * 4  # P and Q, unless that is no saving
-        return total
-    return numel * bucket.buffer().element_size()
+def _powersgd_payload_bytes(bucket, rank: int) -> int:
+    """Bytes this worker contributes to one bucket's PowerSGD reduction: P and Q of each matrix (or the
+    matrix, where that is smaller), and the vectors uncompressed."""
+    total = 0
+    for gradient in bucket.gradients():
+        if gradient.ndim <= 1:
+            total += gradient.numel() * 4
+            continue
+        rows = gradient.shape[0]
+        cols = gradient.numel() // rows
+        total += min((rows + cols) * rank, rows * cols) * 4
+    return total
 
 
 def _check_bf16_collectives(device: torch.device) -> None:
