@@ -13,6 +13,7 @@ from distvision.parallel.launch import start_workers
 from distvision.parallel.worker import pick_device
 from distvision.recipes import Recipe
 from distvision.train import resolve_recipe, train
+from distvision.training.checkpoints import check_same_settings, newest_checkpoint_settings, resume_settings
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> None:
@@ -45,6 +46,9 @@ def check_before_launch(config: TrainConfig, recipe: Recipe, cache_dir: Path, ar
                         "or choose another folder")
     if config.resume and not has_checkpoints:
         raise UserError(f"--resume: {config.out} holds no checkpoint to continue from")
+    saved = newest_checkpoint_settings(Path(config.out)) if has_checkpoints else None
+    if saved is not None:  # other settings fail here, before any worker starts (the workers check again)
+        check_same_settings(Path(config.out), saved, resume_settings(config, recipe))
     ensure_prepared(Path(config.data), config.image_size, cache_dir)  # bad data fails before any worker starts
     # The workers get the user's arguments, with the data path and run folder settled here.
     return [*argv, "--data", config.data, "--out", config.out]

@@ -17,14 +17,18 @@ import torch.distributed as dist
 from torch import nn
 
 from distvision.checkpoint import (
+    STATE_FILE,
+    list_training_checkpoints,
     load_latest_training_checkpoint,
     restore_optimizer,
     save_checkpoint,
     save_training_checkpoint,
 )
+from distvision.config import TrainConfig
 from distvision.errors import UserError
 from distvision.fileio import hold_exclusive_lock, write_json_atomic
 from distvision.metrics import append_metrics, rewrite_log, say
+from distvision.recipes import Recipe
 from distvision.training.state import TrainState
 from distvision.tricks import Lookahead
 
@@ -50,6 +54,41 @@ def read_heartbeat(run_dir: Path) -> dict | None:
         return json.loads((run_dir / "heartbeat.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+def resume_settings(config: TrainConfig, recipe: Recipe) -> dict:
+    """What a resumed run must share with the run that wrote its checkpoints: the model, the data it
+    trains on, the resolved recipe (lr, schedule, tricks, batch, epochs), the synchronisation and the
+    precision asked for. The worker count, balancing and checkpoint timing may change; the rest would
+    silently make a different run."""
+    settings = {"model": config.model, "global_batch_size": recipe.batch_size, "seed": config.seed,
+                "epochs": recipe.epochs, "image_size": config.image_size,
+                "train_fraction": config.train_fraction, "val_fraction": config.val_fraction,
+                "sync": config.sync, "sync_every": config.sync_every, "sync_warmup": config.sync_warmup,
+                "compress": config.compress, "precision": config.precision,
+                **{f"recipe.{name}": value for name, value in recipe.to_dict().items()}}
+    return json.loads(json.dumps(settings))  # as a checkpoint's JSON gives them back (lists, not tuples)
+
+
+def check_same_settings(run_dir: Path, saved: dict, expected: dict) -> None:
+    """UserError naming the first setting that differs from the checkpoint's. Settings a checkpoint
+    written by an older version does not record are not compared."""
+    for key, value in expected.items():
+        if key in saved and saved[key] != value:
+            flag = "--" + key.removeprefix("recipe.").replace("_", "-")
+            raise UserError(f"{run_dir} holds a run with {key}={saved[key]!r}, not {value!r} ({flag}): "
+                            "resume it with the same settings or choose another --out")
+
+
+def newest_checkpoint_settings(run_dir: Path) -> dict | None:
+    """The settings recorded with the newest training checkpoint, if it is readable (a damaged one is
+    found and skipped by the workers, which verify checksums)."""
+    for folder in reversed(list_training_checkpoints(run_dir)):
+        try:
+            return json.loads((folder / STATE_FILE).read_text())["settings"]
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
 
 
 def agree_on_resume(run_dir: Path, rank: int) -> tuple[dict, dict, dict] | None:
@@ -105,10 +144,7 @@ class CheckpointManager:
             return TrainState(self.world_size)
         weights, optimizer_tensors, saved = loaded
         averages = {name: weights.pop(name) for name in list(weights) if name.startswith("lookahead.")}
-        for key, expected in self.settings.items():
-            if saved["settings"][key] != expected:
-                raise UserError(f"{self.run_dir} holds a run with {key}={saved['settings'][key]!r}, not "
-                                f"{expected!r}: resume it with the same settings or choose another --out")
+        check_same_settings(self.run_dir, saved["settings"], self.settings)
         model.load_state_dict(weights)
         restore_optimizer(optimizer, optimizer_tensors, saved)
         if lookahead:

@@ -24,7 +24,7 @@ from distvision.parallel.worker import init_distributed, pick_device, set_worker
 from distvision.precision import choose_precision
 from distvision.recipes import Recipe, lr_multiplier, without_tricks
 from distvision.training.batches import EpochBatches
-from distvision.training.checkpoints import CheckpointManager
+from distvision.training.checkpoints import CheckpointManager, resume_settings
 from distvision.training.exchange import StepExchange
 from distvision.training.faults import FaultInjector, SampleAudit, StopSignal
 from distvision.training.report import Reporter
@@ -201,9 +201,8 @@ def build_run(config: TrainConfig, started: float) -> Run:
     lookahead = Lookahead(model, recipe.ema_every) if recipe.ema_every else None
 
     # Resume: from the newest intact checkpoint, whatever world size wrote it.
-    settings = {"model": config.model, "global_batch_size": recipe.batch_size, "seed": config.seed,
-                "epochs": recipe.epochs}
-    checkpoints = CheckpointManager(run_dir, rank, world_size, settings, config.checkpoint_every)
+    checkpoints = CheckpointManager(run_dir, rank, world_size, resume_settings(config, recipe),
+                                    config.checkpoint_every)
     state = checkpoints.resume(model, optimizer, lookahead)
     say(f"distvision: {config.model} on {world_size} worker(s) x {threads} thread(s), {device.type}, "
         f"{precision} ({precision_choice}), global batch {recipe.batch_size}, {recipe.epochs} epochs, "

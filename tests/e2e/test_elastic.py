@@ -20,6 +20,7 @@ from distvision.metrics import read_events, read_metrics
 from distvision.parallel.launch import PRIVATE_STORE_VARIABLE
 from distvision.procfs import local_worker_pids
 from tests.helpers import (
+    MLP_TRICKS,
     REPO,
     assert_each_epoch_covered_once,
     free_port,
@@ -44,7 +45,9 @@ def data(tmp_path_factory) -> Path:
                             test_per_class=4)
 
 
-UNINTERRUPTED = ["--epochs", "3", "--checkpoint-every", "1000"]
+# With the record recipe's tricks that refer to global steps and samples (lookahead, decoupled decay,
+# alternating flips, translate, label smoothing, a warmup schedule): they too must resume exactly.
+UNINTERRUPTED = ["--epochs", "3", "--checkpoint-every", "1000", *MLP_TRICKS]
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +132,10 @@ def test_resume_at_other_world_sizes_matches_an_uninterrupted_run(data: Path, un
             saved = list_training_checkpoints(out)
             again = run_cli_in_process(_train_args(data, out, *common, "--workers", "2"), tmp_path / "cache")
             assert again.returncode == 2 and "--resume" in again.stderr, again.stderr[-2000:]
+            # A resume that would silently train another run (here another lr) is refused too.
+            other = run_cli_in_process(_train_args(data, out, *common, "--workers", "2", "--resume", "--lr", "0.1"),
+                                       tmp_path / "cache")
+            assert other.returncode == 2 and "recipe.lr=0.05, not 0.1 (--lr)" in other.stderr, other.stderr[-2000:]
             assert list_training_checkpoints(out) == saved
     _assert_same_weights(out, uninterrupted)
     events = read_events(out)

@@ -20,10 +20,11 @@ from distvision.evaluate import EvalResult
 from distvision.parallel.balance import ThroughputBalancer
 from distvision.parallel.sync import Synchronizer, SyncSettings
 from distvision.training.batches import EpochBatches
-from distvision.training.checkpoints import CheckpointManager
+from distvision.training.checkpoints import CheckpointManager, check_same_settings, resume_settings
 from distvision.training.exchange import StepExchange
 from distvision.training.faults import FaultInjector
 from distvision.training.report import Reporter
+from distvision.training.setup import resolve_recipe
 from distvision.training.state import TrainState
 
 
@@ -192,3 +193,18 @@ def test_epoch_records_reach_tensorboard(tmp_path):
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("test_accuracy")] == [(1, 0.25), (2, 0.5)]
     assert [e.value for e in events.Scalars("train_loss")] == [3.0, 3.0]
+
+
+def test_a_resume_must_keep_the_run_settings_but_not_the_worker_count(tmp_path):
+    config = TrainConfig(data="unused", model="mlp", lr=0.05, workers=2)
+    settings = resume_settings(config, resolve_recipe(config))
+    assert settings["recipe.lr"] == 0.05 and "workers" not in settings and "balance" not in settings
+    check_same_settings(tmp_path, settings, resume_settings(TrainConfig(data="unused", model="mlp", lr=0.05,
+                                                                        workers=1, balance="throughput"),
+                                                            resolve_recipe(config)))
+    for changed in ({"lr": 0.1}, {"sync": "local-sgd"}, {"precision": "bf16"}, {"train_fraction": 0.5}):
+        other = TrainConfig(data="unused", model="mlp", **{"lr": 0.05, **changed})
+        with pytest.raises(UserError, match="resume it with the same settings"):
+            check_same_settings(tmp_path, settings, resume_settings(other, resolve_recipe(other)))
+    # a checkpoint from before a setting was recorded is not refused for it
+    check_same_settings(tmp_path, {"model": "mlp"}, settings)
