@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import run_cli
 
 
@@ -18,6 +20,10 @@ def test_bench_runs_parity_end_to_end(tmp_path: Path):
     for row in rows:
         assert float(row["test_accuracy"]) >= 0.95  # parity is learnt, with one worker and with two
         assert 1 <= int(row["epochs"]) < 30  # --target-accuracy 1.0 ended it before the budget
-    assert float(rows[0]["speedup_wall"]) == 1.0 and float(rows[1]["speedup_wall"]) > 0
+    # each speedup is one worker's time over this row's, of the same measured runs
+    for key in ("wall", "train"):
+        alone = float(rows[0][f"{key}_seconds"])
+        assert float(rows[0][f"speedup_{key}"]) == 1.0
+        assert float(rows[1][f"speedup_{key}"]) == pytest.approx(alone / float(rows[1][f"{key}_seconds"]), abs=0.01)
     assert "| parity8 | mlp | allreduce | 2 |" in (out / "bench.md").read_text()
     assert "parity8" in result.stdout and "speedup" in result.stdout
