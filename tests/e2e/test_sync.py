@@ -60,28 +60,38 @@ def test_local_sgd_exchanges_less_and_compression_is_counted(data: Path, allredu
     assert len(record["bytes_exchanged"]) == 2 and record["compute_seconds"][0] > 0
 
 
+# Local SGD schedules run in the spawned pair: (every, warmup steps, the step that ends the epoch).
+LOCAL_SGD_CASES = {"every 3": ("3", 0, None), "every epoch": ("epoch", 0, 4), "every 3 after 2 warmup": ("3", 2, None)}
+
+
 def _replicas_after_averaging(rank: int, world_size: int, init_file: str, results: str) -> None:
+    """Six steps per schedule on different data per rank: after each step, did the synchroniser say it
+    averaged, and are the replicas (parameters and batch-norm buffers) identical?"""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
-    sync = Synchronizer(model, SyncSettings("local-sgd", every="3"), torch.device("cpu"))
-    optimizer = torch.optim.SGD(sync.model.parameters(), lr=0.1, momentum=0.9)
-    generator = torch.Generator().manual_seed(100 + rank)  # every rank sees different data
-    flags = []
-    for step in range(6):
-        x, y = torch.randn(5, 6, generator=generator), torch.randint(0, 3, (5,), generator=generator)
-        with sync.step_context(step):
-            loss = torch.nn.functional.cross_entropy(sync.model(x), y, reduction="sum")
-            sync.backward(loss, 5, 5 * world_size, world_size, step)
-        optimizer.step()
-        optimizer.zero_grad()
-        flags.append(sync.after_step(step, last_of_epoch=False))
-        state = torch.cat([t.detach().flatten() for t in unwrap(sync.model).state_dict().values()
-                           if t.is_floating_point()])
-        gathered = [torch.zeros_like(state) for _ in range(world_size)]
-        dist.all_gather(gathered, state)
-        same = all(torch.equal(gathered[0], g) for g in gathered)
-        flags.append(same)
+    flags = {}
+    for case, (every, warmup, epoch_end) in LOCAL_SGD_CASES.items():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+        sync = Synchronizer(model, SyncSettings("local-sgd", every=every, warmup=warmup), torch.device("cpu"))
+        optimizer = torch.optim.SGD(sync.model.parameters(), lr=0.1, momentum=0.9)
+        generator = torch.Generator().manual_seed(100 + rank)  # every rank sees different data
+        flags[case] = []
+        for step in range(6):
+            x, y = torch.randn(5, 6, generator=generator), torch.randint(0, 3, (5,), generator=generator)
+            with sync.step_context(step):
+                loss = torch.nn.functional.cross_entropy(sync.model(x), y, reduction="sum")
+                sync.backward(loss, 5, 5 * world_size, world_size, step)
+            optimizer.step()
+            optimizer.zero_grad()
+            averaged = sync.after_step(step, last_of_epoch=step == epoch_end)
+            replica = unwrap(sync.model)
+            identical = []
+            for tensors in (list(replica.parameters()), list(replica.state_dict().values())):
+                state = torch.cat([t.detach().flatten() for t in tensors if t.is_floating_point()])
+                gathered = [torch.zeros_like(state) for _ in range(world_size)]
+                dist.all_gather(gathered, state)
+                identical.append(all(torch.equal(gathered[0], g) for g in gathered))
+            flags[case].append([averaged, *identical])  # said averaged; parameters, and all state, identical
     if rank == 0:
         Path(results).write_text(json.dumps(flags))
     leave_process_group(barrier=False)
@@ -140,9 +150,18 @@ def gloo_results(tmp_path_factory) -> Path:
 
 def test_local_sgd_replicas_are_identical_right_after_each_averaging(gloo_results: Path):
     flags = json.loads((gloo_results / "flags.json").read_text())
-    averaged, identical = flags[0::2], flags[1::2]
-    assert averaged == [False, False, True, False, False, True]
-    assert identical == averaged  # identical exactly when just averaged (parameters and BN buffers)
+    expected = {"every 3": [False, False, True, False, False, True],
+                "every epoch": [False, False, False, False, True, False],  # --sync-every epoch: at its end
+                # --sync-warmup 2: two all-reduced steps, then local steps counted from the third
+                "every 3 after 2 warmup": [True, True, False, False, True, False]}
+    for case, averaged in expected.items():
+        assert [flag[0] for flag in flags[case]] == averaged, case
+        # the parameters are identical exactly when the synchroniser says so
+        assert [flag[1] for flag in flags[case]] == averaged, case
+        # and so is all the state (batch-norm buffers too) after each averaging; warmup steps all-reduce
+        # gradients only, so each replica's batch-norm statistics follow its own data until the first
+        assert [flag[2] for flag in flags[case]] == [a and i >= LOCAL_SGD_CASES[case][1]
+                                                     for i, a in enumerate(averaged)], case
 
 
 def _uneven_gradients(rank: int, world_size: int, init_file: str, results: str) -> None:
