@@ -19,6 +19,7 @@ from distvision.checkpoint import list_training_checkpoints
 from distvision.metrics import read_events, read_metrics
 from distvision.parallel.launch import PRIVATE_STORE_VARIABLE
 from distvision.procfs import local_worker_pids
+from distvision.training.faults import STOP_GRACE_SECONDS
 from tests.helpers import (
     MLP_TRICKS,
     REPO,
@@ -150,8 +151,12 @@ def test_sigterm_stops_workers_and_agent_cleanly_with_a_resumable_checkpoint(dat
     run = _start(args, tmp_path)
     wait_for(lambda: _steps_done(out) >= 10, 120, "training to make progress")
     workers = local_worker_pids(run.pid)
+    signalled = time.monotonic()
     run.send_signal(signal.SIGTERM)
     output = run.communicate(timeout=60)[0]
+    # An orderly stop at the next exchange, with its checkpoint, before the watchdog's hard exit
+    assert time.monotonic() - signalled < STOP_GRACE_SECONDS, output[-2000:]
+    assert "stopped at step" in output and "with a checkpoint" in output, output[-2000:]
     assert run.returncode == 128 + signal.SIGTERM, output[-2000:]
     assert "--resume" in output and "Traceback" not in output
     for pid in workers.values():
