@@ -46,6 +46,13 @@ def resolve_recipe(config: TrainConfig) -> Recipe:
     return recipe.with_overrides(lr=scaled_lr(recipe.lr, recipe.batch_size, base_batch, config.lr_scaling))
 
 
+def scheduled_lr(recipe: Recipe, warmup_epochs: float, progress_fraction: float) -> float:
+    """The lr (before parameter groups' multipliers) at this fraction of the run: the recipe's lr, its
+    schedule, and a linear warmup over the first warmup_epochs."""
+    return recipe.lr * lr_multiplier(recipe.schedule, progress_fraction) * warmup_factor(
+        progress_fraction * recipe.epochs, warmup_epochs)
+
+
 def sync_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
     """Batch-norm statistics over all workers' samples, through torch's SyncBatchNorm (CUDA only)."""
     if device.type != "cuda":
@@ -140,9 +147,7 @@ class Run:
 
     def set_lr(self, progress_fraction: float) -> None:
         """The recipe's schedule and the warmup at this point of the run, for every parameter group."""
-        recipe = self.recipe
-        lr = recipe.lr * lr_multiplier(recipe.schedule, progress_fraction) * warmup_factor(
-            progress_fraction * recipe.epochs, self.config.warmup_epochs)
+        lr = scheduled_lr(self.recipe, self.config.warmup_epochs, progress_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
 

@@ -24,7 +24,7 @@ from distvision.training.checkpoints import CheckpointManager, check_same_settin
 from distvision.training.exchange import StepExchange
 from distvision.training.faults import FaultInjector
 from distvision.training.report import Reporter
-from distvision.training.setup import resolve_recipe
+from distvision.training.setup import resolve_recipe, scheduled_lr
 from distvision.training.state import TrainState
 
 
@@ -208,3 +208,17 @@ def test_a_resume_must_keep_the_run_settings_but_not_the_worker_count(tmp_path):
             check_same_settings(tmp_path, settings, resume_settings(other, resolve_recipe(other)))
     # a checkpoint from before a setting was recorded is not refused for it
     check_same_settings(tmp_path, {"model": "mlp"}, settings)
+
+
+def test_lr_scaling_to_the_global_batch_and_the_warmup_schedule():
+    base = {"data": "unused", "model": "mlp", "lr": 0.1, "batch_size": 64, "base_batch_size": 16, "epochs": 4,
+            "recipe_settings": ["schedule=[[0,1],[1,1]]"]}
+    assert resolve_recipe(TrainConfig(**base, lr_scaling="sqrt")).lr == pytest.approx(0.2)
+    assert resolve_recipe(TrainConfig(**base, lr_scaling="linear")).lr == pytest.approx(0.4)
+    assert resolve_recipe(TrainConfig(**base)).lr == pytest.approx(0.1)  # --lr-scaling none
+    recipe = resolve_recipe(TrainConfig(**base, lr_scaling="sqrt"))
+    # two warmup epochs of four: half the lr after one epoch, all of it from the second on
+    assert scheduled_lr(recipe, 2.0, 0.25) == pytest.approx(0.1, rel=1e-2)
+    assert scheduled_lr(recipe, 2.0, 0.5) == pytest.approx(0.2)
+    assert scheduled_lr(recipe, 2.0, 0.9) == pytest.approx(0.2)
+    assert scheduled_lr(recipe, 0.0, 0.0) == pytest.approx(0.2)
