@@ -144,7 +144,7 @@ def test_two_processes_split_the_subsets_and_take_over_from_a_dead_one(tmp_path:
     trained = [line.split()[1] for log in logs for line in log.splitlines() if " done:" in line]
     assert sorted(trained) == ["a", "b"], logs  # each subset exactly once between them
     assert any(e["event"] == "resume" for e in read_events(out / claimed[0])), "not resumed from its checkpoint"
-    assert set(read_rows(out)) <= {"a", "b"}
+    assert set(read_rows(out)) == {"a", "b"}  # the report lists both, whichever process wrote it last
 
 
 def test_routed_classify_sends_each_image_to_its_subset_model(trained, tmp_path: Path):
