@@ -1,5 +1,6 @@
-"""Fault tolerance with real processes: dead workers, resumes at other world sizes, nodes joining and
-leaving, stopped peers, and a clean stop on SIGTERM (corrupt checkpoints: tests/unit/test_elastic.py)."""
+"""Fault tolerance with real processes: dead workers, resumes at other world sizes, a clean stop on
+SIGTERM, missing workers at rendezvous (nodes joining and a stopped node leaving:
+tests/e2e/test_elastic_membership.py; corrupt checkpoints: tests/unit/test_elastic.py)."""
 
 from __future__ import annotations
 
@@ -25,18 +26,11 @@ from tests.helpers import (
     REPO,
     assert_each_epoch_covered_once,
     free_port,
-    restart_world_sizes,
     run_cli,
     run_cli_in_process,
     wait_for,
     write_image_tree,
 )
-
-# tests/e2e/test_elastic_membership.py covers a stopped node too (after a late one joins); this older
-# two-node run adds a minute to the suite, so it is opt-in.
-slow_two_node_run = pytest.mark.skipif(os.environ.get("DISTVISION_RESTART_TESTS") != "1",
-                                       reason="about a minute; covered by test_elastic_membership.py; "
-                                              "set DISTVISION_RESTART_TESTS=1")
 
 
 @pytest.fixture(scope="module")
@@ -165,41 +159,6 @@ def test_sigterm_stops_workers_and_agent_cleanly_with_a_resumable_checkpoint(dat
     finished = run_cli(args[:-2] + ["--resume"], tmp_path / "cache")
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert_each_epoch_covered_once(out, 3)
-
-
-def _agent(data: Path, out: Path, tmp_path: Path, endpoint: str, *extra: str) -> subprocess.Popen:
-    """One torchrun agent ("node") with one worker, in an elastic job of 1 to 2 nodes."""
-    torchrun = ["-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=1", "--max-restarts=5",
-                "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=elastic-test",
-                "--rdzv-conf=join_timeout=60,last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=4",
-                "--monitor-interval=0.2", "-m", "distvision"]
-    return _start(_train_args(data, out, "--collective-timeout", "8", "--checkpoint-every", "0.5", *extra),
-                  tmp_path, module=torchrun)
-
-
-@slow_two_node_run
-@pytest.mark.timeout(400)
-def test_a_stopped_node_does_not_hang_the_survivor(data: Path, tmp_path: Path):
-    """SIGSTOP (not kill) a node: the survivor's collective times out, it regroups alone and finishes."""
-    out, endpoint = tmp_path / "run", f"127.0.0.1:{free_port()}"
-    extra = ("--epochs", "6", "--debug-step-delay", "0.2")
-    first = _agent(data, out, tmp_path, endpoint, *extra)
-    time.sleep(1)  # the first agent hosts the c10d store, which must survive; both join the first round
-    second = _agent(data, out, tmp_path, endpoint, *extra)
-    wait_for(lambda: _steps_done(out) >= 15, 120, "two nodes to train")
-    # The whole node: its agent and its worker (which torchrun runs in a session of its own).
-    frozen = [second.pid, *local_worker_pids(second.pid).values()]
-    for pid in frozen:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        output = first.communicate(timeout=240)[0]
-    finally:
-        for pid in frozen:
-            os.kill(pid, signal.SIGKILL)
-        second.communicate(timeout=30)
-    assert first.returncode == 0, output[-3000:]
-    assert (2, 1) in restart_world_sizes(out)
-    assert_each_epoch_covered_once(out, 6)
 
 
 def test_missing_workers_at_rendezvous_is_an_error_not_a_hang(data: Path, tmp_path: Path):
