@@ -1,0 +1,64 @@
+"""--sampler and --pruner reach Optuna: a real in-memory study over the command's search space, the
+objective a plain function (no training), so each choice shows its own behaviour."""
+
+from __future__ import annotations
+
+import optuna
+
+from distvision.tune.config import TuneConfig
+from distvision.tune.space import Dimension
+from distvision.tune.study import make_pruner, make_sampler
+
+SPACE = [Dimension("lr", "log", 0.001, 0.1, grid=(0.001, 0.01, 0.1)), Dimension("translate", "int", 0, 2),
+         Dimension("flip", "categorical", choices=(True, False))]
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def study_with(sampler: str, pruner: str = "none", epochs: int = 9) -> optuna.Study:
+    config = TuneConfig(sampler=sampler, pruner=pruner)
+    return optuna.create_study(direction="maximize", sampler=make_sampler(config, SPACE),
+                               pruner=make_pruner(config, epochs))
+
+
+def suggest_all(trial: optuna.Trial) -> dict:
+    return {dimension.name: dimension.suggest(trial) for dimension in SPACE}
+
+
+def test_grid_visits_every_point_of_the_space_once():
+    study = study_with("grid")
+    study.optimize(lambda trial: suggest_all(trial)["lr"], n_trials=30)  # stops itself when exhausted
+    points = sorted((t.params["lr"], t.params["translate"], t.params["flip"]) for t in study.trials)
+    assert points == sorted((lr, t, f) for lr in (0.001, 0.01, 0.1) for t in (0, 1, 2) for f in (True, False))
+
+
+def test_random_and_tpe_sample_inside_the_space():
+    for sampler, expected in (("random", optuna.samplers.RandomSampler), ("tpe", optuna.samplers.TPESampler)):
+        study = study_with(sampler)
+        assert isinstance(study.sampler, expected)
+        study.optimize(lambda trial: suggest_all(trial)["lr"], n_trials=12)
+        values = [t.params["lr"] for t in study.trials]
+        assert all(0.001 <= v <= 0.1 for v in values) and len(set(values)) == 12  # continuous, not the grid
+
+
+def _curves(study: optuna.Study, finals: list[float], epochs: int) -> list[str]:
+    """Trials whose reported accuracy climbs linearly to `final` over the epochs; their end states."""
+    for final in finals:
+        trial = study.ask()
+        state = optuna.trial.TrialState.COMPLETE
+        for epoch in range(1, epochs + 1):
+            trial.report(final * epoch / epochs, epoch)
+            if epoch < epochs and trial.should_prune():
+                state = optuna.trial.TrialState.PRUNED
+                break
+        study.tell(trial, final if state == optuna.trial.TrialState.COMPLETE else None, state=state)
+    return [t.state.name for t in study.trials]
+
+
+def test_pruners_stop_bad_trials_early_and_none_never_does():
+    finals = [0.9, 0.8, 0.85, 0.1, 0.95, 0.05, 0.1, 0.05, 0.1, 0.05, 0.1, 0.05]
+    for pruner in ("asha", "hyperband"):
+        states = _curves(study_with("random", pruner), finals, epochs=9)
+        assert "PRUNED" in states[3:], (pruner, states)
+        assert all(states[i] == "COMPLETE" for i in range(len(finals)) if finals[i] >= 0.95), (pruner, states)
+    assert set(_curves(study_with("random", "none"), finals, epochs=9)) == {"COMPLETE"}
+    assert study_with("random", "hyperband", epochs=9).pruner._max_resource == 9  # the trial's epoch budget
