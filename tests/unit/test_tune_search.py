@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import optuna
 
+from distvision.config import TrainConfig
+from distvision.parallel.child import training_command
 from distvision.tune.config import TuneConfig
 from distvision.tune.space import Dimension
 from distvision.tune.study import make_pruner, make_sampler
+from distvision.tune.trial import trial_config
 
 SPACE = [Dimension("lr", "log", 0.001, 0.1, grid=(0.001, 0.01, 0.1)), Dimension("translate", "int", 0, 2),
          Dimension("flip", "categorical", choices=(True, False))]
@@ -62,3 +65,12 @@ def test_pruners_stop_bad_trials_early_and_none_never_does():
         assert all(states[i] == "COMPLETE" for i in range(len(finals)) if finals[i] >= 0.95), (pruner, states)
     assert set(_curves(study_with("random", "none"), finals, epochs=9)) == {"COMPLETE"}
     assert study_with("random", "hyperband", epochs=9).pruner._max_resource == 9  # the trial's epoch budget
+
+
+def test_a_trial_trains_with_its_parameters_on_workers_per_trial_workers(tmp_path):
+    config = TuneConfig(data="images", model="mlp", workers_per_trial=3, val_fraction=0.2, seed=3)
+    values = trial_config(config, epochs=4, params={"lr": 0.02, "translate": 1, "flip": False})
+    argv = training_command(TrainConfig(**values, out=str(tmp_path)))
+    assert argv[argv.index("--workers") + 1] == "3" and argv[argv.index("--lr") + 1] == "0.02"
+    assert {"translate=1", "flip=false"} <= {argv[i + 1] for i, flag in enumerate(argv) if flag == "--set"}
+    assert argv[argv.index("--epochs") + 1] == "4" and argv[argv.index("--val-fraction") + 1] == "0.2"
