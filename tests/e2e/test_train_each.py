@@ -123,6 +123,13 @@ def test_manifest_subsets_and_array_index(tmp_path: Path):
     assert set(read_rows(out)) == {"south"}
     assert "missing.png" in result.stdout and "not a safe folder name" in result.stdout
     assert json.loads((out / "south" / "summary.json").read_text())["test_accuracy"] > 0.7
+    # Another job by name, each subset's training data-parallel on two workers; south is kept as it was.
+    kept = (out / "south" / "summary.json").read_text()
+    result = run_cli(["train-each", "--data", str(tmp_path / "manifest.csv"), "--only", "north",
+                      "--workers-per-job", "2", "--out", str(out), *FAST], tmp_path / "cache")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((out / "north" / "summary.json").read_text())["world_size"] == 2
+    assert set(read_rows(out)) == {"north", "south"} and (out / "south" / "summary.json").read_text() == kept
 
 
 def test_two_processes_split_the_subsets_and_take_over_from_a_dead_one(tmp_path: Path):
