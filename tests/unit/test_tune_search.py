@@ -3,13 +3,17 @@ objective a plain function (no training), so each choice shows its own behaviour
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import optuna
+import pytest
 
 from distvision.config import TrainConfig
+from distvision.errors import UserError
 from distvision.parallel.child import training_command
 from distvision.tune.config import TuneConfig
 from distvision.tune.space import Dimension
-from distvision.tune.study import make_pruner, make_sampler
+from distvision.tune.study import load_study, make_pruner, make_sampler
 from distvision.tune.trial import trial_config
 
 SPACE = [Dimension("lr", "log", 0.001, 0.1, grid=(0.001, 0.01, 0.1)), Dimension("translate", "int", 0, 2),
@@ -74,3 +78,14 @@ def test_a_trial_trains_with_its_parameters_on_workers_per_trial_workers(tmp_pat
     assert argv[argv.index("--workers") + 1] == "3" and argv[argv.index("--lr") + 1] == "0.02"
     assert {"translate=1", "flip=false"} <= {argv[i + 1] for i, flag in enumerate(argv) if flag == "--set"}
     assert argv[argv.index("--epochs") + 1] == "4" and argv[argv.index("--val-fraction") + 1] == "0.2"
+
+
+def test_a_study_started_with_other_settings_is_refused_not_mixed(tmp_path):
+    config = TuneConfig(data="images", model="mlp", out=str(tmp_path))
+    study = load_study(config, SPACE, epochs=4, create=True)
+    assert study.user_attrs["settings"]["epochs"] == 4
+    assert load_study(config, SPACE, epochs=4, create=False).study_name == study.study_name  # joined
+    with pytest.raises(UserError, match="started with other epochs, seed"):
+        load_study(replace(config, seed=1), SPACE, epochs=5, create=False)
+    with pytest.raises(UserError, match="other space"):
+        load_study(config, SPACE[:2], epochs=4, create=False)
