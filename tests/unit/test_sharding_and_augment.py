@@ -131,3 +131,23 @@ def test_split_sizes_sum_to_the_batch_in_proportion(total, shares):
         assert np.all(sizes[wanted < 1] == 1)  # a worker raised to the minimum gets no more
         raised = np.maximum(0, 1 - wanted).sum()
         assert np.all(np.abs(sizes - wanted) < 1 + raised + 1e-9)
+
+
+@settings(max_examples=100, deadline=None)
+@given(xs=st.lists(st.floats(0, 1), min_size=1, max_size=6),
+       ys=st.lists(st.floats(0, 2), min_size=6, max_size=6), progress=st.floats(0, 1))
+def test_a_schedule_passes_through_its_points_and_is_linear_between_them(xs, ys, progress):
+    schedule = tuple(zip(sorted(set(xs)), ys, strict=False))
+    for x, y in schedule:
+        assert lr_multiplier(schedule, x) == pytest.approx(y)  # at a point, its value
+    value = lr_multiplier(schedule, progress)
+    before = [point for point in schedule if point[0] <= progress]
+    after = [point for point in schedule if point[0] > progress]
+    if not before:
+        assert value == schedule[0][1]  # before the first point: its value
+    elif not after:
+        assert value == before[-1][1]  # after the last: its value
+    else:
+        (x0, y0), (x1, y1) = before[-1], after[0]
+        assert value == pytest.approx(y0 + (y1 - y0) * (progress - x0) / (x1 - x0))
+        assert min(y0, y1) - 1e-12 <= value <= max(y0, y1) + 1e-12
