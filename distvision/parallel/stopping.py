@@ -8,20 +8,22 @@ as votes in the small all-reduce of losses and votes, so all ranks see them at t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from distvision.config import TrainConfig
+from distvision.config import StoppingSettings, TrainConfig
+
+_FLAG_DEFAULTS = StoppingSettings()  # the flags' defaults: TrainConfig is their one source
 
 
 @dataclass(frozen=True)
 class StopRules:
+    """The stopping flags of a run, with the epoch budget (TrainConfig's StoppingSettings checks them)."""
+
     max_epochs: int
-    target_accuracy: float | None = None
-    patience: int | None = None
-    min_delta: float = 0.0
-    monitor: str = "test"  # "test" or "val": which accuracy the epoch criteria watch
-    max_time: float | None = None  # seconds of training
+    target_accuracy: float | None = _FLAG_DEFAULTS.target_accuracy
+    patience: int | None = _FLAG_DEFAULTS.patience
+    min_delta: float = _FLAG_DEFAULTS.min_delta
+    monitor: str = _FLAG_DEFAULTS.monitor  # "test" or "val": which accuracy the epoch criteria watch
+    max_time: float | None = _FLAG_DEFAULTS.max_time  # seconds of training
 
     @classmethod
     def from_config(cls, config: TrainConfig, max_epochs: int) -> StopRules:

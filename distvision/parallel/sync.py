@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -27,10 +26,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
 from torch.nn.parallel import DistributedDataParallel
 
+from distvision.config import ParallelSettings, TrainConfig
 from distvision.errors import UserError
-
-if TYPE_CHECKING:
-    from distvision.config import TrainConfig
 
 SYNC_MODES = ("allreduce", "local-sgd")
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
@@ -68,15 +65,18 @@ class SyncStats:
         self.bytes_exchanged += payload_bytes
 
 
+_FLAG_DEFAULTS = ParallelSettings()  # the flags' defaults: TrainConfig is their one source
+
+
 @dataclass
 class SyncSettings:
-    """The synchronisation flags of a run (TrainConfig holds their defaults and validation)."""
+    """The synchronisation flags of a run (TrainConfig's ParallelSettings holds them and their checks)."""
 
-    mode: str = "allreduce"
-    every: str = "8"  # local-sgd: steps between averagings, or "epoch"
-    warmup: int = 0
-    compress: str = "none"
-    powersgd_rank: int = 2
+    mode: str = _FLAG_DEFAULTS.sync
+    every: str = _FLAG_DEFAULTS.sync_every  # local-sgd: steps between averagings, or "epoch"
+    warmup: int = _FLAG_DEFAULTS.sync_warmup
+    compress: str = _FLAG_DEFAULTS.compress
+    powersgd_rank: int = _FLAG_DEFAULTS.powersgd_rank
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> SyncSettings:
