@@ -119,6 +119,11 @@ def _add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pruner", choices=PRUNERS, default=tune_defaults.pruner)
     parser.add_argument("--storage", help="SQLAlchemy URL shared by several machines, e.g. "
                         "postgresql://user@host/db (default: a journal file in --out)")
+    parser.add_argument("--heartbeat-seconds", type=float, default=tune_defaults.heartbeat_seconds,
+                        help="database storage: how often a trial worker marks its trial alive (default %(default)s)")
+    parser.add_argument("--heartbeat-grace", type=float, default=tune_defaults.heartbeat_grace,
+                        help="database storage: a trial unmarked this long belongs to a dead worker and is run "
+                        "again (default %(default)s)")
     parser.add_argument("--study", default=tune_defaults.study, help="study name (default %(default)s)")
     parser.add_argument("--out", default=tune_defaults.out, help="output folder (default %(default)s)")
     parser.add_argument("--seed", type=int, default=tune_defaults.seed, help="training seed of every trial")

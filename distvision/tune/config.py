@@ -24,6 +24,10 @@ class TuneConfig:
     sampler: str = "tpe"
     pruner: str = "asha"
     storage: str | None = None  # SQLAlchemy URL; None: a journal file in the output folder
+    # Database storage: a live trial worker marks its trial every heartbeat_seconds; a trial without a
+    # mark for heartbeat_grace seconds belongs to a dead worker (any machine) and is run again.
+    heartbeat_seconds: float = 10.0
+    heartbeat_grace: float = 60.0
     study: str = "distvision"
     out: str = "tune"
     seed: int = 0  # the training seed of every trial (the sampler is not seeded: parallel workers differ)
@@ -44,6 +48,9 @@ class TuneConfig:
             raise UserError(f"--epochs must be at least 1 (got {self.epochs})")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"--val-fraction must be in (0, 1): trials are scored on it (got {self.val_fraction})")
+        if not 0 < self.heartbeat_seconds < self.heartbeat_grace:
+            raise UserError(f"--heartbeat-grace ({self.heartbeat_grace}) must be longer than --heartbeat-seconds "
+                            f"({self.heartbeat_seconds}), and both positive")
         if self.sampler not in SAMPLERS:
             raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)} (got {self.sampler})")
         if self.pruner not in PRUNERS:

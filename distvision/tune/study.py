@@ -24,8 +24,6 @@ from distvision.errors import UserError
 from distvision.tune.config import TuneConfig
 from distvision.tune.space import Dimension
 
-HEARTBEAT_SECONDS = 10  # database storage: a live worker marks its trial this often
-GRACE_SECONDS = 60  # ... and a trial without a mark for this long belongs to a dead worker
 MAX_RETRIES = 3  # a trial whose worker died is run again at most this often
 UNOWNED_GRACE = timedelta(seconds=60)  # a RUNNING trial not yet claimed by its worker, after this: dead
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -50,7 +48,7 @@ def open_storage(config: TuneConfig) -> optuna.storages.BaseStorage:
     for attempt in range(STORAGE_ATTEMPTS):
         try:
             return optuna.storages.RDBStorage(
-                config.storage, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                config.storage, heartbeat_interval=config.heartbeat_seconds, grace_period=config.heartbeat_grace,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
                 engine_kwargs={"pool_pre_ping": True},
             )

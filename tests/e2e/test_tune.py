@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,10 +17,11 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 
 from distvision.metrics import read_metrics
 from tests.e2e.postgres import postgres_server
-from tests.helpers import REPO, run_cli, tune_args
+from tests.helpers import REPO, run_cli, tune_args, wait_for
 
 
 def read_trials_csv(out: Path) -> list[dict]:
@@ -86,6 +88,51 @@ def test_two_commands_split_one_study_on_postgresql(tiny_images, tmp_path):
         assert len(workers) == 2, outputs  # both commands ran trials
         surplus = [t for t in study.trials if t.state.name == "FAIL"]
         assert all(t.user_attrs["error"].startswith("surplus") for t in surplus)
+
+
+def _on_machine(hostname: str, args: list[str], env: dict) -> subprocess.Popen:
+    """`distvision ARGS` in a UTS namespace of its own, whose host name makes it another machine to tune."""
+    command = ["unshare", "--uts", "sh", "-c", f'hostname {hostname} && exec "$@"', "sh",
+               sys.executable, "-m", "distvision", *args]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
+def test_a_dead_machines_trial_fails_by_its_heartbeat_and_runs_again_elsewhere(tiny_images, tmp_path):
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    with postgres_server() as url:
+        def args(machine: str) -> list[str]:
+            return tune_args(tiny_images, tmp_path / machine, "--trials", "2", "--epochs", "2", "--pruner", "none",
+                             "--storage", url, "--study", "heartbeat", "--heartbeat-seconds", "1",
+                             "--heartbeat-grace", "3")
+
+        first = _on_machine("node-a", args("a"), env)
+        study = wait_for(lambda: _running_study(url), 120, "node-a's first trial to run")
+        running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))[0]
+        assert running.user_attrs["worker"].startswith("node-a:")
+        os.killpg(first.pid, signal.SIGKILL)  # the whole machine goes: tune, its worker, the training
+        first.communicate()
+        second = _on_machine("node-b", args("b"), env)
+        output = second.communicate(timeout=240)[0]
+        assert second.returncode == 0, output[-3000:]
+        trials = optuna.load_study(study_name="heartbeat", storage=url).trials
+    # node-b cannot see node-a's processes: only the missing heartbeat told it the trial was dead.
+    dead = trials[running.number]
+    assert dead.state.name == "FAIL"
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == running.number]
+    assert len(retried) == 1 and retried[0].state.name == "COMPLETE" and retried[0].params == running.params
+    assert retried[0].user_attrs["worker"].startswith("node-b:")
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 2
+
+
+def _running_study(url: str) -> optuna.Study | None:
+    try:
+        study = optuna.load_study(study_name="heartbeat", storage=url)
+    except KeyError:  # not created yet
+        return None
+    running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    return study if running and "worker" in running[0].user_attrs else None
 
 
 def test_killed_worker_is_retried_and_completed_trials_are_kept(tiny_images, tmp_path):
