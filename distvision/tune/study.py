@@ -43,7 +43,7 @@ def open_storage(config: TuneConfig) -> optuna.storages.BaseStorage:
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(str(journal_path(Path(config.out)))))
-    from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+    from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
     for attempt in range(STORAGE_ATTEMPTS):
         try:
@@ -52,17 +52,23 @@ def open_storage(config: TuneConfig) -> optuna.storages.BaseStorage:
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
                 engine_kwargs={"pool_pre_ping": True},
             )
-        except IntegrityError:
-            # Machines starting together on a new database race to create Optuna's tables; the
-            # loser finds them made on its next try.
-            if attempt == STORAGE_ATTEMPTS - 1:
-                raise
+        except (IntegrityError, ProgrammingError) as error:
+            # Machines starting together on a new database race to create Optuna's tables (a unique
+            # violation, or PostgreSQL's "relation ... already exists"); the loser finds them made
+            # on its next try.
+            lost_race = isinstance(error, IntegrityError) or "already exists" in str(error)
+            if not lost_race or attempt == STORAGE_ATTEMPTS - 1:
+                raise UserError(f"--storage {redact(config.storage)}: cannot open it "
+                                f"({_first_line(error)})") from None
             time.sleep(0.5 + random.random())
         except ImportError as error:
             raise UserError(f"--storage {redact(config.storage)}: missing database driver ({error})") from None
         except SQLAlchemyError as error:  # a bad URL, an unreachable server, a bad login
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UserError(f"--storage {redact(config.storage)}: cannot open it ({first_line})") from None
+            raise UserError(f"--storage {redact(config.storage)}: cannot open it ({_first_line(error)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def redact(url: str) -> str:
