@@ -132,7 +132,8 @@ def _running_study(url: str) -> optuna.Study | None:
     except KeyError:  # not created yet
         return None
     running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-    return study if running and "worker" in running[0].user_attrs else None
+    # run_dir is set once every parameter is suggested, just before the training starts
+    return study if running and "run_dir" in running[0].user_attrs else None
 
 
 def test_killed_worker_is_retried_and_completed_trials_are_kept(tiny_images, tmp_path):
