@@ -12,11 +12,18 @@ from tests.helpers import MLP_SETTINGS, MLP_TRICKS, REAL_CIFAR, run_cli, write_i
 E2E = Path(__file__).parent
 
 
+# The files that take longest, first: `make test` runs two files at a time (pytest-xdist, --dist
+# loadfile), and a long file started last would keep one worker busy while the other waits.
+LONGEST_FIRST = ("test_tune.py", "test_train_each.py", "test_elastic.py", "test_training.py", "test_classify.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test of this folder slow (`-m "not slow"` leaves the unit tier)."""
+    """Mark every test of this folder slow (`-m "not slow"` leaves the unit tier); longest files first."""
     for item in items:
         if item.path.is_relative_to(E2E):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST
+               else len(LONGEST_FIRST))  # stable: each file's tests keep their order
 
 
 @pytest.fixture

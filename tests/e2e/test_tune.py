@@ -103,7 +103,7 @@ def test_a_dead_machines_trial_fails_by_its_heartbeat_and_runs_again_elsewhere(t
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
     with postgres_server() as url:
         def args(machine: str) -> list[str]:
-            return tune_args(tiny_images, tmp_path / machine, "--trials", "2", "--epochs", "2", "--pruner", "none",
+            return tune_args(tiny_images, tmp_path / machine, "--trials", "2", "--epochs", "1", "--pruner", "none",
                              "--storage", url, "--study", "heartbeat", "--heartbeat-seconds", "1",
                              "--heartbeat-grace", "3")
 
