@@ -23,8 +23,9 @@ def test_a_live_claim_is_exclusive_and_renewal_keeps_it(tmp_path: Path):
     assert first is not None and first.held() and claimed_by_other(path, LEASE)
     assert try_claim(path, LEASE) is None
     age(path, LEASE - 5)  # nearly expired, then renewed: live again for a whole lease
+    assert not claimed_by_other(path, 10)
     assert first.renew()
-    age(path, 5)
+    assert claimed_by_other(path, 10)  # renewed just now
     assert try_claim(path, LEASE) is None
 
 
