@@ -139,6 +139,17 @@ def _read_training_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
         raise ValueError(f"{folder.name}: {error}") from None
 
 
+def newest_checkpoint_settings(run_dir: Path) -> dict | None:
+    """The settings recorded with the newest training checkpoint, if it is readable (a damaged one is
+    found and skipped by the workers, which verify checksums)."""
+    for folder in reversed(list_training_checkpoints(run_dir)):
+        try:
+            return json.loads((folder / STATE_FILE).read_text())["settings"]
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
 def load_latest_training_checkpoint(run_dir: Path, warn=print) -> tuple[dict, dict, dict] | None:
     """(weights, optimizer tensors, state) of the newest intact checkpoint; None when there is none."""
     candidates = list_training_checkpoints(run_dir)

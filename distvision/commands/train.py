@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from distvision.checkpoint import list_training_checkpoints
+from distvision.checkpoint import list_training_checkpoints, newest_checkpoint_settings
 from distvision.config import TrainConfig
 from distvision.data.prepare import default_cache_dir, ensure_prepared
 from distvision.errors import UserError
@@ -13,7 +13,7 @@ from distvision.parallel.launch import start_workers
 from distvision.parallel.worker import pick_device
 from distvision.recipes import Recipe
 from distvision.train import resolve_recipe, train
-from distvision.training.checkpoints import check_same_settings, newest_checkpoint_settings, resume_settings
+from distvision.training.checkpoints import check_same_settings, resume_settings
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> None:

@@ -17,8 +17,6 @@ import torch.distributed as dist
 from torch import nn
 
 from distvision.checkpoint import (
-    STATE_FILE,
-    list_training_checkpoints,
     load_latest_training_checkpoint,
     restore_optimizer,
     save_checkpoint,
@@ -66,7 +64,9 @@ def resume_settings(config: TrainConfig, recipe: Recipe) -> dict:
                 "train_fraction": config.train_fraction, "val_fraction": config.val_fraction,
                 "sync": config.sync, "sync_every": config.sync_every, "sync_warmup": config.sync_warmup,
                 "compress": config.compress, "precision": config.precision,
-                **{f"recipe.{name}": value for name, value in recipe.to_dict().items()}}
+                # epochs and batch_size are recorded above, under the names older checkpoints carry
+                **{f"recipe.{name}": value for name, value in recipe.to_dict().items()
+                   if name not in ("epochs", "batch_size")}}
     return json.loads(json.dumps(settings))  # as a checkpoint's JSON gives them back (lists, not tuples)
 
 
@@ -78,17 +78,6 @@ def check_same_settings(run_dir: Path, saved: dict, expected: dict) -> None:
             flag = "--" + key.removeprefix("recipe.").replace("_", "-")
             raise UserError(f"{run_dir} holds a run with {key}={saved[key]!r}, not {value!r} ({flag}): "
                             "resume it with the same settings or choose another --out")
-
-
-def newest_checkpoint_settings(run_dir: Path) -> dict | None:
-    """The settings recorded with the newest training checkpoint, if it is readable (a damaged one is
-    found and skipped by the workers, which verify checksums)."""
-    for folder in reversed(list_training_checkpoints(run_dir)):
-        try:
-            return json.loads((folder / STATE_FILE).read_text())["settings"]
-        except (OSError, ValueError, KeyError):
-            continue
-    return None
 
 
 def agree_on_resume(run_dir: Path, rank: int) -> tuple[dict, dict, dict] | None:
