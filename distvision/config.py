@@ -20,6 +20,7 @@ from distvision.errors import UserError
 from distvision.recipes import TRICK_SWITCHES
 
 RECIPE_NOTE = "(default: the model's recipe, see `distvision models`)"
+DEFAULT_SYNC_EVERY = "8"  # local SGD's period when --sync-every is not given
 
 
 def flag_options(help: str | None = None, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
@@ -109,10 +110,11 @@ class ParallelSettings:
                                              "local workers)")
     device: str = setting("auto", choices=("auto", "cpu", "cuda"))
     sync: str = setting("allreduce", "allreduce: gradients averaged every step (default); local-sgd: local steps, "
-                        "replicas averaged every --sync-every steps (Dahl et al.'s Pattern Parallel Training)",
-                        choices=("allreduce", "local-sgd"))
-    sync_every: str = setting("8", "local-sgd: optimizer steps between averagings, or 'epoch' (default %(default)s)",
-                              metavar="K|epoch")
+                        "replicas averaged every --sync-every steps (Dahl et al.'s Pattern Parallel Training); "
+                        "diloco: local steps, then an outer Nesterov step on the averaged change (--recovery live)",
+                        choices=("allreduce", "local-sgd", "diloco"))
+    sync_every: str | None = setting(None, "local-sgd, diloco: optimizer steps between averagings, or 'epoch' "
+                                     f"(local-sgd's default {DEFAULT_SYNC_EVERY}; diloco needs it)", metavar="K|epoch")
     sync_warmup: int = setting(0, "local-sgd: all-reduce every step for the first S steps (default %(default)s)",
                                metavar="S")  # post-local SGD
     compress: str = setting("none", "allreduce: compress gradients through a DDP communication hook",
@@ -126,13 +128,27 @@ class ParallelSettings:
     balance: str = setting("even", "throughput: split each global batch across workers in proportion to measured "
                            "speed", choices=("even", "throughput"))
     sync_bn: bool = setting(False, "batch-norm statistics over all workers (CUDA only; default: per worker)")
+    # The DiLoCo paper's outer optimizer (Douillard et al. 2023): Nesterov SGD, lr 0.7, momentum 0.9.
+    outer_lr: float = setting(0.7, "diloco: the outer optimizer's lr (default %(default)s)")
+    outer_momentum: float = setting(0.9, "diloco: the outer optimizer's Nesterov momentum (default %(default)s)")
+
+    @property
+    def period(self) -> str:
+        """Steps between averagings (local-sgd, diloco), or 'epoch'."""
+        return self.sync_every or DEFAULT_SYNC_EVERY
 
     def check_parallel(self) -> None:
         if self.workers < 1:
             raise UserError(f"--workers must be at least 1 (got {self.workers})")
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
             raise UserError(f"--threads-per-worker must be at least 1 (got {self.threads_per_worker})")
-        check_sync_every(self.sync_every)
+        if self.sync_every is not None:
+            check_sync_every(self.sync_every)
+        if self.sync == "diloco" and self.sync_every is None:
+            raise UserError("--sync diloco needs --sync-every H, the inner steps between outer steps (e.g. 32)")
+        if not 0.0 < self.outer_lr or not 0.0 <= self.outer_momentum < 1.0:
+            raise UserError(f"--outer-lr must be positive and --outer-momentum in [0, 1) "
+                            f"(got {self.outer_lr}, {self.outer_momentum})")
         if self.sync_warmup < 0:
             raise UserError(f"--sync-warmup must be >= 0 (got {self.sync_warmup})")
         if self.compress != "none" and self.sync != "allreduce":
@@ -188,6 +204,15 @@ class FaultToleranceSettings:
     max_restarts: int = setting(3, "restarts of the local worker group after a worker dies (default %(default)s)")
     join_timeout: float = setting(600.0, "seconds to wait for the workers at rendezvous before failing "
                                   "(default %(default)s)")
+    # restart: a dead worker makes torch's elastic agent restart every worker from the newest checkpoint.
+    # live: torchft keeps the survivors training and heals a (re)started worker from a live peer.
+    recovery: str = setting("restart", "after a worker dies: restart: every worker restarts from the newest "
+                            "checkpoint (default); live: the others train on, a respawned or new worker joins from "
+                            "a live peer (torchft)", choices=("restart", "live"))
+    lighthouse: str | None = setting(None, "live, on several machines: the torchft Lighthouse to join "
+                                     "(HOST:PORT; default: the command starts one on loopback)", metavar="HOST:PORT")
+    heartbeat_timeout: float = setting(1.0, "live: seconds without a worker's heartbeat before the others go on "
+                                       "without it (default %(default)s)")
 
     def check_fault_tolerance(self) -> None:
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
@@ -198,6 +223,10 @@ class FaultToleranceSettings:
             raise UserError(f"--checkpoint-every must be positive (got {self.checkpoint_every})")
         if self.max_restarts < 0:
             raise UserError(f"--max-restarts must be 0 or more (got {self.max_restarts})")
+        if self.heartbeat_timeout <= 0:
+            raise UserError(f"--heartbeat-timeout must be positive (got {self.heartbeat_timeout})")
+        if self.lighthouse is not None and self.recovery != "live":
+            raise UserError("--lighthouse is for --recovery live")
 
 
 @dataclass
@@ -252,6 +281,18 @@ class TrainConfig(DebugSettings, FaultToleranceSettings, StoppingSettings, Paral
         # Settings that depend on two sections.
         if self.monitor == "val" and self.val_fraction <= 0:
             raise UserError("--monitor val needs a validation split: add --val-fraction, e.g. 0.1")
+        self.check_recovery()
+
+    def check_recovery(self) -> None:
+        """What the live path (torchft) runs, and what stays on the restart path."""
+        if self.recovery == "restart":
+            if self.sync == "diloco":
+                raise UserError("--sync diloco runs on torchft's live membership: add --recovery live")
+            return
+        for flag, value, default in (("--compress", self.compress, "none"), ("--balance", self.balance, "even"),
+                                     ("--sync-bn", self.sync_bn, False)):
+            if value != default:
+                raise UserError(f"{flag} {value} runs on the restart path only: drop it or use --recovery restart")
 
     def to_argv(self) -> list[str]:
         """The `distvision train` flags that give these settings (those left at their default are omitted)."""

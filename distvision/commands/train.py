@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from functools import partial
 from pathlib import Path
 
 from distvision.checkpoint import list_training_checkpoints, newest_checkpoint_settings
@@ -13,7 +15,7 @@ from distvision.parallel.launch import start_workers
 from distvision.parallel.worker import pick_device
 from distvision.recipes import Recipe
 from distvision.train import resolve_recipe, train
-from distvision.training.checkpoints import check_same_settings, resume_settings
+from distvision.training.checkpoints import check_same_settings, lock_run_dir, resume_settings
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> None:
@@ -27,6 +29,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
 
         config.data = str(download_cifar10(cache_dir))
     config.out = str(config.run_dir())
+    if config.recovery == "live":
+        start_live(config, recipe, cache_dir, argv)
+        return
     # Under torchrun a run folder with checkpoints is always resumed: a node joining a running job
     # and a restarted worker must continue it, and neither can tell itself from a new start.
     start_workers("train", train, config, lambda: check_before_launch(config, recipe, cache_dir, argv),
@@ -52,3 +57,50 @@ def check_before_launch(config: TrainConfig, recipe: Recipe, cache_dir: Path, ar
     ensure_prepared(Path(config.data), config.image_size, cache_dir)  # bad data fails before any worker starts
     # The workers get the user's arguments, with the data path and run folder settled here.
     return [*argv, "--data", config.data, "--out", config.out]
+
+
+def start_live(config: TrainConfig, recipe: Recipe, cache_dir: Path, argv: list[str]) -> None:
+    """--recovery live: be one replica (a launched worker, or one node's under torchrun), or launch them."""
+    from distvision.parallel.launch import run_as_worker, started_by_torchrun
+    from distvision.parallel.live import REPLICA_VARIABLE
+    from distvision.parallel.live_launch import LiveStopped, launch_live, stopped_exit
+    from distvision.train_live import train_live
+
+    if REPLICA_VARIABLE in os.environ or started_by_torchrun() or config.lighthouse:
+        run_as_worker(train_live, config)
+        return
+    check_before_launch(config, recipe, cache_dir, argv)
+    run_dir = Path(config.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(run_dir)  # the workers share the folder; this command holds it for them
+    decide_precision(config, recipe, cache_dir)
+    try:
+        launch_live(partial(run_replica, config), config.workers, config.max_restarts, config.heartbeat_timeout,
+                    config.join_timeout, run_dir / "workers.json", warm_modules=[__name__, "distvision.train_live"])
+    except LiveStopped as stop:
+        stopped_exit(stop, f"continue with --resume --out {config.out}")
+    finally:
+        lock.close()
+
+
+def run_replica(config: TrainConfig, environment: dict[str, str]) -> None:
+    """One live worker, forked by the launcher: its replica number and the Lighthouse come in `environment`."""
+    from distvision.parallel.launch import run_as_worker
+    from distvision.train_live import train_live
+
+    os.environ.update(environment)
+    run_as_worker(train_live, config)
+
+
+def decide_precision(config: TrainConfig, recipe: Recipe, cache_dir: Path) -> None:
+    """--precision auto: measure once here (cached), so that every replica reads the same answer."""
+    if config.precision != "auto":
+        return
+    from distvision.data.prepare import open_prepared
+    from distvision.models.registry import create
+    from distvision.precision import choose_precision
+
+    device = pick_device(config.device, config.workers)
+    prepared = open_prepared(ensure_prepared(Path(config.data), config.image_size, cache_dir))
+    model = create(config.model, num_classes=len(prepared.classes), image_size=config.image_size).to(device)
+    choose_precision("auto", model, config.model, recipe.batch_size, config.image_size, device, cache_dir)

@@ -73,14 +73,14 @@ class SyncSettings:
     """The synchronisation flags of a run (TrainConfig's ParallelSettings holds them and their checks)."""
 
     mode: str = _FLAG_DEFAULTS.sync
-    every: str = _FLAG_DEFAULTS.sync_every  # local-sgd: steps between averagings, or "epoch"
+    every: str = _FLAG_DEFAULTS.period  # local-sgd: steps between averagings, or "epoch"
     warmup: int = _FLAG_DEFAULTS.sync_warmup
     compress: str = _FLAG_DEFAULTS.compress
     powersgd_rank: int = _FLAG_DEFAULTS.powersgd_rank
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> SyncSettings:
-        return cls(config.sync, config.sync_every, config.sync_warmup, config.compress, config.powersgd_rank)
+        return cls(config.sync, config.period, config.sync_warmup, config.compress, config.powersgd_rank)
 
 
 class Synchronizer:

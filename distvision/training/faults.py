@@ -102,6 +102,8 @@ class SampleAudit:
         self.attempt, self.world_size = attempt[0], world_size
         self.file = open(folder / f"attempt{self.attempt}-rank{rank}.jsonl", "a", buffering=1)  # noqa: SIM115
 
-    def record(self, epoch: int, step: int, indices: np.ndarray) -> None:
-        self.file.write(json.dumps({"attempt": self.attempt, "epoch": epoch, "step": step,
+    def record(self, epoch: int, step: int, indices: np.ndarray, attempt: int | None = None) -> None:
+        """`attempt`: live membership gives the quorum's id (shared by the step's participants)."""
+        self.file.write(json.dumps({"attempt": self.attempt if attempt is None else attempt,
+                                    "epoch": epoch, "step": step,
                                     "world_size": self.world_size, "indices": indices.tolist()}) + "\n")

@@ -128,7 +128,7 @@ class Reporter:
             "stop_reason": stop_reason or "max_epochs",
             "stop_epoch": len(history),
             "stop_step": state.step,
-            "sync": {"mode": config.sync, "every": config.sync_every, "warmup": config.sync_warmup,
+            "sync": {"mode": config.sync, "every": config.period, "warmup": config.sync_warmup,
                      "compress": config.compress, "balance": config.balance},
             # Per worker and summed over epochs; seconds blocked in collectives include waiting for peers.
             "compute_seconds": _per_worker_sum(history, "compute_seconds", self.world_size),
@@ -136,6 +136,10 @@ class Reporter:
             "bytes_exchanged": sum(sum(r.get("bytes_exchanged", [])) for r in history),
             "batch_shares": facts["batch_shares"],
             "restarts": sum(1 for r in state.log if r.get("event") == "restart"),
+            # Live membership (train_live.py): quorum changes and the steps they discarded (redone).
+            "recovery": config.recovery,
+            "membership_changes": sum(1 for r in state.log if r.get("event") == "membership"),
+            "discarded_steps": sum(r.get("discarded_steps", 0) for r in state.log if r.get("event") == "membership"),
             "skipped_files": facts["skipped_files"],
             "data": facts["data"],
             "prepared_data": facts["prepared_data"],

@@ -178,11 +178,17 @@ def build_model(config: TrainConfig, recipe: Recipe, prepared: Prepared, train_i
     return model
 
 
-def build_run(config: TrainConfig, started: float) -> Run:
-    """Set this worker up: join the group, open the data, build and resume the model and the components."""
+def build_run(config: TrainConfig, started: float, replica: int | None = None, joining: bool = False) -> Run:
+    """Set this worker up: join the group, open the data, build and resume the model and the components.
+
+    With live membership (train_live.py) the worker is `replica`, a group of one process that joins no
+    torch process group: torchft connects the replicas. A `joining` replica (respawned into a running
+    job) reads no checkpoint and leaves the run folder's log alone: it heals from a live peer.
+    """
     device = pick_device(config.device)
     threads = set_worker_threads(config.threads_per_worker) if device.type == "cpu" else torch.get_num_threads()
-    rank, world_size = init_distributed(device, config.collective_timeout)
+    live = replica is not None
+    rank, world_size = (0, 1) if live else init_distributed(device, config.collective_timeout)
     recipe = resolve_recipe(config)
     if recipe.batch_size < world_size:
         raise UserError(f"the global batch ({recipe.batch_size}) is smaller than the worker count ({world_size})")
@@ -208,18 +214,22 @@ def build_run(config: TrainConfig, started: float) -> Run:
     # Resume: from the newest intact checkpoint, whatever world size wrote it.
     checkpoints = CheckpointManager(run_dir, rank, world_size, resume_settings(config, recipe),
                                     config.checkpoint_every)
-    state = checkpoints.resume(model, optimizer, lookahead)
-    say(f"distvision: {config.model} on {world_size} worker(s) x {threads} thread(s), {device.type}, "
+    state = TrainState(world_size) if joining else checkpoints.resume(model, optimizer, lookahead)
+    workers = f"replica {replica} of a live job" if live else f"{world_size} worker(s)"
+    say(f"distvision: {config.model} on {workers} x {threads} thread(s), {device.type}, "
         f"{precision} ({precision_choice}), global batch {recipe.batch_size}, {recipe.epochs} epochs, "
         f"{len(train_indices)} training images"
         + (f", resuming at step {state.step}" if checkpoints.resumed_event else ""))
     if prepared.manifest["skipped_files"]:
         say(f"distvision: skipped {len(prepared.manifest['skipped_files'])} unreadable file(s), "
             f"listed in {prepared.path / 'manifest.json'}")
-    sync = Synchronizer(model, SyncSettings.from_config(config), device)
+    # Live, the replica is alone in its group: train_live.py exchanges through torchft, and the
+    # synchroniser only counts the bytes and seconds it reports.
+    sync = Synchronizer(model, SyncSettings() if live else SyncSettings.from_config(config), device)
     balancer = ThroughputBalancer(world_size, config.balance == "throughput")
-    checkpoints.open_run_dir(state)
-    audit = SampleAudit(run_dir, rank, world_size) if config.audit_samples else None
+    if not live:  # live, the launcher holds the lock and train_live.py rewrites the log once it knows its peers
+        checkpoints.open_run_dir(state)
+    audit = SampleAudit(run_dir, replica if live else rank, world_size) if config.audit_samples else None
     stop_signal = StopSignal()
     augment = AugmentSettings(recipe.translate, recipe.flip, recipe.cutout, recipe.alternating_flip)
     prefetcher = BatchPrefetcher(prepared.train_images, preprocess, device, augment, config.seed)

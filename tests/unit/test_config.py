@@ -25,7 +25,7 @@ def test_a_config_survives_the_trip_through_the_command_line():
 
 def test_settings_left_at_their_default_are_not_passed_on():
     assert TrainConfig(data=None).to_argv() == []
-    assert TrainConfig(data=None, seed=0, sync_every="8", workers=2).to_argv() == []
+    assert TrainConfig(data=None, seed=0, sync_every=None, workers=2).to_argv() == []
     assert TrainConfig.from_argv([]) == TrainConfig(data=None)
 
 

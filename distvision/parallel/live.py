@@ -1,0 +1,169 @@
+"""Live membership through torchft: replicas that come and go while the others train on.
+
+Every worker is a replica group of one process with its own torchft Manager. At the start of each
+round the Manager asks the Lighthouse for a quorum (the replicas whose heartbeats it hears), rebuilds
+the reconfigurable gloo group over them if it changed, and heals a replica that is behind (a
+newcomer, or one whose last step was discarded) from a live peer's memory over HTTP, before the
+round's first forward pass. The round's all-reduces go through the Manager, which turns a peer's
+death into a discarded round rather than a crash; `commit()` says whether the round counts.
+
+This module is the only one that imports torchft; train_live.py drives it.
+"""
+
+from __future__ import annotations
+
+import http.server
+import logging
+import os
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+from torch.distributed import ReduceOp, TCPStore
+
+from distvision.errors import UserError
+
+LIGHTHOUSE_ADDRESS_VARIABLE = "TORCHFT_LIGHTHOUSE"  # torchft's own name for the Lighthouse's address
+REPLICA_VARIABLE = "DISTVISION_REPLICA"  # this worker's replica number, set by the live launcher
+JOINING_VARIABLE = "DISTVISION_JOINING"  # "1": respawned into a running job, heal from a peer
+ATTEMPT_VARIABLE = "DISTVISION_LIVE_ATTEMPT"  # the launch's id: audit records of a resumed run supersede
+HEARTBEAT_INTERVAL = timedelta(milliseconds=100)  # each Manager's beat to the Lighthouse
+QUORUM_TICK_MS = 20
+LIGHTHOUSE_LOST_SECONDS = 5.0  # refused connections for this long: the Lighthouse is gone  # how often the Lighthouse checks whether a quorum can be issued
+
+
+def start_lighthouse(bind: str, heartbeat_timeout: float, join_timeout: float, min_replicas: int = 1):
+    """A torchft Lighthouse serving in this process (its Rust threads); returns it, `.address()` to join."""
+    quiet_torchft()
+    from torchft._torchft import LighthouseServer
+
+    return LighthouseServer(bind=bind, min_replicas=min_replicas, join_timeout_ms=int(join_timeout * 1000),
+                            quorum_tick_ms=QUORUM_TICK_MS, heartbeat_timeout_ms=int(heartbeat_timeout * 1000))
+
+
+def quiet_torchft() -> None:
+    """torchft logs every quorum and commit at INFO; users need its errors only."""
+    for name in ("torchft", "torchft_quorums", "torchft_commits", "torchft_errors"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("RUST_LOG", "error")  # the Lighthouse and Manager servers (Rust) log every quorum
+    # torchft's checkpoint server is a stdlib HTTP server, which writes a line per request to stderr;
+    # no other HTTP server runs in a worker.
+    http.server.BaseHTTPRequestHandler.log_message = lambda *args: None
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")  # torchft's deserialiser
+
+
+@dataclass
+class Quorum:
+    """What one quorum gave this replica: its rank among the participants, and how many there are."""
+
+    rank: int
+    participants: int
+    quorum_id: int
+    seconds: float  # waiting for the quorum (and healing)
+
+
+class LiveReplica:
+    """This process's torchft Manager and reconfigurable gloo group, and the state it heals from."""
+
+    def __init__(self, lighthouse: str, replica_id: str, timeout: float, quorum_timeout: float):
+        quiet_torchft()
+        from torchft import Manager, ProcessGroupGloo
+
+        # The replica group is this one process: it hosts its own store (never shared across replicas).
+        self._store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        self._states: dict[str, tuple[Callable[[], object], Callable[[object], None]]] = {}
+        try:
+            self.manager = Manager(
+                pg=ProcessGroupGloo(timeout=timedelta(seconds=timeout)),
+                load_state_dict=None, state_dict=None, min_replica_size=1,
+                # Quorum (and healing) before the forward pass: a replica knows its share of the round's
+                # samples before it loads them, and a newcomer trains from its very first round.
+                use_async_quorum=False,
+                timeout=timedelta(seconds=timeout), quorum_timeout=timedelta(seconds=quorum_timeout),
+                connect_timeout=timedelta(seconds=min(timeout, 10.0)),
+                rank=0, world_size=1, store_addr="127.0.0.1", store_port=self._store.port,
+                lighthouse_addr=f"http://{lighthouse}" if "://" not in lighthouse else lighthouse,
+                replica_id=replica_id, hostname=socket.gethostname(), heartbeat_interval=HEARTBEAT_INTERVAL,
+            )
+        except RuntimeError as error:
+            raise UserError(f"cannot reach the torchft Lighthouse at {lighthouse}: {first_line(error)}") from None
+        self.lighthouse = lighthouse
+
+    def share_state(self, key: str, save: Callable[[], object], load: Callable[[object], None]) -> None:
+        """What a healing peer receives under `key` (save() is called only when a peer needs it)."""
+        self.manager.register_state_dict_fn(key, load, save)
+
+    def begin_round(self) -> Quorum:
+        """Join this round's quorum (healing from a peer if behind); a lost Lighthouse is a UserError."""
+        started = time.perf_counter()
+        try:
+            self.manager.start_quorum()
+            rank, participants = self.manager.participating_rank(), self.manager.num_participants()
+        except Exception as error:  # noqa: BLE001 - torchft raises its RPCs' own errors (RuntimeError, TimeoutError)
+            raise LighthouseLost(f"lost the torchft Lighthouse at {self.lighthouse}: {first_line(error)}") from None
+        return Quorum(rank if rank is not None else 0, max(participants, 1), self.manager._quorum_id,
+                      time.perf_counter() - started)
+
+    def allreduce_sum(self, buffer: torch.Tensor) -> bool:
+        """Sum the buffer over the round's participants in place; False when a peer failed (the round
+        will not commit, and the buffer is garbage)."""
+        work = self.manager.allreduce(buffer, reduce_op=ReduceOp.SUM)
+        work.wait()
+        return self.manager.errored() is None
+
+    def commit(self) -> bool:
+        """Whether the round counts (every participant's all-reduces succeeded); else it is redone."""
+        return self.manager.should_commit()
+
+    def set_step(self, step: int) -> None:
+        """torchft's step counts committed rounds; ours, optimizer steps. Keeping them equal (after a
+        resume, and after each round of local steps) lets a replica that read an older checkpoint see
+        that it is behind, and heal."""
+        self.manager.load_state_dict({"step": step, "batches_committed": self.manager.batches_committed()})
+
+    def forbid_state_reads(self) -> None:
+        """While the parameters change, a healing peer must not read them half-updated."""
+        self.manager.disallow_state_dict_read()
+
+    def allow_state_reads(self) -> None:
+        self.manager.allow_state_dict_read()
+
+    def shutdown(self) -> None:
+        self.manager.shutdown(wait=False)
+
+
+def watch_lighthouse(address: str, on_lost: Callable[[str], None], lost_after: float = LIGHTHOUSE_LOST_SECONDS,
+                     every: float = 0.5) -> threading.Thread:
+    """Call on_lost(message), from a daemon thread, once the Lighthouse has refused connections for
+    lost_after seconds. A replica waiting for a quorum would otherwise wait for its full timeout."""
+    host, port = address.split("://")[-1].rsplit(":", 1)
+
+    def watch() -> None:
+        refused_since = None
+        while True:
+            time.sleep(every)
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), timeout=every).close()
+                refused_since = None
+            except OSError:
+                refused_since = refused_since or time.monotonic()
+                if time.monotonic() - refused_since >= lost_after:
+                    on_lost(f"lost the torchft Lighthouse at {address}: no answer for {lost_after:.0f} s")
+                    return
+
+    thread = threading.Thread(target=watch, name="lighthouse-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+class LighthouseLost(UserError):
+    """The Lighthouse stopped answering: the job cannot form a quorum any more."""
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]

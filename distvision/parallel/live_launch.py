@@ -1,0 +1,126 @@
+"""`--recovery live` on one machine: a Lighthouse, N replica processes, and a supervisor that respawns.
+
+The command starts a torchft Lighthouse on loopback in its own process and one worker process per
+replica. A worker that dies is respawned (up to --max-restarts times per worker) into the running
+job, where it heals from a live peer; the others never stop. Workers are forked from a forkserver
+that has already imported torch, torchft and distvision, so a respawned worker reaches its first
+quorum in about its healing time instead of the seconds an interpreter and torch's import take.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from multiprocessing.connection import wait
+from pathlib import Path
+
+from distvision.fileio import write_json_atomic
+from distvision.parallel.launch import USER_ERROR_EXIT, WorkerFailed
+from distvision.parallel.live import (
+    ATTEMPT_VARIABLE,
+    JOINING_VARIABLE,
+    LIGHTHOUSE_ADDRESS_VARIABLE,
+    REPLICA_VARIABLE,
+    start_lighthouse,
+)
+
+STOP_WAIT_SECONDS = 60.0  # after SIGTERM, the workers finish their round and write a checkpoint
+
+
+class LiveStopped(Exception):
+    """The user stopped the job (SIGINT/SIGTERM); the workers saved a checkpoint."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(f"stopped by signal {signal_number}")
+        self.signal_number = signal_number
+
+
+def launch_live(work: Callable[[dict[str, str]], None], workers: int, max_restarts: int, heartbeat_timeout: float,
+                join_timeout: float, pid_file: Path, warm_modules: list[str]) -> None:
+    """Run `workers` replicas, each work(environment) in a process of its own, around a loopback
+    Lighthouse until they finish. `work` must be picklable (a module-level function or a partial of one).
+
+    warm_modules are imported once by the forkserver the workers are forked from; pid_file lists the
+    live workers' process ids (to stop or kill one by hand, as the tests do).
+    """
+    pids: dict[int, int] = {}
+    # Loopback only: the Lighthouse and the workers' ports are unauthenticated (docs/distributed.md).
+    lighthouse = start_lighthouse("127.0.0.1:0", heartbeat_timeout, join_timeout)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "torchft", *warm_modules])
+    # LOCAL_WORLD_SIZE: each worker takes its share of the cores (parallel/worker.py), as under torchrun.
+    base = {LIGHTHOUSE_ADDRESS_VARIABLE: lighthouse.address(), ATTEMPT_VARIABLE: str(time.time_ns() // 1_000_000),
+            "LOCAL_WORLD_SIZE": str(workers)}
+
+    def spawn(number: int, joining: bool):
+        environment = dict(base, **{REPLICA_VARIABLE: str(number), JOINING_VARIABLE: "1" if joining else "0"})
+        process = context.Process(target=work, args=(environment,), name=f"replica{number}")
+        process.start()
+        pids[number] = process.pid
+        write_json_atomic(pid_file, {f"replica{n}": pid for n, pid in sorted(pids.items())})
+        return process
+
+    running = {number: spawn(number, joining=False) for number in range(workers)}
+    restarts, finished, stop = dict.fromkeys(running, 0), set(), Stop()
+    try:
+        while running:
+            wait([process.sentinel for process in running.values()], timeout=0.5)
+            if stop.signal_number:
+                stop.forward(running.values())
+            for number, process in list(running.items()):
+                if process.exitcode is None:
+                    continue
+                del running[number]
+                if process.exitcode == 0:
+                    finished.add(number)
+                elif process.exitcode == USER_ERROR_EXIT:
+                    stop.forward(running.values())
+                    raise SystemExit(USER_ERROR_EXIT)  # the worker printed its one-line error
+                elif stop.signal_number or finished:
+                    continue  # stopping, or the job is done: nothing to rejoin
+                elif restarts[number] < max_restarts:
+                    restarts[number] += 1
+                    running[number] = spawn(number, joining=bool(running))
+                elif not running:
+                    raise WorkerFailed(f"every worker died (the last with exit code {process.exitcode}, "
+                                       f"after {restarts[number]} respawn(s)); see its error above")
+        if stop.signal_number:
+            raise LiveStopped(stop.signal_number)
+    finally:
+        stop.forward(running.values())
+        lighthouse.shutdown()
+
+
+class Stop:
+    """SIGINT/SIGTERM to the command: every worker gets SIGTERM, finishes its round and checkpoints."""
+
+    def __init__(self):
+        self.signal_number = 0
+        self._forwarded: set[int] = set()
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, self._handle)
+
+    def _handle(self, number, frame):
+        self.signal_number = number
+
+    def forward(self, processes) -> None:
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+        for process in processes:
+            if process.pid not in self._forwarded and process.exitcode is None:
+                self._forwarded.add(process.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.exitcode is None:
+                process.kill()
+
+
+def stopped_exit(stop: LiveStopped, hint: str) -> None:
+    print(f"distvision: stopped by signal {stop.signal_number}; {hint}", file=sys.stderr)
+    sys.exit(128 + stop.signal_number)

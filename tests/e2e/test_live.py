@@ -1,0 +1,191 @@
+"""Live membership (`--recovery live`, torchft) with real processes: a killed worker, a frozen one, a node
+that joins a running job and one that leaves it, a lost Lighthouse. The survivors never restart, every
+sample is still trained once per epoch, and the run ends with the weights of the restart path's
+undisturbed run (the same arithmetic, whoever took part in each step)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distvision.metrics import read_events, read_metrics
+from tests.helpers import (
+    MLP_TRICKS,
+    REPO,
+    assert_each_epoch_covered_once,
+    free_port,
+    run_cli,
+    wait_for,
+    write_image_tree,
+)
+
+# Quick failure detection for tests: a peer silent for 0.5 s is left out of the next quorum, and a
+# collective waits at most 4 s for a frozen one.
+LIVE = ["--recovery", "live", "--heartbeat-timeout", "0.5", "--collective-timeout", "4"]
+EPOCHS = ["--epochs", "3", "--checkpoint-every", "1000", *MLP_TRICKS]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """3 classes of 40 training images (15 steps an epoch at batch 8)."""
+    return write_image_tree(tmp_path_factory.mktemp("live") / "data", classes=3, train_per_class=40,
+                            test_per_class=4)
+
+
+@pytest.fixture(scope="module")
+def reference(data: Path, tmp_path_factory) -> Path:
+    """An undisturbed 2-worker run on the restart path (DDP): the weights every live run must end with."""
+    root = tmp_path_factory.mktemp("reference")
+    result = run_cli(_train_args(data, root / "whole", "--workers", "2", *EPOCHS), root / "cache")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root / "whole"
+
+
+def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(data), "--out", str(out), "--model", "mlp", "--precision", "fp32",
+            "--batch-size", "8", "--lr", "0.05", "--audit-samples", *extra]
+
+
+def _start(args: list[str], tmp_path: Path, prefix: list[str] | None = None) -> subprocess.Popen:
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, *(prefix or ["-m", "distvision"]), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(process: subprocess.Popen, timeout: float = 120) -> str:
+    try:
+        output = process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output = process.communicate()[0]
+        raise AssertionError(f"still running after {timeout} s:\n{output[-3000:]}") from None
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def _workers(out: Path) -> dict[str, int]:
+    try:
+        return json.loads((out / "workers.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _steps_done(out: Path) -> int:
+    try:
+        return json.loads((out / "heartbeat.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _assert_same_weights(out: Path, reference: Path) -> None:
+    expected = load_file(reference / "checkpoint" / "model.safetensors")
+    actual = load_file(out / "checkpoint" / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=1e-4, atol=1e-5)
+
+
+def _changes(out: Path) -> list[dict]:
+    return [event for event in read_events(out) if event["event"] == "membership"]
+
+
+def test_a_killed_worker_is_respawned_and_the_others_never_restart(data: Path, reference: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    run = _start(_train_args(data, out, "--workers", "2", *EPOCHS, *LIVE, "--debug-step-delay", "0.1"), tmp_path)
+    wait_for(lambda: _steps_done(out) >= 12, 120, "training to make progress")
+    before = _workers(out)
+    os.kill(before["replica1"], signal.SIGKILL)
+    output = _finish(run)
+    after = _workers(out)
+    assert after["replica0"] == before["replica0"] and after["replica1"] != before["replica1"], (before, after)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["restarts"] == 0 and summary["membership_changes"] >= 1, summary
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
+    changes = [event for event in _changes(out) if event["step"] >= 12]
+    assert changes and all(event["stall_seconds"] < 30 for event in changes), changes
+    assert "workers 2 ->" in output
+    assert_each_epoch_covered_once(out, 3)
+    _assert_same_weights(out, reference)
+
+
+def test_a_frozen_worker_is_left_out_and_the_run_goes_on(data: Path, reference: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    run = _start(_train_args(data, out, "--workers", "2", *EPOCHS, *LIVE, "--debug-step-delay", "0.1",
+                             "--max-restarts", "0"), tmp_path)
+    wait_for(lambda: _steps_done(out) >= 8, 120, "training to make progress")
+    frozen = _workers(out)["replica1"]
+    os.kill(frozen, signal.SIGSTOP)
+    step = _steps_done(out)
+    # The other replica trains on alone: its heartbeat moves while the frozen one cannot answer.
+    wait_for(lambda: _steps_done(out) >= step + 5, 30, "the survivor to train on")
+    os.kill(frozen, signal.SIGCONT)
+    _finish(run)
+    assert any(event["new_participants"] == 1 for event in _changes(out)), _changes(out)
+    assert_each_epoch_covered_once(out, 3)
+    _assert_same_weights(out, reference)
+
+
+def _lighthouse(port: int) -> subprocess.Popen:
+    """torchft's own Lighthouse binary, as a multi-machine job runs it (docs/fault-tolerance.md)."""
+    binary = Path(sys.executable).parent / "torchft_lighthouse"
+    return subprocess.Popen([str(binary), "--bind", f"127.0.0.1:{port}", "--min_replicas", "1",
+                             "--heartbeat_timeout_ms", "500"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _torchrun_node(args: list[str], tmp_path: Path) -> subprocess.Popen:
+    """One node of a multi-machine live job: torchrun with its own rendezvous, one worker."""
+    return _start(args, tmp_path, prefix=["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                                          "-m", "distvision"])
+
+
+def test_nodes_join_and_leave_a_running_job_through_torchrun(data: Path, tmp_path: Path):
+    """Three torchrun agents, one replica each, around one Lighthouse: the second joins the first's
+    running job, its agent is killed and the job goes on, and a third joins later."""
+    port, out = free_port(), tmp_path / "run"
+    lighthouse = _lighthouse(port)
+    args = _train_args(data, out, *EPOCHS, *LIVE, "--lighthouse", f"127.0.0.1:{port}", "--debug-step-delay", "0.3")
+    try:
+        first = _torchrun_node(args, tmp_path)
+        wait_for(lambda: _steps_done(out) >= 5, 120, "the first node to train")
+        second = _torchrun_node(args, tmp_path)
+        wait_for(lambda: any(e["new_participants"] == 2 for e in _changes(out)), 60, "the second node to join")
+        second.kill()  # its agent, hard; the agent's worker follows it
+        second.wait()
+        wait_for(lambda: _changes(out) and _changes(out)[-1]["new_participants"] == 1, 30, "the job to go on alone")
+        third = _torchrun_node(args, tmp_path)
+        wait_for(lambda: len(_changes(out)) >= 3, 60, "the third node to join")
+        _finish(first)
+        _finish(third)
+    finally:
+        lighthouse.kill()
+    counts = [(e["old_participants"], e["new_participants"]) for e in _changes(out)]
+    assert counts[:3] == [(1, 2), (2, 1), (1, 2)], counts
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 3
+    assert_each_epoch_covered_once(out, 3)
+
+
+def test_a_lost_lighthouse_stops_the_job_resumably(data: Path, reference: Path, tmp_path: Path):
+    port, out = free_port(), tmp_path / "run"
+    lighthouse = _lighthouse(port)
+    node = _start(_train_args(data, out, *EPOCHS, *LIVE, "--lighthouse", f"127.0.0.1:{port}",
+                              "--debug-step-delay", "0.1"), tmp_path)
+    wait_for(lambda: _steps_done(out) >= 8, 120, "training to make progress")
+    lighthouse.kill()
+    started = time.monotonic()
+    output = node.communicate(timeout=120)[0]
+    assert node.returncode == 2, output[-3000:]
+    assert "lost the torchft Lighthouse" in output and "Traceback" not in output, output[-3000:]
+    assert time.monotonic() - started < 60
+    resumed = run_cli(_train_args(data, out, "--workers", "2", *EPOCHS, *LIVE, "--resume"), tmp_path / "cache")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_each_epoch_covered_once(out, 3)
+    _assert_same_weights(out, reference)
