@@ -12,6 +12,7 @@ replica evaluates the same weights and so takes the same decisions, and the roun
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -31,6 +32,7 @@ from distvision.parallel.live import (
     JOINING_VARIABLE,
     LIGHTHOUSE_ADDRESS_VARIABLE,
     REPLICA_VARIABLE,
+    SPAWNED_AT_VARIABLE,
     LighthouseLost,
     LiveReplica,
     Quorum,
@@ -56,7 +58,8 @@ class Membership:
     quorum_id: int = -1
     participants: int = 0
     discarded_rounds: int = 0  # since the last change
-    last_commit: float = field(default_factory=time.perf_counter)
+    last_commit: float = field(default_factory=time.time)
+    pending: dict | None = None  # a change, logged at its first committed step
 
     def state_dict(self) -> dict:
         return {"quorum_id": self.quorum_id, "participants": self.participants,
@@ -67,23 +70,31 @@ class Membership:
             saved["quorum_id"], saved["participants"], saved["discarded_rounds"])
 
     def observe(self, run: Run, quorum: Quorum) -> None:
-        """Log a change of quorum (not the first one)."""
+        """Note a change of quorum (not the first one)."""
         first, changed = self.quorum_id < 0, quorum.quorum_id != self.quorum_id
         old_participants = self.participants
         self.quorum_id, self.participants = quorum.quorum_id, quorum.participants
         if first or not changed:
             return
-        event = {"event": "membership", "old_participants": old_participants,
-                 "new_participants": quorum.participants, "step": run.state.step, "epoch": run.state.epoch + 1,
-                 "cursor": run.state.cursor, "stall_seconds": round(time.perf_counter() - self.last_commit, 3),
-                 "discarded_steps": self.discarded_rounds, "time": time.time()}
+        self.pending = {"event": "membership", "old_participants": old_participants,
+                        "new_participants": quorum.participants, "step": run.state.step,
+                        "epoch": run.state.epoch + 1, "cursor": run.state.cursor,
+                        "discarded_steps": self.discarded_rounds, "quorum_seconds": round(quorum.seconds, 3)}
         self.discarded_rounds = 0
-        run.state.log.append(event)
-        if quorum.rank == 0:
-            append_metrics(run.checkpoints.run_dir, event)
-            say(f"distvision: workers {event['old_participants']} -> {event['new_participants']} at step "
-                f"{event['step']}, {event['stall_seconds']:.1f} s after the last committed step, "
-                f"{event['discarded_steps']} step(s) redone")
+
+    def committed(self, run: Run, rank: int) -> None:
+        """A round committed: log the change it was the first under, with the stall it ended (the time
+        from the last step committed before the change to this one)."""
+        now, event, self.pending = time.time(), self.pending, None
+        if event is not None:
+            event.update(stall_seconds=round(now - self.last_commit, 3), time=now)
+            run.state.log.append(event)
+            if rank == 0:
+                append_metrics(run.checkpoints.run_dir, event)
+                say(f"distvision: workers {event['old_participants']} -> {event['new_participants']} at step "
+                    f"{event['step']}, training again {event['stall_seconds']:.1f} s after the last committed "
+                    f"step, {event['discarded_steps']} step(s) redone")
+        self.last_commit = now
 
 
 def train_live(config: TrainConfig) -> dict | None:
@@ -101,6 +112,7 @@ def train_live(config: TrainConfig) -> dict | None:
     rounds.share_state(membership)
     replica.set_step(run.state.step)
     stop_reason, last_test, first_round = None, None, True
+    spawned_at = float(os.environ.get(SPAWNED_AT_VARIABLE, "0")) if joining else None
     try:
         while run.state.epoch < run.recipe.epochs and stop_reason is None:
             quorum = replica.begin_round()
@@ -119,9 +131,12 @@ def train_live(config: TrainConfig) -> dict | None:
             membership.observe(run, quorum)
             with rounds.busy:  # (the Lighthouse's loss is handled between rounds: rounds.abandon)
                 stop_reason, epoch_done = rounds.train_round(quorum, membership)
+                if spawned_at and membership.last_commit > spawned_at:
+                    log_join(run, replica_number, spawned_at, membership.last_commit, rounds.healed)
+                    spawned_at = None
                 if epoch_done and stop_reason is None:
                     last_test = (run.state.step, end_epoch(run))
-                    membership.last_commit = time.perf_counter()  # evaluation is not a stall
+                    membership.last_commit = time.time()  # evaluation is not a stall
                     stop_reason = stop_after_epoch(run.stop_rules, run.state.history())
                     if stop_reason == "max_epochs":
                         stop_reason = None
@@ -132,6 +147,14 @@ def train_live(config: TrainConfig) -> dict | None:
     summary = finish(run, stop_reason, last_test)
     replica.shutdown()
     return summary
+
+
+def log_join(run: Run, replica_number: int, spawned_at: float, first_commit: float, healed: bool) -> None:
+    """A respawned replica's own record (RUN_DIR/joins.jsonl): from its start to its first committed step."""
+    record = {"replica": replica_number, "spawned": spawned_at, "first_commit": first_commit,
+              "seconds": round(first_commit - spawned_at, 3), "healed": healed}
+    with open(run.checkpoints.run_dir / "joins.jsonl", "a") as joins:
+        joins.write(json.dumps(record) + "\n")
 
 
 class LiveRounds:
@@ -225,7 +248,7 @@ class LiveRounds:
             membership.discarded_rounds += 1
             return None, False
         self.apply(exchanged[:-len(STATS)], quorum.participants, before, averaging_gradients)
-        membership.last_commit = time.perf_counter()
+        membership.committed(run, quorum.rank)
         if not averaging_gradients:
             self.replica.set_step(state.step)
         totals = dict(zip(STATS, exchanged[-len(STATS):].tolist(), strict=True))

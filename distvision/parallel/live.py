@@ -31,6 +31,7 @@ from distvision.errors import UserError
 LIGHTHOUSE_ADDRESS_VARIABLE = "TORCHFT_LIGHTHOUSE"  # torchft's own name for the Lighthouse's address
 REPLICA_VARIABLE = "DISTVISION_REPLICA"  # this worker's replica number, set by the live launcher
 JOINING_VARIABLE = "DISTVISION_JOINING"  # "1": respawned into a running job, heal from a peer
+SPAWNED_AT_VARIABLE = "DISTVISION_SPAWNED_AT"  # time.time() when the launcher started this worker
 ATTEMPT_VARIABLE = "DISTVISION_LIVE_ATTEMPT"  # the launch's id: audit records of a resumed run supersede
 HEARTBEAT_INTERVAL = timedelta(milliseconds=100)  # each Manager's beat to the Lighthouse
 QUORUM_TICK_MS = 20
@@ -47,9 +48,10 @@ def start_lighthouse(bind: str, heartbeat_timeout: float, join_timeout: float, m
 
 
 def quiet_torchft() -> None:
-    """torchft logs every quorum and commit at INFO; users need its errors only."""
+    """torchft logs every quorum and commit, and a peer's death as an exception with its traceback,
+    which the live loop handles and reports in one line (train_live.py's membership events)."""
     for name in ("torchft", "torchft_quorums", "torchft_commits", "torchft_errors"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("RUST_LOG", "error")  # the Lighthouse and Manager servers (Rust) log every quorum
     # torchft's checkpoint server is a stdlib HTTP server, which writes a line per request to stderr;
     # no other HTTP server runs in a worker.

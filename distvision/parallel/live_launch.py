@@ -26,6 +26,7 @@ from distvision.parallel.live import (
     JOINING_VARIABLE,
     LIGHTHOUSE_ADDRESS_VARIABLE,
     REPLICA_VARIABLE,
+    SPAWNED_AT_VARIABLE,
     start_lighthouse,
 )
 
@@ -58,7 +59,8 @@ def launch_live(work: Callable[[dict[str, str]], None], workers: int, max_restar
             "LOCAL_WORLD_SIZE": str(workers)}
 
     def spawn(number: int, joining: bool):
-        environment = dict(base, **{REPLICA_VARIABLE: str(number), JOINING_VARIABLE: "1" if joining else "0"})
+        environment = dict(base, **{REPLICA_VARIABLE: str(number), JOINING_VARIABLE: "1" if joining else "0",
+                                    SPAWNED_AT_VARIABLE: repr(time.time())})
         process = context.Process(target=work, args=(environment,), name=f"replica{number}")
         process.start()
         pids[number] = process.pid
