@@ -20,6 +20,7 @@ from distvision.errors import UserError
 from distvision.recipes import TRICK_SWITCHES
 
 RECIPE_NOTE = "(default: the model's recipe, see `distvision models`)"
+SYNC_MODES = ("allreduce", "local-sgd", "diloco")  # diloco runs on the live path only (train_live.py)
 DEFAULT_SYNC_EVERY = "8"  # local SGD's period when --sync-every is not given
 
 
@@ -112,7 +113,7 @@ class ParallelSettings:
     sync: str = setting("allreduce", "allreduce: gradients averaged every step (default); local-sgd: local steps, "
                         "replicas averaged every --sync-every steps (Dahl et al.'s Pattern Parallel Training); "
                         "diloco: local steps, then an outer Nesterov step on the averaged change (--recovery live)",
-                        choices=("allreduce", "local-sgd", "diloco"))
+                        choices=SYNC_MODES)
     sync_every: str | None = setting(None, "local-sgd, diloco: optimizer steps between averagings, or 'epoch' "
                                      f"(local-sgd's default {DEFAULT_SYNC_EVERY}; diloco needs it)", metavar="K|epoch")
     sync_warmup: int = setting(0, "local-sgd: all-reduce every step for the first S steps (default %(default)s)",

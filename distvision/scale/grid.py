@@ -38,7 +38,7 @@ class Measurement:
         per_step = 1000 / max(self.steps, 1)
         return {
             "workers": p.workers, "samples": p.samples, "batch_size": p.batch_size, "sync": p.sync,
-            "sync_every": p.sync_every if p.sync == "local-sgd" else "", "repeat": self.repeat,
+            "sync_every": p.sync_every if p.sync != "allreduce" else "", "repeat": self.repeat,
             "wall_seconds": round(self.wall_seconds, 3), "epoch_seconds": round(self.epoch_seconds, 3),
             "train_seconds": round(self.train_seconds, 3), "eval_seconds": round(self.eval_seconds, 3),
             "steps": self.steps, "step_ms": round(self.train_seconds * per_step, 2),
@@ -80,7 +80,8 @@ def point_config(config: ScaleConfig, sync: str, batch_size: int, workers: int, 
     point = TrainConfig(data=None, model=config.model, workers=workers, epochs=config.epochs, batch_size=batch_size,
                         sync=sync, sync_every=config.sync_every, train_fraction=fraction,
                         threads_per_worker=config.threads_per_worker, precision=config.precision, seed=config.seed,
-                        image_size=config.image_size, max_restarts=0)
+                        image_size=config.image_size, max_restarts=0,
+                        recovery="live" if sync == "diloco" else "restart")  # DiLoCo runs on torchft
     point = TrainConfig.from_argv(config.train_args, base=point)  # further flags, which win
     if config.data:
         point.data = config.data

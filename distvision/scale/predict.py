@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+from distvision.config import SYNC_MODES
 from distvision.scale.model import PerformanceModel, Point
 from distvision.scale.network import Network
 
@@ -25,24 +26,24 @@ class Prediction:
 def payload_by_sync(points: list[Point], fallback_bytes: float) -> dict[str, float]:
     """Measured bytes per synchronisation for each sync mode (local SGD averages about what all-reduce sends)."""
     measured = {}
-    for sync in ("allreduce", "local-sgd"):
+    for sync in SYNC_MODES:
         values = [p.payload_bytes for p in points if p.sync == sync and p.workers > 1]
         if values:
             measured[sync] = statistics.median(values)
     default = statistics.fmean(measured.values()) if measured else fallback_bytes
-    return {sync: measured.get(sync, default) for sync in ("allreduce", "local-sgd")}
+    return {sync: measured.get(sync, default) for sync in SYNC_MODES}
 
 
 def predict(model: PerformanceModel, points: list[Point], samples: int, batch_sizes: list[int],
             workers: list[int], sync_every: str, payloads: dict[str, float],
             network: Network | None = None) -> list[Prediction]:
-    """Predicted epoch time, speedup and efficiency over workers, for both sync modes and every batch size."""
+    """Predicted epoch time, speedup and efficiency over workers, for each sync mode and every batch size."""
     measured = {(p.sync, p.batch_size, p.workers): p.seconds for p in points if p.samples == samples}
     predictions = []
-    for sync in ("allreduce", "local-sgd"):
+    for sync, payload in payloads.items():  # every sync mode with a payload (payload_by_sync gives them all)
         for batch_size in batch_sizes:
-            def at(n: int, sync=sync, batch_size=batch_size) -> float:
-                return model.epoch_seconds(Point(n, samples, batch_size, sync, sync_every, payloads[sync]), network)
+            def at(n: int, sync=sync, batch_size=batch_size, payload=payload) -> float:
+                return model.epoch_seconds(Point(n, samples, batch_size, sync, sync_every, payload), network)
 
             alone = at(1)
             for n in sorted(set(workers) | {1}):

@@ -46,7 +46,7 @@ def parse_list(text: str, kind: type, flag: str, minimum: float | None = None, m
 
 
 def parse_syncs(text: str) -> list[str]:
-    from distvision.parallel.sync import SYNC_MODES
+    from distvision.config import SYNC_MODES
 
     syncs = [item.strip() for item in text.split(",")]
     unknown = [s for s in syncs if s not in SYNC_MODES]

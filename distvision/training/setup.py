@@ -188,6 +188,8 @@ def build_run(config: TrainConfig, started: float, replica: int | None = None, j
     device = pick_device(config.device)
     threads = set_worker_threads(config.threads_per_worker) if device.type == "cpu" else torch.get_num_threads()
     live = replica is not None
+    if live and device.type == "cuda":  # a replica per GPU, as torchrun's local ranks have
+        device = torch.device("cuda", replica % torch.cuda.device_count())
     rank, world_size = (0, 1) if live else init_distributed(device, config.collective_timeout)
     recipe = resolve_recipe(config)
     if recipe.batch_size < world_size:

@@ -53,3 +53,24 @@ def test_each_section_checks_its_own_settings():
     with pytest.raises(UserError, match="--debug-nan-at takes RANK:NUMBER"):
         TrainConfig(data=None, debug_nan_at="soon").validate()
     TrainConfig(data=None).validate()
+
+
+def test_live_recovery_settings_are_checked_before_anything_starts():
+    """--sync diloco needs its period and the live path; what runs on the restart path only says so."""
+    with pytest.raises(UserError, match="--sync diloco needs --sync-every H"):
+        TrainConfig(data=None, sync="diloco", recovery="live").validate()
+    with pytest.raises(UserError, match="add --recovery live"):
+        TrainConfig(data=None, sync="diloco", sync_every="32").validate()
+    for flag, settings in (("--compress", {"compress": "fp16"}), ("--balance", {"balance": "throughput"}),
+                           ("--sync-bn", {"sync_bn": True, "device": "cuda"})):
+        with pytest.raises(UserError, match=f"{flag} .* runs on the restart path only"):
+            TrainConfig(data=None, recovery="live", **settings).validate()
+    with pytest.raises(UserError, match="--lighthouse is for --recovery live"):
+        TrainConfig(data=None, lighthouse="host:29510").validate()
+    with pytest.raises(UserError, match="--recovery: invalid choice"):
+        TrainConfig.from_argv(["--recovery", "pray"])
+    # local SGD keeps its default period; DiLoCo's outer optimizer defaults are the paper's.
+    assert TrainConfig(data=None, sync="local-sgd").period == "8"
+    live = TrainConfig.from_argv(["--recovery", "live", "--sync", "diloco", "--sync-every", "32"])
+    live.validate()
+    assert (live.period, live.outer_lr, live.outer_momentum) == ("32", 0.7, 0.9)

@@ -10,9 +10,9 @@ import pytest
 
 from distvision.cli import main
 from distvision.errors import UserError
-from distvision.scale.model import PerformanceModel, Point, fit_model, relative_errors
+from distvision.scale.model import PerformanceModel, Point, fit_model, relative_errors, syncs_per_epoch
 from distvision.scale.network import Network, parse_network
-from distvision.scale.predict import predict, recommend
+from distvision.scale.predict import payload_by_sync, predict, recommend
 
 TRUE_TERMS = {"compute_per_sample": 2e-3, "compute_per_step": 0.02, "sync_overhead": 4e-3,
               "seconds_per_byte": 2e-9, "evaluation": 3.0, "serial": 1.5}
@@ -118,3 +118,13 @@ def test_bad_input_is_one_line_and_exit_2(args, expected, capsys, tmp_path):
     assert stopped.value.code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("distvision: error:") and expected in lines[0], lines
+
+
+def test_the_model_covers_diloco_as_it_covers_local_sgd():
+    """DiLoCo synchronises once per period like local SGD, with its own measured payload."""
+    assert syncs_per_epoch(10_000, 100, "diloco", "32", 2) == syncs_per_epoch(10_000, 100, "local-sgd", "32", 2) == 4
+    assert syncs_per_epoch(10_000, 100, "diloco", "epoch", 4) == 1
+    points = [Point(2, 1000, 100, "allreduce", "", 6e5, 1.0), Point(2, 1000, 100, "diloco", "32", 2e6, 1.0)]
+    payloads = payload_by_sync(points, fallback_bytes=1.0)
+    assert payloads["diloco"] == 2e6 and payloads["allreduce"] == 6e5
+    assert payloads["local-sgd"] == pytest.approx((2e6 + 6e5) / 2)  # unmeasured: the measured modes' mean
