@@ -29,6 +29,7 @@ from distvision.metrics import append_metrics, rewrite_log, say
 from distvision.parallel.launch import USER_ERROR_EXIT
 from distvision.parallel.live import (
     ATTEMPT_VARIABLE,
+    FIRST_WORKERS_VARIABLE,
     JOINING_VARIABLE,
     LIGHTHOUSE_ADDRESS_VARIABLE,
     REPLICA_VARIABLE,
@@ -107,6 +108,7 @@ def train_live(config: TrainConfig) -> dict | None:
         raise UserError("--recovery live needs a torchft Lighthouse: give --lighthouse HOST:PORT")
     replica = LiveReplica(lighthouse, f"distvision{replica_number}", timeout=config.collective_timeout,
                           quorum_timeout=max(config.collective_timeout, config.join_timeout))
+    wait_for_first_peers(run, replica_number, config.join_timeout)
     membership, rounds = Membership(), LiveRounds(run, replica, config)
     watch_lighthouse(lighthouse, rounds.abandon)
     rounds.share_state(membership)
@@ -149,6 +151,20 @@ def train_live(config: TrainConfig) -> dict | None:
     return summary
 
 
+def wait_for_first_peers(run: Run, replica_number: int, timeout: float) -> None:
+    """The launcher's first workers start their first round together (each is heartbeating by now), so
+    that a run's first steps do not depend on which worker was ready first."""
+    workers, attempt = int(os.environ.get(FIRST_WORKERS_VARIABLE, "0")), os.environ.get(ATTEMPT_VARIABLE, "")
+    if workers < 2:
+        return
+    folder = run.checkpoints.run_dir / "live"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"ready-{attempt}-{replica_number}").touch()
+    deadline = time.monotonic() + timeout
+    while len(list(folder.glob(f"ready-{attempt}-*"))) < workers and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def log_join(run: Run, replica_number: int, spawned_at: float, first_commit: float, healed: bool) -> None:
     """A respawned replica's own record (RUN_DIR/joins.jsonl): from its start to its first committed step."""
     record = {"replica": replica_number, "spawned": spawned_at, "first_commit": first_commit,
@@ -165,7 +181,7 @@ class LiveRounds:
         self.mode = config.sync
         self.period = config.period
         self.outer = (torch.optim.SGD(trainable(run.model), lr=config.outer_lr, momentum=config.outer_momentum,
-                                      nesterov=True) if self.mode == "diloco" else None)
+                                      nesterov=config.outer_momentum > 0) if self.mode == "diloco" else None)
         self.attempt_base = int(os.environ.get(ATTEMPT_VARIABLE, "0")) * 1_000_000
         self.healed = False
         self.busy = threading.Lock()  # held while a round or an epoch's end changes the state
@@ -205,8 +221,10 @@ class LiveRounds:
         """This round's rank among the participants decides its shares and whether it writes."""
         run = self.run
         run.batches.rank, run.batches.world_size = quorum.rank, quorum.participants
-        run.checkpoints.rank = run.reporter.rank = run.rank = quorum.rank
-        run.world_size = run.checkpoints.world_size = quorum.participants
+        run.checkpoints.rank = run.reporter.rank = run.faults.rank = quorum.rank
+        # run.rank and run.world_size stay 0 and 1: the replica's own process group, over which an epoch
+        # record's per-worker seconds and bytes are gathered (live, they are the writing replica's own).
+        run.reporter.world_size = run.checkpoints.world_size = run.state.world_size = quorum.participants
         if run.audit:
             run.audit.world_size = quorum.participants
 
@@ -238,7 +256,9 @@ class LiveRounds:
         stats[4] = float(run.checkpoints.due())
         payload = (flat_gradients(run.model) if averaging_gradients
                    else flat_parameters(run.model, before.weights if self.mode == "diloco" else None))
-        exchanged = torch.cat([payload.float(), stats.float()])
+        # The batch-norm statistics are averaged too, so every replica evaluates (and decides) alike.
+        buffers = statistics_buffers(run.model)
+        exchanged = torch.cat([payload.float(), *(b.detach().reshape(-1).float() for b in buffers), stats.float()])
         with run.sync.stats.timed(exchanged.numel() * 4):
             ok = self.replica.allreduce_sum(exchanged)
         committed = self.replica.commit() and ok
@@ -247,7 +267,10 @@ class LiveRounds:
             before.restore(run)
             membership.discarded_rounds += 1
             return None, False
-        self.apply(exchanged[:-len(STATS)], quorum.participants, before, averaging_gradients)
+        buffer_count = sum(b.numel() for b in buffers)
+        self.apply(exchanged[:len(payload)], quorum.participants, before, averaging_gradients)
+        unflatten_into(exchanged[len(payload):len(payload) + buffer_count] / quorum.participants, buffers,
+                       as_grad=False)
         membership.committed(run, quorum.rank)
         if not averaging_gradients:
             self.replica.set_step(state.step)
@@ -321,27 +344,37 @@ class LiveRounds:
 
 @dataclass
 class Rollback:
-    """What a discarded round must undo: the cursor and counts, and after local steps the weights too."""
+    """What a discarded round must undo: the cursor and step, the buffers its forward passes moved
+    (batch-norm statistics), and after local steps the weights and optimizer state too."""
 
     cursor: int
     step: int
+    buffers: list[torch.Tensor]
     weights: list[torch.Tensor] | None
     optimizer: dict | None
 
     @classmethod
     def take(cls, run: Run, keep_weights: bool) -> Rollback:
+        buffers = [b.detach().clone() for b in run.model.buffers()]
         weights = [p.detach().clone() for p in trainable(run.model)] if keep_weights else None
         optimizer = clone(run.optimizer.state_dict()) if keep_weights else None
-        return cls(run.state.cursor, run.state.step, weights, optimizer)
+        return cls(run.state.cursor, run.state.step, buffers, weights, optimizer)
 
     def restore(self, run: Run) -> None:
         run.state.cursor, run.state.step = self.cursor, self.step
         run.optimizer.zero_grad(set_to_none=True)
-        if self.weights is not None:
-            with torch.no_grad():
-                for parameter, saved in zip(trainable(run.model), self.weights, strict=True):
-                    parameter.copy_(saved)
+        with torch.no_grad():
+            for buffer, saved in zip(run.model.buffers(), self.buffers, strict=True):
+                buffer.copy_(saved)
+            for parameter, saved in zip(trainable(run.model), self.weights or [], strict=False):
+                parameter.copy_(saved)
+        if self.optimizer is not None:
             run.optimizer.load_state_dict(self.optimizer)
+
+
+def statistics_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The floating-point buffers (batch-norm running means and variances)."""
+    return [b for b in model.buffers() if b.is_floating_point()]
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -361,7 +394,7 @@ def flat_parameters(model: nn.Module, originals: list[torch.Tensor] | None) -> t
     return torch.cat([(o - p.detach()).reshape(-1) for p, o in zip(parameters, originals, strict=True)])
 
 
-def unflatten_into(flat: torch.Tensor, parameters: list[nn.Parameter], as_grad: bool) -> None:
+def unflatten_into(flat: torch.Tensor, parameters: list[torch.Tensor], as_grad: bool) -> None:
     """Write consecutive slices of `flat` into the parameters' gradients (as_grad) or their values."""
     offset = 0
     with torch.no_grad():

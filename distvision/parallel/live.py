@@ -32,6 +32,7 @@ LIGHTHOUSE_ADDRESS_VARIABLE = "TORCHFT_LIGHTHOUSE"  # torchft's own name for the
 REPLICA_VARIABLE = "DISTVISION_REPLICA"  # this worker's replica number, set by the live launcher
 JOINING_VARIABLE = "DISTVISION_JOINING"  # "1": respawned into a running job, heal from a peer
 SPAWNED_AT_VARIABLE = "DISTVISION_SPAWNED_AT"  # time.time() when the launcher started this worker
+FIRST_WORKERS_VARIABLE = "DISTVISION_FIRST_WORKERS"  # how many workers the launcher started at first
 ATTEMPT_VARIABLE = "DISTVISION_LIVE_ATTEMPT"  # the launch's id: audit records of a resumed run supersede
 HEARTBEAT_INTERVAL = timedelta(milliseconds=100)  # each Manager's beat to the Lighthouse
 QUORUM_TICK_MS = 20

@@ -23,6 +23,7 @@ from distvision.fileio import write_json_atomic
 from distvision.parallel.launch import USER_ERROR_EXIT, WorkerFailed
 from distvision.parallel.live import (
     ATTEMPT_VARIABLE,
+    FIRST_WORKERS_VARIABLE,
     JOINING_VARIABLE,
     LIGHTHOUSE_ADDRESS_VARIABLE,
     REPLICA_VARIABLE,
@@ -58,16 +59,17 @@ def launch_live(work: Callable[[dict[str, str]], None], workers: int, max_restar
     base = {LIGHTHOUSE_ADDRESS_VARIABLE: lighthouse.address(), ATTEMPT_VARIABLE: str(time.time_ns() // 1_000_000),
             "LOCAL_WORLD_SIZE": str(workers)}
 
-    def spawn(number: int, joining: bool):
+    def spawn(number: int, joining: bool, first: bool = False):
         environment = dict(base, **{REPLICA_VARIABLE: str(number), JOINING_VARIABLE: "1" if joining else "0",
-                                    SPAWNED_AT_VARIABLE: repr(time.time())})
+                                    SPAWNED_AT_VARIABLE: repr(time.time()),
+                                    FIRST_WORKERS_VARIABLE: str(workers if first else 0)})
         process = context.Process(target=work, args=(environment,), name=f"replica{number}")
         process.start()
         pids[number] = process.pid
         write_json_atomic(pid_file, {f"replica{n}": pid for n, pid in sorted(pids.items())})
         return process
 
-    running = {number: spawn(number, joining=False) for number in range(workers)}
+    running = {number: spawn(number, joining=False, first=True) for number in range(workers)}
     restarts, finished, stop = dict.fromkeys(running, 0), set(), Stop()
     try:
         while running:

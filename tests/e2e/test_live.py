@@ -189,3 +189,19 @@ def test_a_lost_lighthouse_stops_the_job_resumably(data: Path, reference: Path, 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_each_epoch_covered_once(out, 3)
     _assert_same_weights(out, reference)
+
+
+def test_local_sgd_and_diloco_on_the_live_path(data: Path, tmp_path: Path):
+    """Live local SGD averages what the restart path averages, bit for bit; DiLoCo with an outer SGD of
+    lr 1 and no momentum is local SGD (its outer step lands on the average)."""
+    common = ["--workers", "2", "--epochs", "1", "--sync-every", "4"]
+    runs = {name: tmp_path / name for name in ("restart", "live", "diloco")}
+    for name, extra in (("restart", ["--sync", "local-sgd"]), ("live", ["--sync", "local-sgd", *LIVE]),
+                        ("diloco", ["--sync", "diloco", *LIVE, "--outer-lr", "1", "--outer-momentum", "0"])):
+        result = run_cli(_train_args(data, runs[name], *common, *extra), tmp_path / "cache")
+        assert result.returncode == 0, result.stderr[-2000:]
+    restart, live, diloco = (load_file(runs[name] / "checkpoint" / "model.safetensors") for name in runs)
+    for name, value in restart.items():
+        assert torch.equal(live[name], value), name
+        torch.testing.assert_close(diloco[name], value, rtol=0, atol=1e-6)
+    assert_each_epoch_covered_once(runs["diloco"], 1)
