@@ -57,6 +57,8 @@ class DataSettings:
     train_fraction: float = setting(1.0, "train on this seeded share of the training set (default 1: all of it)")
     image_size: int = setting(32)
     cache_dir: str | None = setting(None, "where prepared data is cached (default ~/.cache/distvision)")
+    data_on_device: str = setting("auto", "keep the images on the training device and gather and augment batches "
+                                  "there (auto: on a GPU, when they fit)", choices=("auto", "on", "off"))
 
     def check_data(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -87,6 +89,9 @@ class RecipeSettings:
     # Tricks switched off (recipes.TRICK_SWITCHES), one --no-TRICK flag each.
     disable: list[str] = field(default_factory=list, metadata=flag_options(flag="--no-TRICK"))
     precision: str = setting("auto", "auto measures which is faster here (default)", choices=("auto", "bf16", "fp32"))
+    # Off by default: on the CPUs measured it did not pay for its compile time (benchmarks/RESULTS.md).
+    compile: str = setting("off", "torch.compile the model (in place: checkpoints keep their names)",
+                           choices=("on", "off"))
     seed: int = setting(0)
 
     def check_recipe(self) -> None:
@@ -214,6 +219,8 @@ class FaultToleranceSettings:
                                      "(HOST:PORT; default: the command starts one on loopback)", metavar="HOST:PORT")
     heartbeat_timeout: float = setting(1.0, "live: seconds without a worker's heartbeat before the others go on "
                                        "without it (default %(default)s)")
+    quorum_every: int = setting(8, "live, averaging gradients: steps between quorums, where workers join "
+                                "(default %(default)s); a failure starts a new one at once")
 
     def check_fault_tolerance(self) -> None:
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
@@ -224,6 +231,8 @@ class FaultToleranceSettings:
             raise UserError(f"--checkpoint-every must be positive (got {self.checkpoint_every})")
         if self.max_restarts < 0:
             raise UserError(f"--max-restarts must be 0 or more (got {self.max_restarts})")
+        if self.quorum_every < 1:
+            raise UserError(f"--quorum-every must be at least 1 (got {self.quorum_every})")
         if self.heartbeat_timeout <= 0:
             raise UserError(f"--heartbeat-timeout must be positive (got {self.heartbeat_timeout})")
         if self.lighthouse is not None and self.recovery != "live":

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distvision.data.batches import Preprocessing, load_batch
+from distvision.data.batches import Images, Preprocessing, load_batch
 from distvision.errors import UserError
 from distvision.inference import forward_logits, load_inference_model
 
@@ -30,7 +30,7 @@ class EvalResult:
 @torch.inference_mode()
 def evaluate_split(
     model: nn.Module,
-    images: np.ndarray,
+    images: Images,
     labels: np.ndarray,
     preprocess: Preprocessing,
     precision: str,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 from torch import nn
 
 from distvision.config import TrainConfig
@@ -167,6 +168,7 @@ def finish(run: Run, stop_reason: str | None, last_test: tuple[int, EvalResult] 
         "train_count": len(run.train_indices), "val_count": len(run.val_indices),
         "batch_shares": run.balancer.shares.round(4).tolist(), "skipped_files": manifest["skipped_files"],
         "data": str(manifest["source"]), "prepared_data": str(run.prepared.path),
+        "data_on_device": not isinstance(run.prepared.train_images, np.ndarray),
     })
     leave_process_group()
     return summary

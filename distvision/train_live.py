@@ -34,6 +34,7 @@ from distvision.parallel.live import (
     LIGHTHOUSE_ADDRESS_VARIABLE,
     REPLICA_VARIABLE,
     SPAWNED_AT_VARIABLE,
+    STARTED_AT_VARIABLE,
     LighthouseLost,
     LiveReplica,
     Quorum,
@@ -59,16 +60,20 @@ class Membership:
     quorum_id: int = -1
     participants: int = 0
     discarded_rounds: int = 0  # since the last change
-    last_commit: float = field(default_factory=time.time)
+    last_commit: float = field(default_factory=time.time)  # wall clock, comparable between replicas
     pending: dict | None = None  # a change, logged at its first committed step
+    commits: int = 0  # rounds this replica committed
+    # When the job started (the launcher's clock; else this replica's): summary.json's wall seconds.
+    started: float = field(default_factory=lambda: float(os.environ.get(STARTED_AT_VARIABLE) or time.time()))
 
     def state_dict(self) -> dict:
         return {"quorum_id": self.quorum_id, "participants": self.participants,
-                "discarded_rounds": self.discarded_rounds}
+                "discarded_rounds": self.discarded_rounds, "last_commit": self.last_commit, "started": self.started}
 
     def load(self, saved: dict) -> None:
-        self.quorum_id, self.participants, self.discarded_rounds = (
-            saved["quorum_id"], saved["participants"], saved["discarded_rounds"])
+        self.quorum_id, self.participants, self.discarded_rounds, self.last_commit, self.started = (
+            saved["quorum_id"], saved["participants"], saved["discarded_rounds"], saved["last_commit"],
+            saved["started"])
 
     def observe(self, run: Run, quorum: Quorum) -> None:
         """Note a change of quorum (not the first one)."""
@@ -96,6 +101,7 @@ class Membership:
                     f"{event['step']}, training again {event['stall_seconds']:.1f} s after the last committed "
                     f"step, {event['discarded_steps']} step(s) redone")
         self.last_commit = now
+        self.commits += 1
 
 
 def train_live(config: TrainConfig) -> dict | None:
@@ -114,28 +120,25 @@ def train_live(config: TrainConfig) -> dict | None:
     rounds.share_state(membership)
     replica.set_step(run.state.step)
     stop_reason, last_test, first_round = None, None, True
-    spawned_at = float(os.environ.get(SPAWNED_AT_VARIABLE, "0")) if joining else None
     try:
         while run.state.epoch < run.recipe.epochs and stop_reason is None:
-            quorum = replica.begin_round()
-            if first_round and not rounds.healed:  # nobody ahead of us: the run goes on from our state
-                if joining:  # respawned, but every peer is gone: the newest checkpoint instead
-                    run.state = run.checkpoints.resume(run.model, run.optimizer, run.lookahead)
-                    replica.set_step(run.state.step)
-                rewrite_log(run.checkpoints.run_dir, run.state.log)  # drop lines written after the checkpoint
-            first_round = False
-            if quorum.quorum_id != membership.quorum_id and (run.checkpoints.run_dir / "summary.json").exists():
-                # Frozen past the others' last round, this replica would train the finished run on alone.
-                say(f"distvision: replica {replica_number} was left behind; the run has already finished")
-                replica.shutdown()
-                return None
-            rounds.take_seat(quorum)
-            membership.observe(run, quorum)
+            if rounds.quorum_due:
+                quorum = replica.begin_round()
+                if first_round:
+                    rounds.settle_first_round(joining)
+                    first_round = False
+                if rounds.finished_without_us(quorum, membership, replica_number):
+                    replica.shutdown()
+                    return None
+                rounds.take_seat(quorum)
+                membership.observe(run, quorum)
+                run.state.train_seconds += quorum.seconds  # waiting for the quorum is training time too
+                run.state.epoch_seconds += quorum.seconds
             with rounds.busy:  # (the Lighthouse's loss is handled between rounds: rounds.abandon)
                 stop_reason, epoch_done = rounds.train_round(quorum, membership)
-                if spawned_at and membership.last_commit > spawned_at:
-                    log_join(run, replica_number, spawned_at, membership.last_commit, rounds.healed)
-                    spawned_at = None
+                if joining and membership.commits == 1:
+                    log_join(run, replica_number, membership.last_commit, rounds.healed)
+                    joining = False
                 if epoch_done and stop_reason is None:
                     last_test = (run.state.step, end_epoch(run))
                     membership.last_commit = time.time()  # evaluation is not a stall
@@ -146,6 +149,7 @@ def train_live(config: TrainConfig) -> dict | None:
         if run.checkpoints.rank == 0 and run.state.step:
             run.save_checkpoint()  # the last committed state, so that --resume continues from it
         raise
+    run.reporter.started = membership.started
     summary = finish(run, stop_reason, last_test)
     replica.shutdown()
     return summary
@@ -165,8 +169,9 @@ def wait_for_first_peers(run: Run, replica_number: int, timeout: float) -> None:
         time.sleep(0.02)
 
 
-def log_join(run: Run, replica_number: int, spawned_at: float, first_commit: float, healed: bool) -> None:
+def log_join(run: Run, replica_number: int, first_commit: float, healed: bool) -> None:
     """A respawned replica's own record (RUN_DIR/joins.jsonl): from its start to its first committed step."""
+    spawned_at = float(os.environ.get(SPAWNED_AT_VARIABLE, "nan"))
     record = {"replica": replica_number, "spawned": spawned_at, "first_commit": first_commit,
               "seconds": round(first_commit - spawned_at, 3), "healed": healed}
     with open(run.checkpoints.run_dir / "joins.jsonl", "a") as joins:
@@ -184,6 +189,9 @@ class LiveRounds:
                                       nesterov=config.outer_momentum > 0) if self.mode == "diloco" else None)
         self.attempt_base = int(os.environ.get(ATTEMPT_VARIABLE, "0")) * 1_000_000
         self.healed = False
+        # Averaging gradients, a quorum (a round trip through the Lighthouse) every --quorum-every
+        # committed steps, and at once after a discarded one or an epoch's end; local steps, every round.
+        self.quorum_due, self.since_quorum = True, 0
         self.busy = threading.Lock()  # held while a round or an epoch's end changes the state
 
     def abandon(self, message: str) -> None:
@@ -196,6 +204,24 @@ class LiveRounds:
                   file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(USER_ERROR_EXIT)
+
+    def settle_first_round(self, joining: bool) -> None:
+        """After the first quorum: unless a live peer was ahead (and healed us), the run goes on from
+        this replica's state, and the log is rewritten to it (lines written after its checkpoint go)."""
+        run = self.run
+        if self.healed:
+            return
+        if joining:  # respawned, but every peer is gone: the newest checkpoint instead
+            run.state = run.checkpoints.resume(run.model, run.optimizer, run.lookahead)
+            self.replica.set_step(run.state.step)
+        rewrite_log(run.checkpoints.run_dir, run.state.log)
+
+    def finished_without_us(self, quorum: Quorum, membership: Membership, replica_number: int) -> bool:
+        """A replica frozen past the others' last round must not train the finished run on alone."""
+        if quorum.quorum_id == membership.quorum_id or not (self.run.checkpoints.run_dir / "summary.json").exists():
+            return False
+        say(f"distvision: replica {replica_number} was left behind; the run has already finished")
+        return True
 
     def share_state(self, membership: Membership) -> None:
         """Everything a healing peer needs, copied when asked (the sender trains on meanwhile)."""
@@ -220,6 +246,7 @@ class LiveRounds:
     def take_seat(self, quorum: Quorum) -> None:
         """This round's rank among the participants decides its shares and whether it writes."""
         run = self.run
+        self.quorum_due, self.since_quorum = False, 0  # every participant starts its window here
         run.batches.rank, run.batches.world_size = quorum.rank, quorum.participants
         run.checkpoints.rank = run.reporter.rank = run.faults.rank = quorum.rank
         # run.rank and run.world_size stay 0 and 1: the replica's own process group, over which an epoch
@@ -263,14 +290,16 @@ class LiveRounds:
             ok = self.replica.allreduce_sum(exchanged)
         committed = self.replica.commit() and ok
         state.close_segment()
+        self.since_quorum += 1
+        self.quorum_due = not (committed and averaging_gradients) or self.since_quorum >= self.config.quorum_every
         if not committed:
             before.restore(run)
             membership.discarded_rounds += 1
             return None, False
         buffer_count = sum(b.numel() for b in buffers)
-        self.apply(exchanged[:len(payload)], quorum.participants, before, averaging_gradients)
         unflatten_into(exchanged[len(payload):len(payload) + buffer_count] / quorum.participants, buffers,
                        as_grad=False)
+        self.apply(exchanged[:len(payload)], quorum.participants, before, averaging_gradients)
         membership.committed(run, quorum.rank)
         if not averaging_gradients:
             self.replica.set_step(state.step)
@@ -289,6 +318,7 @@ class LiveRounds:
         if not np.isfinite(totals["loss_sum"]):
             return "diverged", False
         epoch_done = state.cursor >= len(run.train_indices)
+        self.quorum_due = self.quorum_due or epoch_done
         if totals["checkpoint_due"] and not epoch_done:
             run.save_checkpoint()
         return None, epoch_done
@@ -338,7 +368,11 @@ class LiveRounds:
         else:
             unflatten_into(summed / participants, parameters, as_grad=False)
         if run.lookahead:
-            run.lookahead.maybe_update(run.model, run.state.step, run.progress_fraction())
+            # Every step when averaging gradients, as train.py does; after local steps, once at the
+            # averaging if the round crossed a pull, so that every replica keeps the same average.
+            last_pull = run.state.step - run.state.step % run.lookahead.every
+            if last_pull > before.step:
+                run.lookahead.maybe_update(run.model, last_pull, run.progress_fraction())
         self.replica.allow_state_reads()
 
 

@@ -31,6 +31,7 @@ from distvision.errors import UserError
 LIGHTHOUSE_ADDRESS_VARIABLE = "TORCHFT_LIGHTHOUSE"  # torchft's own name for the Lighthouse's address
 REPLICA_VARIABLE = "DISTVISION_REPLICA"  # this worker's replica number, set by the live launcher
 JOINING_VARIABLE = "DISTVISION_JOINING"  # "1": respawned into a running job, heal from a peer
+STARTED_AT_VARIABLE = "DISTVISION_STARTED_AT"  # time.time() when the launcher started the job
 SPAWNED_AT_VARIABLE = "DISTVISION_SPAWNED_AT"  # time.time() when the launcher started this worker
 FIRST_WORKERS_VARIABLE = "DISTVISION_FIRST_WORKERS"  # how many workers the launcher started at first
 ATTEMPT_VARIABLE = "DISTVISION_LIVE_ATTEMPT"  # the launch's id: audit records of a resumed run supersede

@@ -28,6 +28,7 @@ from distvision.parallel.live import (
     LIGHTHOUSE_ADDRESS_VARIABLE,
     REPLICA_VARIABLE,
     SPAWNED_AT_VARIABLE,
+    STARTED_AT_VARIABLE,
     start_lighthouse,
 )
 
@@ -57,7 +58,7 @@ def launch_live(work: Callable[[dict[str, str]], None], workers: int, max_restar
     context.set_forkserver_preload(["torch", "torchft", *warm_modules])
     # LOCAL_WORLD_SIZE: each worker takes its share of the cores (parallel/worker.py), as under torchrun.
     base = {LIGHTHOUSE_ADDRESS_VARIABLE: lighthouse.address(), ATTEMPT_VARIABLE: str(time.time_ns() // 1_000_000),
-            "LOCAL_WORLD_SIZE": str(workers)}
+            "LOCAL_WORLD_SIZE": str(workers), STARTED_AT_VARIABLE: repr(time.time())}
 
     def spawn(number: int, joining: bool, first: bool = False):
         environment = dict(base, **{REPLICA_VARIABLE: str(number), JOINING_VARIABLE: "1" if joining else "0",

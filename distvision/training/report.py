@@ -143,6 +143,7 @@ class Reporter:
             "skipped_files": facts["skipped_files"],
             "data": facts["data"],
             "prepared_data": facts["prepared_data"],
+            "data_on_device": facts["data_on_device"],
             "config": config.to_dict(),
         }
         write_json_atomic(self.run_dir / "summary.json", summary)

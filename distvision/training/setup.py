@@ -3,7 +3,7 @@ tricks, optimizer, synchroniser and the loop's components, gathered in one `Run`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ from torch import nn
 
 from distvision.config import TrainConfig
 from distvision.data.augment import AugmentSettings
-from distvision.data.batches import BatchPrefetcher, Preprocessing, load_batch
+from distvision.data.batches import BatchPrefetcher, Preprocessing, load_batch, resident
 from distvision.data.prepare import Prepared, default_cache_dir, ensure_prepared, open_prepared
 from distvision.errors import UserError
 from distvision.metrics import say
@@ -59,6 +59,21 @@ def sync_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
         raise UserError("--sync-bn needs CUDA: torch's SyncBatchNorm does not run on the CPU; "
                         "leave it off (per-worker statistics)")
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+# auto keeps the images on a GPU when they take at most this share of its free memory.
+RESIDENT_SHARE = 0.25
+
+
+def place_images(prepared: Prepared, setting: str, device: torch.device) -> Prepared:
+    """--data-on-device: the training and test images copied once to the device (else memory-mapped)."""
+    size = prepared.train_images.nbytes + prepared.test_images.nbytes
+    on = setting == "on" or (setting == "auto" and device.type == "cuda"
+                             and size <= RESIDENT_SHARE * torch.cuda.mem_get_info(device)[0])
+    if not on:
+        return prepared
+    return replace(prepared, train_images=resident(prepared.train_images, device),
+                   test_images=resident(prepared.test_images, device))
 
 
 def split_validation(train_count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -175,6 +190,8 @@ def build_model(config: TrainConfig, recipe: Recipe, prepared: Prepared, train_i
         init_whitening(model, load_batch(prepared.train_images, sample, preprocess, device), rank)
     if config.sync_bn:
         model = sync_batch_norm(model, device)
+    if config.compile == "on":
+        model.compile()  # compiled on its first forward; the module (and its state_dict names) stays
     return model
 
 
@@ -199,6 +216,7 @@ def build_run(config: TrainConfig, started: float, replica: int | None = None, j
 
     # Data: every rank opens the same prepared, memory-mapped arrays (built once, under a lock).
     prepared = open_prepared(ensure_prepared(Path(config.data), config.image_size, cache_dir))
+    prepared = place_images(prepared, config.data_on_device, device)
     train_indices, val_indices = split_validation(len(prepared.train_images), config.val_fraction, config.seed)
     train_indices = training_subset(train_indices, config.train_fraction, config.seed)
     preprocess = Preprocessing.build(

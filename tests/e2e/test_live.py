@@ -148,29 +148,29 @@ def _torchrun_node(args: list[str], tmp_path: Path) -> subprocess.Popen:
 
 
 def test_nodes_join_and_leave_a_running_job_through_torchrun(data: Path, tmp_path: Path):
-    """Three torchrun agents, one replica each, around one Lighthouse: the second joins the first's
-    running job, its agent is killed and the job goes on, and a third joins later."""
+    """Three torchrun agents, one replica each, around one Lighthouse: the second and third join the
+    first's running job, the second's agent is killed, and the job goes on with the other two."""
     port, out = free_port(), tmp_path / "run"
     lighthouse = _lighthouse(port)
-    args = _train_args(data, out, *EPOCHS, *LIVE, "--lighthouse", f"127.0.0.1:{port}", "--debug-step-delay", "0.3")
+    args = _train_args(data, out, "--epochs", "4", *EPOCHS[2:], *LIVE, "--lighthouse", f"127.0.0.1:{port}",
+                       "--debug-step-delay", "0.3")
     try:
         first = _torchrun_node(args, tmp_path)
-        wait_for(lambda: _steps_done(out) >= 5, 120, "the first node to train")
+        wait_for(lambda: _steps_done(out) >= 3, 120, "the first node to train")
         second = _torchrun_node(args, tmp_path)
         wait_for(lambda: any(e["new_participants"] == 2 for e in _changes(out)), 60, "the second node to join")
+        third = _torchrun_node(args, tmp_path)
+        wait_for(lambda: any(e["new_participants"] == 3 for e in _changes(out)), 60, "the third node to join")
         second.kill()  # its agent, hard; the agent's worker follows it
         second.wait()
-        wait_for(lambda: _changes(out) and _changes(out)[-1]["new_participants"] == 1, 30, "the job to go on alone")
-        third = _torchrun_node(args, tmp_path)
-        wait_for(lambda: len(_changes(out)) >= 3, 60, "the third node to join")
         _finish(first)
         _finish(third)
     finally:
         lighthouse.kill()
     counts = [(e["old_participants"], e["new_participants"]) for e in _changes(out)]
-    assert counts[:3] == [(1, 2), (2, 1), (1, 2)], counts
-    assert json.loads((out / "summary.json").read_text())["epochs"] == 3
-    assert_each_epoch_covered_once(out, 3)
+    assert counts[:3] == [(1, 2), (2, 3), (3, 2)], counts
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 4
+    assert_each_epoch_covered_once(out, 4)
 
 
 def test_a_lost_lighthouse_stops_the_job_resumably(data: Path, reference: Path, tmp_path: Path):

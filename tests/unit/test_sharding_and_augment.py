@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distvision.data.augment import AugmentSettings, augment_batch, sample_uniforms
-from distvision.data.batches import BatchPrefetcher, Preprocessing, load_batch
+from distvision.data.batches import BatchPrefetcher, Preprocessing, load_batch, resident
 from distvision.data.sharding import epoch_permutation, evaluation_share, global_batches, rank_slice
 from distvision.parallel.balance import split_sizes
 from distvision.recipes import lr_multiplier, one_cycle, step_down
@@ -151,3 +151,21 @@ def test_a_schedule_passes_through_its_points_and_is_linear_between_them(xs, ys,
         (x0, y0), (x1, y1) = before[-1], after[0]
         assert value == pytest.approx(y0 + (y1 - y0) * (progress - x0) / (x1 - x0))
         assert min(y0, y1) - 1e-12 <= value <= max(y0, y1) + 1e-12
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(0, 5), st.integers(1, 5), st.booleans())
+def test_images_kept_on_the_device_give_the_same_batches(seed, epoch, cursor_batches, alternating):
+    """--data-on-device gathers from one resident tensor: for the same seed, epoch and cursor it gives
+    the memory-mapped path's batches exactly, augmentation included."""
+    images = np.random.default_rng(seed).integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
+    preprocess = Preprocessing.build("caffe", [0.5] * 3, [0.25] * 3, images.mean(0))
+    augment = AugmentSettings(translate=2, flip=True, cutout=3, alternating_flip=alternating)
+    on_device = resident(images, torch.device("cpu"))
+    assert isinstance(on_device, torch.Tensor) and not np.shares_memory(on_device.numpy(), images)
+    order = np.arange(50)[epoch_permutation(seed, epoch, 50)]
+    for batch in global_batches(order[cursor_batches * 8:], 8, 2):
+        for share in (rank_slice(batch, 0, 2), rank_slice(batch, 1, 2)):
+            expected = load_batch(images, share, preprocess, torch.device("cpu"), augment, seed, epoch)
+            assert torch.equal(load_batch(on_device, share, preprocess, torch.device("cpu"), augment, seed, epoch),
+                               expected)
