@@ -48,7 +48,7 @@ Images = np.ndarray | torch.Tensor
 def resident(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """The whole uint8 array on the device, copied once (CIFAR-10's training set is 150 MB): batches
     are then gathered and augmented there, and nothing crosses the host-device link per step."""
-    return torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    return torch.from_numpy(np.array(images, copy=True)).to(device)  # a copy: off the memory map, writable
 
 
 def gather(images: Images, indices: np.ndarray, device: torch.device) -> torch.Tensor:
