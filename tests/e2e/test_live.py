@@ -101,16 +101,17 @@ def _changes(out: Path) -> list[dict]:
 def test_a_killed_worker_is_respawned_and_the_others_never_restart(data: Path, reference: Path, tmp_path: Path):
     out = tmp_path / "run"
     run = _start(_train_args(data, out, "--workers", "2", *EPOCHS, *LIVE, "--debug-step-delay", "0.1"), tmp_path)
-    wait_for(lambda: _steps_done(out) >= 12, 120, "training to make progress")
+    wait_for(lambda: _steps_done(out) >= 20, 120, "training to make progress")  # mid-epoch 2 of 15-step epochs
     before = _workers(out)
     os.kill(before["replica1"], signal.SIGKILL)
     output = _finish(run)
     after = _workers(out)
     assert after["replica0"] == before["replica0"] and after["replica1"] != before["replica1"], (before, after)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["restarts"] == 0 and summary["membership_changes"] >= 1, summary
+    # The survivor's step with the dead peer was discarded and redone: the audit below holds across it.
+    assert summary["restarts"] == 0 and summary["membership_changes"] >= 1 and summary["discarded_steps"] >= 1, summary
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
-    changes = [event for event in _changes(out) if event["step"] >= 12]
+    changes = [event for event in _changes(out) if event["step"] >= 20]
     assert changes and all(event["stall_seconds"] < 30 for event in changes), changes
     assert "workers 2 ->" in output
     assert_each_epoch_covered_once(out, 3)
