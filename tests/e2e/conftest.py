@@ -14,7 +14,7 @@ E2E = Path(__file__).parent
 
 # The files that take longest, first: `make test` runs two files at a time (pytest-xdist, --dist
 # loadfile), and a long file started last would keep one worker busy while the other waits.
-LONGEST_FIRST = ("test_tune.py", "test_train_each.py", "test_elastic.py", "test_training.py", "test_classify.py")
+LONGEST_FIRST = ("test_live.py", "test_tune.py", "test_train_each.py", "test_elastic.py", "test_training.py", "test_classify.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
