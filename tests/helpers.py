@@ -36,6 +36,15 @@ MLP_TRICKS = ["--weight-decay", "0.05", "--label-smoothing", "0.2", "--set", "em
 
 # The elastic tests' data: 3 classes of 40 training images.
 ELASTIC_TRAIN_COUNT = 3 * 40
+# Their undisturbed reference run's settings (with the record recipe's tricks that refer to global steps
+# and samples: lookahead, decoupled decay, alternating flips, translate, label smoothing, a warmup).
+ELASTIC_REFERENCE = ["--epochs", "3", "--checkpoint-every", "1000", *MLP_TRICKS]
+
+
+def elastic_train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """`distvision train` on the elastic tests' data: mlp, batch 8, every step's samples audited."""
+    return ["train", "--data", str(data), "--out", str(out), "--model", "mlp", "--precision", "fp32",
+            "--batch-size", "8", "--lr", "0.05", "--audit-samples", *extra]
 
 # distvision tune's tests: the quickest settings a trial can run with.
 TUNE_SETTINGS = ["--precision", "fp32", "--model", "caffe-quick"]

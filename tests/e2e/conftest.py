@@ -3,11 +3,20 @@ that train a run once per session for several test files, and the real CIFAR-10 
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import MLP_SETTINGS, MLP_TRICKS, REAL_CIFAR, run_cli, write_image_tree
+from tests.helpers import (
+    ELASTIC_REFERENCE,
+    MLP_SETTINGS,
+    MLP_TRICKS,
+    REAL_CIFAR,
+    elastic_train_args,
+    run_cli,
+    write_image_tree,
+)
 
 E2E = Path(__file__).parent
 
@@ -58,3 +67,38 @@ def mlp_run_one_worker(mlp_data: Path, tmp_path_factory) -> Path:
 def mlp_run_two_workers(mlp_data: Path, tmp_path_factory) -> Path:
     """Run folder of MLP_SETTINGS trained by two workers (gloo), once per session; read-only."""
     return _train_mlp(mlp_data, tmp_path_factory.mktemp("mlp-two") / "run", workers=2)
+
+
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """A folder made by make(folder) once for the whole test run: shared by the pytest-xdist workers
+    (under a lock in their common temporary root), and by the test files of one worker."""
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if root.name.startswith("popen-") else root  # xdist: one basetemp per worker
+    folder = root / "made-once" / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".done").exists():
+            make(folder)
+            (folder / ".done").touch()
+    return folder
+
+
+# The elastic and live tests' data (3 classes of 40 training images: 15 steps an epoch at batch 8) and
+# the undisturbed run every interrupted run of theirs must end like: the same weights whatever happened.
+@pytest.fixture(scope="session")
+def elastic_data(tmp_path_factory) -> Path:
+    """3 classes of 40 training images; read-only for the tests."""
+    return made_once(tmp_path_factory, "elastic-data", lambda folder: write_image_tree(
+        folder, classes=3, train_per_class=40, test_per_class=4))
+
+
+@pytest.fixture(scope="session")
+def undisturbed_run(elastic_data: Path, tmp_path_factory) -> Path:
+    """An undisturbed 2-worker run on the restart path (DDP); read-only."""
+    def make(folder: Path) -> None:
+        result = run_cli(elastic_train_args(elastic_data, folder / "run", "--workers", "2", *ELASTIC_REFERENCE),
+                         folder / "cache")
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    return made_once(tmp_path_factory, "undisturbed-run", make) / "run"

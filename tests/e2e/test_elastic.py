@@ -22,36 +22,31 @@ from distvision.parallel.launch import PRIVATE_STORE_VARIABLE
 from distvision.procfs import local_worker_pids
 from distvision.training.faults import STOP_GRACE_SECONDS
 from tests.helpers import (
-    MLP_TRICKS,
+    ELASTIC_REFERENCE,
     REPO,
     assert_each_epoch_covered_once,
+    elastic_train_args,
     free_port,
     run_cli,
     run_cli_in_process,
     wait_for,
-    write_image_tree,
 )
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """3 classes of 40 training images; read-only for the tests."""
-    return write_image_tree(tmp_path_factory.mktemp("elastic") / "data", classes=3, train_per_class=40,
-                            test_per_class=4)
+def data(elastic_data: Path) -> Path:
+    return elastic_data
 
 
 # With the record recipe's tricks that refer to global steps and samples (lookahead, decoupled decay,
 # alternating flips, translate, label smoothing, a warmup schedule): they too must resume exactly.
-UNINTERRUPTED = ["--epochs", "3", "--checkpoint-every", "1000", *MLP_TRICKS]
+UNINTERRUPTED = ELASTIC_REFERENCE
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(data: Path, tmp_path_factory) -> Path:
+def uninterrupted(undisturbed_run: Path) -> Path:
     """The run folder of an undisturbed 2-worker run that the interrupted runs must end like."""
-    root = tmp_path_factory.mktemp("uninterrupted")
-    reference = run_cli(_train_args(data, root / "whole", "--workers", "2", *UNINTERRUPTED), root / "cache")
-    assert reference.returncode == 0, reference.stderr[-2000:]
-    return root / "whole"
+    return undisturbed_run
 
 
 def _assert_same_weights(run_dir: Path, reference: Path) -> None:
@@ -69,8 +64,7 @@ def _env(tmp_path: Path) -> dict:
 
 
 def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--data", str(data), "--out", str(out), "--model", "mlp", "--precision", "fp32",
-            "--batch-size", "8", "--lr", "0.05", "--audit-samples", *extra]
+    return elastic_train_args(data, out, *extra)
 
 
 def _start(args: list[str], tmp_path: Path, module: list[str] | None = None) -> subprocess.Popen:

@@ -21,40 +21,34 @@ from distvision.checkpoint import list_training_checkpoints
 from distvision.metrics import read_events, read_metrics
 from distvision.procfs import local_worker_pids
 from tests.helpers import (
-    MLP_TRICKS,
+    ELASTIC_REFERENCE,
     REPO,
     assert_each_epoch_covered_once,
+    elastic_train_args,
     free_port,
     run_cli,
     wait_for,
-    write_image_tree,
 )
 
 # Quick failure detection for tests: a peer silent for 0.5 s is left out of the next quorum, and a
 # collective waits at most 4 s for a frozen one.
 LIVE = ["--recovery", "live", "--heartbeat-timeout", "0.5", "--collective-timeout", "4"]
-EPOCHS = ["--epochs", "3", "--checkpoint-every", "1000", *MLP_TRICKS]
+EPOCHS = ELASTIC_REFERENCE
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """3 classes of 40 training images (15 steps an epoch at batch 8)."""
-    return write_image_tree(tmp_path_factory.mktemp("live") / "data", classes=3, train_per_class=40,
-                            test_per_class=4)
+def data(elastic_data: Path) -> Path:
+    return elastic_data
 
 
 @pytest.fixture(scope="module")
-def reference(data: Path, tmp_path_factory) -> Path:
+def reference(undisturbed_run: Path) -> Path:
     """An undisturbed 2-worker run on the restart path (DDP): the weights every live run must end with."""
-    root = tmp_path_factory.mktemp("reference")
-    result = run_cli(_train_args(data, root / "whole", "--workers", "2", *EPOCHS), root / "cache")
-    assert result.returncode == 0, result.stderr[-2000:]
-    return root / "whole"
+    return undisturbed_run
 
 
 def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--data", str(data), "--out", str(out), "--model", "mlp", "--precision", "fp32",
-            "--batch-size", "8", "--lr", "0.05", "--audit-samples", *extra]
+    return elastic_train_args(data, out, *extra)
 
 
 def _start(args: list[str], tmp_path: Path, prefix: list[str] | None = None) -> subprocess.Popen:
@@ -190,23 +184,9 @@ def test_a_lost_lighthouse_stops_the_job_resumably(data: Path, reference: Path, 
     assert node.returncode == 2, output[-3000:]
     assert "lost the torchft Lighthouse" in output and "Traceback" not in output, output[-3000:]
     assert time.monotonic() - started < 60
-    resumed = run_cli(_train_args(data, out, "--workers", "2", *EPOCHS, *LIVE, "--resume"), tmp_path / "cache")
+    # Resumable by either path: here one worker on the restart path.
+    resumed = run_cli(_train_args(data, out, "--workers", "1", *EPOCHS, "--resume"), tmp_path / "cache")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_each_epoch_covered_once(out, 3)
     _assert_same_weights(out, reference)
 
-
-def test_local_sgd_and_diloco_on_the_live_path(data: Path, tmp_path: Path):
-    """Live local SGD averages what the restart path averages, bit for bit; DiLoCo with an outer SGD of
-    lr 1 and no momentum is local SGD (its outer step lands on the average)."""
-    common = ["--workers", "2", "--epochs", "1", "--sync-every", "4"]
-    runs = {name: tmp_path / name for name in ("restart", "live", "diloco")}
-    for name, extra in (("restart", ["--sync", "local-sgd"]), ("live", ["--sync", "local-sgd", *LIVE]),
-                        ("diloco", ["--sync", "diloco", *LIVE, "--outer-lr", "1", "--outer-momentum", "0"])):
-        result = run_cli(_train_args(data, runs[name], *common, *extra), tmp_path / "cache")
-        assert result.returncode == 0, result.stderr[-2000:]
-    restart, live, diloco = (load_file(runs[name] / "checkpoint" / "model.safetensors") for name in runs)
-    for name, value in restart.items():
-        assert torch.equal(live[name], value), name
-        torch.testing.assert_close(diloco[name], value, rtol=0, atol=1e-6)
-    assert_each_epoch_covered_once(runs["diloco"], 1)

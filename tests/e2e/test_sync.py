@@ -18,7 +18,7 @@ from distvision.parallel.balance import split_sizes, weighted_slice
 from distvision.parallel.group import leave_process_group
 from distvision.parallel.sync import Synchronizer, SyncSettings, unwrap
 from distvision.precision import choose_precision, precision_cache_file
-from tests.helpers import MLP_SETTINGS, MLP_TRICKS, run_cli, spawn_workers
+from tests.helpers import MLP_SETTINGS, MLP_TRICKS, assert_each_epoch_covered_once, run_cli, spawn_workers
 
 COMMON = MLP_SETTINGS  # the settings of the shared all-reduce run (this tier's conftest: mlp_run_two_workers)
 
@@ -49,15 +49,37 @@ def test_local_sgd_every_step_equals_allreduce(data: Path, allreduce_run, tmp_pa
     assert local["sync"]["mode"] == "local-sgd" and local["bytes_exchanged"] > 0
 
 
-def test_local_sgd_exchanges_less_and_compression_is_counted(data: Path, allreduce_run, tmp_path: Path):
+@pytest.fixture(scope="module")
+def local_sgd_run(data: Path, tmp_path_factory) -> Path:
+    """Local SGD on the restart path (DDP and torch's model averaging), averaging every 4 steps."""
+    out = tmp_path_factory.mktemp("local-sgd") / "run"
+    _train(data, out, "--workers", "2", "--sync", "local-sgd", "--sync-every", "4", *COMMON)
+    return out
+
+
+def test_local_sgd_exchanges_less_and_compression_is_counted(data: Path, allreduce_run, local_sgd_run: Path):
     dense = allreduce_run[1]
-    local = _train(data, tmp_path / "local", "--workers", "2", "--sync", "local-sgd", "--sync-every", "4", *COMMON)
+    local = json.loads((local_sgd_run / "summary.json").read_text())
     # 72 images in batches of 16: 5 steps an epoch; averaging after 4 steps and at the epoch's end.
     assert local["bytes_exchanged"] < dense["bytes_exchanged"] / 2
     for summary in (dense, local):
         assert len(summary["communication_seconds"]) == 2 and len(summary["compute_seconds"]) == 2
-    record = [json.loads(line) for line in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()][-1]
+    record = [json.loads(line) for line in (local_sgd_run / "metrics.jsonl").read_text().splitlines()][-1]
     assert len(record["bytes_exchanged"]) == 2 and record["compute_seconds"][0] > 0
+
+
+def test_local_sgd_and_diloco_on_the_live_path(data: Path, local_sgd_run: Path, tmp_path: Path):
+    """Live (torchft) local SGD averages what the restart path averages, bit for bit; DiLoCo with an outer
+    SGD of lr 1 and no momentum is local SGD (its outer step lands on the average)."""
+    live = ["--workers", "2", "--sync-every", "4", *COMMON, "--recovery", "live", "--audit-samples"]
+    _train(data, tmp_path / "live", "--sync", "local-sgd", *live)
+    _train(data, tmp_path / "diloco", "--sync", "diloco", "--outer-lr", "1", "--outer-momentum", "0", *live)
+    restart, local, diloco = (load_file(run / "checkpoint" / "model.safetensors")
+                              for run in (local_sgd_run, tmp_path / "live", tmp_path / "diloco"))
+    for name, value in restart.items():
+        assert torch.equal(local[name], value), name
+        torch.testing.assert_close(diloco[name], value, rtol=0, atol=1e-6)
+    assert_each_epoch_covered_once(tmp_path / "diloco", 2, sample_count=72)
 
 
 # Local SGD schedules run in the spawned pair: (every, warmup steps, the step that ends the epoch).
