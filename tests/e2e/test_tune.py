@@ -113,6 +113,9 @@ def test_a_dead_machines_trial_fails_by_its_heartbeat_and_runs_again_elsewhere(t
         assert running.user_attrs["worker"].startswith("node-a:")
         os.killpg(first.pid, signal.SIGKILL)  # the whole machine goes: tune, its worker, the training
         first.communicate()
+        # node-b may start within the 3 s grace (a quiet machine starts it fast): the trial is only
+        # known dead once its heartbeat is older than that.
+        time.sleep(3.5)
         second = _on_machine("node-b", args("b"), env)
         output = second.communicate(timeout=240)[0]
         assert second.returncode == 0, output[-3000:]
