@@ -89,7 +89,7 @@ class RecipeSettings:
     # Tricks switched off (recipes.TRICK_SWITCHES), one --no-TRICK flag each.
     disable: list[str] = field(default_factory=list, metadata=flag_options(flag="--no-TRICK"))
     precision: str = setting("auto", "auto measures which is faster here (default)", choices=("auto", "bf16", "fp32"))
-    # Off by default: on the CPUs measured it did not pay for its compile time (benchmarks/RESULTS.md).
+    # Off by default: measured once faster on one CPU, no gain on another (benchmarks/RESULTS.md).
     compile: str = setting("off", "torch.compile the model (in place: checkpoints keep their names)",
                            choices=("on", "off"))
     seed: int = setting(0)
