@@ -255,10 +255,13 @@ class LiveRounds:
         if run.audit:
             run.audit.world_size = quorum.participants
 
+    def averages_gradients(self) -> bool:
+        """This round averages gradients (one step): all-reduce, or local SGD's warm-up steps."""
+        return self.mode == "allreduce" or self.run.state.step < self.config.sync_warmup
+
     def round_steps(self) -> int:
         """Steps in this round: 1 when averaging gradients, else up to the period (never past the epoch)."""
-        state = self.run.state
-        if self.mode == "allreduce" or state.step < self.config.sync_warmup:
+        if self.averages_gradients():
             return 1
         return 10**9 if self.period == "epoch" else int(self.period)
 
@@ -266,7 +269,7 @@ class LiveRounds:
         """Train one round; return (why every replica stops, or None; whether the epoch is done)."""
         run, state = self.run, self.run.state
         batches = run.batches.remaining(state.epoch, state.cursor)[:self.round_steps()]
-        averaging_gradients = len(batches) == 1 and (self.mode == "allreduce" or state.step < self.config.sync_warmup)
+        averaging_gradients = self.averages_gradients()
         before = Rollback.take(run, keep_weights=not averaging_gradients)
         stats = torch.zeros(len(STATS))
         state.start_segment()
@@ -281,11 +284,12 @@ class LiveRounds:
         stats[2] = float(run.faults.wants_stop(state.step))  # a stop of the whole job (--debug-stop-at-step)
         stats[3] = float(quorum.rank == 0 and time_is_up(run.stop_rules, state.elapsed()))
         stats[4] = float(run.checkpoints.due())
-        payload = (flat_gradients(run.model) if averaging_gradients
-                   else flat_parameters(run.model, before.weights if self.mode == "diloco" else None))
+        payload = (gradients(run.model) if averaging_gradients
+                   else parameters_or_change(run.model, before.weights if self.mode == "diloco" else None))
         # The batch-norm statistics are averaged too, so every replica evaluates (and decides) alike.
         buffers = statistics_buffers(run.model)
-        exchanged = torch.cat([payload.float(), *(b.detach().reshape(-1).float() for b in buffers), stats.float()])
+        exchanged = torch.cat([t.detach().reshape(-1).float() for t in (*payload, *buffers, stats)])
+        payload_count = sum(t.numel() for t in payload)
         with run.sync.stats.timed(exchanged.numel() * 4):
             ok = self.replica.allreduce_sum(exchanged)
         committed = self.replica.commit() and ok
@@ -297,9 +301,9 @@ class LiveRounds:
             membership.discarded_rounds += 1
             return None, False
         buffer_count = sum(b.numel() for b in buffers)
-        unflatten_into(exchanged[len(payload):len(payload) + buffer_count] / quorum.participants, buffers,
+        unflatten_into(exchanged[payload_count:payload_count + buffer_count] / quorum.participants, buffers,
                        as_grad=False)
-        self.apply(exchanged[:len(payload)], quorum.participants, before, averaging_gradients)
+        self.apply(exchanged[:payload_count], quorum.participants, before, averaging_gradients)
         membership.committed(run, quorum.rank)
         if not averaging_gradients:
             self.replica.set_step(state.step)
@@ -415,17 +419,16 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def flat_gradients(model: nn.Module) -> torch.Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                      for p in trainable(model)])
+def gradients(model: nn.Module) -> list[torch.Tensor]:
+    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable(model)]
 
 
-def flat_parameters(model: nn.Module, originals: list[torch.Tensor] | None) -> torch.Tensor:
+def parameters_or_change(model: nn.Module, originals: list[torch.Tensor] | None) -> list[torch.Tensor]:
     """The parameters, or with `originals` the pseudo-gradient (original minus now) DiLoCo averages."""
     parameters = trainable(model)
     if originals is None:
-        return torch.cat([p.detach().reshape(-1) for p in parameters])
-    return torch.cat([(o - p.detach()).reshape(-1) for p, o in zip(parameters, originals, strict=True)])
+        return parameters
+    return [o - p.detach() for p, o in zip(parameters, originals, strict=True)]
 
 
 def unflatten_into(flat: torch.Tensor, parameters: list[torch.Tensor], as_grad: bool) -> None:
@@ -435,8 +438,8 @@ def unflatten_into(flat: torch.Tensor, parameters: list[torch.Tensor], as_grad: 
         for parameter in parameters:
             piece = flat[offset:offset + parameter.numel()].view(parameter.shape).to(parameter.dtype)
             offset += parameter.numel()
-            if as_grad:
-                parameter.grad = piece.clone()
+            if as_grad:  # a view of the round's own buffer, freed with the gradients
+                parameter.grad = piece
             else:
                 parameter.copy_(piece)
 
