@@ -26,9 +26,11 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-CAFFE = ["--model", "caffe-quick", "--workers", "2", "--epochs", "2", "--seed", "0", "--precision", "fp32"]
+# The restart path (DDP) explicitly: several local workers run live membership by default.
+CAFFE = ["--model", "caffe-quick", "--workers", "2", "--epochs", "2", "--seed", "0", "--precision", "fp32",
+         "--recovery", "restart"]
 FASTNET = ["--model", "fastnet", "--workers", "2", "--epochs", "1", "--train-fraction", "0.2", "--seed", "0",
-           "--precision", "fp32"]
+           "--precision", "fp32", "--recovery", "restart"]
 LOCAL_SGD = ["--sync", "local-sgd"]
 # name -> list of commands run one after the other into the same run folder
 SCENARIOS = {

@@ -20,15 +20,18 @@ from distvision.errors import UserError
 from distvision.recipes import TRICK_SWITCHES
 
 RECIPE_NOTE = "(default: the model's recipe, see `distvision models`)"
-SYNC_MODES = ("allreduce", "local-sgd", "diloco")  # diloco runs on the live path only (train_live.py)
+SYNC_MODES = ("allreduce", "local-sgd", "diloco")  # diloco runs under live membership only
+RECOVERY_MODES = ("auto", "live", "restart")
 DEFAULT_SYNC_EVERY = "8"  # local SGD's period when --sync-every is not given
 
 
 def flag_options(help: str | None = None, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
-                 metavar: str | None = None) -> dict:
-    """A field's metadata for its command-line flag: help, choices, metavar, and the flag itself where
-    it is not --FIELD-NAME."""
-    return {"help": help, "flag": flag, "choices": choices, "metavar": metavar}
+                 metavar: str | None = None, recovery: str | None = None) -> dict:
+    """A field's metadata for its command-line flag: help, choices, metavar, the flag itself where it is
+    not --FIELD-NAME, and the one recovery mode it works on ("live" or "restart"; None: both)."""
+    if recovery and help:
+        help = f"{help} [--recovery {recovery} only]"
+    return {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "recovery": recovery}
 
 
 def setting(default, help: str | None = None, **options) -> Field:
@@ -123,17 +126,19 @@ class ParallelSettings:
                                      f"(local-sgd's default {DEFAULT_SYNC_EVERY}; diloco needs it)", metavar="K|epoch")
     sync_warmup: int = setting(0, "local-sgd: all-reduce every step for the first S steps (default %(default)s)",
                                metavar="S")  # post-local SGD
-    compress: str = setting("none", "allreduce: compress gradients through a DDP communication hook",
-                            choices=("none", "fp16", "bf16", "powersgd"))
-    powersgd_rank: int = setting(2)
+    compress: str = setting("none", "allreduce: compress gradients through a DDP communication hook (default "
+                            "%(default)s)", choices=("none", "fp16", "bf16", "powersgd"), recovery="restart")
+    powersgd_rank: int = setting(2, "--compress powersgd: the rank of its approximation (default %(default)s)",
+                                 recovery="restart")
     lr_scaling: str = setting("none", "scale the lr given for --base-batch-size to the global batch (Goyal et al.)",
                               choices=("none", "linear", "sqrt"))
     base_batch_size: int | None = setting(None, "batch size the lr is given for (default: the recipe's)")
     # On top of the recipe's schedule.
     warmup_epochs: float = setting(0.0, "linear lr warmup over the first epochs (default %(default)s)")
     balance: str = setting("even", "throughput: split each global batch across workers in proportion to measured "
-                           "speed", choices=("even", "throughput"))
-    sync_bn: bool = setting(False, "batch-norm statistics over all workers (CUDA only; default: per worker)")
+                           "speed (default %(default)s)", choices=("even", "throughput"), recovery="restart")
+    sync_bn: bool = setting(False, "batch-norm statistics over all workers (CUDA only; default: per worker)",
+                            recovery="restart")
     # The DiLoCo paper's outer optimizer (Douillard et al. 2023): Nesterov SGD, lr 0.7, momentum 0.9.
     outer_lr: float = setting(0.7, "diloco: the outer optimizer's lr (default %(default)s)")
     outer_momentum: float = setting(0.9, "diloco: the outer optimizer's Nesterov momentum (default %(default)s)")
@@ -210,17 +215,26 @@ class FaultToleranceSettings:
     max_restarts: int = setting(3, "restarts of the local worker group after a worker dies (default %(default)s)")
     join_timeout: float = setting(600.0, "seconds to wait for the workers at rendezvous before failing "
                                   "(default %(default)s)")
-    # restart: a dead worker makes torch's elastic agent restart every worker from the newest checkpoint.
     # live: torchft keeps the survivors training and heals a (re)started worker from a live peer.
-    recovery: str = setting("restart", "after a worker dies: restart: every worker restarts from the newest "
-                            "checkpoint (default); live: the others train on, a respawned or new worker joins from "
-                            "a live peer (torchft)", choices=("restart", "live"))
+    # restart: a dead worker makes torch's elastic agent restart every worker from the newest checkpoint.
+    recovery: str = setting("auto", "after a worker dies: live: the others train on, a respawned or new worker "
+                            "joins from a live peer (torchft); restart: every worker restarts from the newest "
+                            "checkpoint; auto (default): live for several local workers or with --lighthouse, "
+                            "restart for one worker, under torchrun without --lighthouse, or with a "
+                            "restart-only setting", choices=RECOVERY_MODES)
     lighthouse: str | None = setting(None, "live, on several machines: the torchft Lighthouse to join "
-                                     "(HOST:PORT; default: the command starts one on loopback)", metavar="HOST:PORT")
+                                     "(HOST:PORT; default: the command starts one on loopback)", metavar="HOST:PORT",
+                                     recovery="live")
     heartbeat_timeout: float = setting(1.0, "live: seconds without a worker's heartbeat before the others go on "
                                        "without it (default %(default)s)")
     quorum_every: int = setting(8, "live, averaging gradients: steps between quorums, where workers join "
                                 "(default %(default)s); a failure starts a new one at once")
+    bind: str | None = setting(None, "live: the address this worker's servers listen on (default: loopback for a "
+                               "local job; with --lighthouse, the interface that reaches the Lighthouse)",
+                               metavar="HOST", recovery="live")
+    secret_file: str | None = setting(None, "live, on several machines: a file (mode 600) holding the job's shared "
+                                      "secret, which authenticates healing (default: $DISTVISION_SECRET; a local "
+                                      "job makes its own)", metavar="FILE", recovery="live")
 
     def check_fault_tolerance(self) -> None:
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
@@ -235,8 +249,6 @@ class FaultToleranceSettings:
             raise UserError(f"--quorum-every must be at least 1 (got {self.quorum_every})")
         if self.heartbeat_timeout <= 0:
             raise UserError(f"--heartbeat-timeout must be positive (got {self.heartbeat_timeout})")
-        if self.lighthouse is not None and self.recovery != "live":
-            raise UserError("--lighthouse is for --recovery live")
 
 
 @dataclass
@@ -294,15 +306,31 @@ class TrainConfig(DebugSettings, FaultToleranceSettings, StoppingSettings, Paral
         self.check_recovery()
 
     def check_recovery(self) -> None:
-        """What the live path (torchft) runs, and what stays on the restart path."""
-        if self.recovery == "restart":
-            if self.sync == "diloco":
-                raise UserError("--sync diloco runs on torchft's live membership: add --recovery live")
+        """Settings that work on one recovery mode only fail on the other (the table's `recovery` key)."""
+        mode = self.recovery
+        if self.sync == "diloco" and mode == "restart":
+            raise UserError("--sync diloco runs on torchft's live membership: use --recovery live (or auto)")
+        if mode == "auto":
             return
-        for flag, value, default in (("--compress", self.compress, "none"), ("--balance", self.balance, "even"),
-                                     ("--sync-bn", self.sync_bn, False)):
-            if value != default:
-                raise UserError(f"{flag} {value} runs on the restart path only: drop it or use --recovery restart")
+        for name, only in RECOVERY_ONLY.items():
+            value, default = getattr(self, name), CONFIG_FILE_FIELDS[name].default
+            if only != mode and value != default:
+                raise UserError(f"{_flag(CONFIG_FILE_FIELDS[name])} {value} works with --recovery {only} only: "
+                                f"drop it or use --recovery {only}")
+
+    def resolved_recovery(self, under_torchrun: bool) -> str:
+        """The recovery mode `auto` stands for here: live for several local workers (or a given
+        Lighthouse, or DiLoCo), restart for one worker (no membership to keep), under torchrun without a
+        Lighthouse (torchrun's own restarts), or when a restart-only setting is given."""
+        if self.recovery != "auto":
+            return self.recovery
+        if self.lighthouse or self.sync == "diloco":
+            return "live"
+        if under_torchrun or self.workers == 1:
+            return "restart"
+        restart_only = [name for name, only in RECOVERY_ONLY.items()
+                        if only == "restart" and getattr(self, name) != CONFIG_FILE_FIELDS[name].default]
+        return "restart" if restart_only else "live"
 
     def to_argv(self) -> list[str]:
         """The `distvision train` flags that give these settings (those left at their default are omitted)."""
@@ -386,6 +414,8 @@ def _add_trick_switches(parser: argparse.ArgumentParser) -> None:
 
 # --- Config files (`distvision train --config FILE`, written by `distvision tune` as best.toml) ---
 CONFIG_FILE_FIELDS = {f.name: f for f in fields(TrainConfig)}
+# The settings that work on one recovery mode only, from the table (checks and help text read it).
+RECOVERY_ONLY = {name: f.metadata["recovery"] for name, f in CONFIG_FILE_FIELDS.items() if f.metadata.get("recovery")}
 _FIELD_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "list[str]": list}
 
 

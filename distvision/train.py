@@ -1,13 +1,17 @@
-"""The training loop, top to bottom: one function every worker runs.
+"""The training loop, top to bottom: one function every worker runs, for both recovery modes.
 
 Each worker holds a full replica of the model (Pattern Parallel Training, Dahl et al. 2008),
-trains on its own slice of every global batch, and the gradients are combined every step
-(parallel/sync.py). Started by parallel/launch.py on one machine or by torchrun on many.
+trains on its own slice of every global batch, and the replicas are combined every round
+(parallel/sync.py). A round is the steps from one exchange to the next: on a fixed group (torchrun,
+the restart path) until the exchange of losses and votes is due, gradients travelling inside DDP's
+backward; under live membership one step (averaging gradients) or H local steps, ending with one
+all-reduce of the payload and the votes that the membership commits, or discards and redoes.
 
-The loop's concerns each live in one component of distvision/training/, which decides when it
-acts: where the run is (TrainState), which samples this rank trains on (EpochBatches), the small
-all-reduce of losses and votes (StepExchange), checkpoints, resume and heartbeat
-(CheckpointManager), debug faults (FaultInjector), and what the user sees (Reporter).
+The loop's concerns each live in one component, which decides when it acts: who takes part in a
+round (the membership, parallel/membership.py and live_membership.py), where the run is
+(TrainState), which samples this worker trains on (EpochBatches), the exchange of losses and votes
+(StepExchange), checkpoints, resume and heartbeat (CheckpointManager), debug faults (FaultInjector),
+and what the user sees (Reporter).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from distvision.config import TrainConfig
 from distvision.evaluate import EVAL_CHUNK, EvalResult, evaluate_split
 from distvision.metrics import Progress, say
 from distvision.parallel.group import leave_process_group
+from distvision.parallel.live_membership import LeftBehind
+from distvision.parallel.membership import Rollback
 from distvision.parallel.stopping import stop_after_epoch, time_is_up
 from distvision.parallel.sync import unwrap
 from distvision.precision import autocast
@@ -31,80 +37,122 @@ __all__ = ["resolve_recipe", "train"]
 
 
 def train(config: TrainConfig) -> dict | None:
-    """Train with the given settings in this process (one rank); return the summary on rank 0."""
+    """Train with the given settings in this process (one worker); return the summary where it writes it."""
     run = build_run(config, started=time.time())
+    run.membership.start(run, config.join_timeout)
     stop_reason, last_test = None, None
-    while run.state.epoch < run.recipe.epochs and stop_reason is None:
-        stop_reason = train_epoch(run)
-        if stop_reason:
-            break
-        last_test = (run.state.step, end_epoch(run))
-        stop_reason = stop_after_epoch(run.stop_rules, run.state.history())
-        if stop_reason == "max_epochs":
-            stop_reason = None  # the loop's own condition ends the run
-    return finish(run, stop_reason, last_test)
+    try:
+        while run.state.epoch < run.recipe.epochs and stop_reason is None:
+            stop_reason = train_epoch(run)
+            if stop_reason or run.state.cursor < len(run.train_indices):
+                continue  # stopping; or healed into a peer's next epoch, which it has already evaluated
+            with run.membership.busy:
+                last_test = (run.state.step, end_epoch(run))
+            run.membership.epoch_ended()
+            stop_reason = stop_after_epoch(run.stop_rules, run.state.history())
+            if stop_reason == "max_epochs":
+                stop_reason = None  # the loop's own condition ends the run
+    except LeftBehind:
+        run.membership.shutdown()
+        return None
+    summary = finish(run, stop_reason, last_test)
+    run.membership.shutdown()
+    return summary
 
 
 def train_epoch(run: Run) -> str | None:
-    """Train from the state's cursor to the epoch's end; return why every rank stops early, or None."""
-    state, sync, model, optimizer = run.state, run.sync, run.model, run.optimizer
-    batches = run.batches.remaining(state.epoch, state.cursor)
-    progress = Progress(len(batches), f"epoch {state.epoch + 1}/{run.recipe.epochs}")
-    progress_steps, in_sync, stop_reason = 0, True, None
+    """Train rounds from the state's cursor to the epoch's end; return why every worker stops early, or None."""
+    state, sync, model, optimizer, membership = run.state, run.sync, run.model, run.optimizer, run.membership
+    epoch, epoch_size = state.epoch, len(run.train_indices)
+    progress = Progress(len(run.batches.remaining(epoch, state.cursor)), f"epoch {epoch + 1}/{run.recipe.epochs}")
+    in_sync, stop_reason = True, None
     state.start_segment()
     run.exchange.start()
     model.train()
-    for batch in run.batches.load(state.epoch, batches):
-        step_started, communication_before = time.perf_counter(), sync.stats.communication_seconds
-        if run.audit:
-            run.audit.record(state.epoch, state.step, batch.local_indices)
-        run.faults.before_exchange_of_gradients()
-        progress_fraction = run.progress_fraction()
-        run.set_lr(progress_fraction)
-        with sync.step_context(state.step):
-            with autocast(run.precision, run.device):
-                logits = model(batch.inputs)
-            loss = nn.functional.cross_entropy(logits.float(), batch.labels, reduction="sum",
-                                               label_smoothing=run.recipe.label_smoothing)
-            loss = run.faults.corrupt_loss(loss, state.step)
-            sync.backward(loss, len(batch.local_indices), batch.global_size, run.world_size, state.step)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        in_sync = sync.after_step(state.step, batch.last)  # local SGD: True right after an averaging
-        if run.lookahead:
-            run.lookahead.maybe_update(unwrap(model), state.step + 1,
-                                       progress_fraction + batch.global_size / run.total_samples)
-        compute_seconds = (time.perf_counter() - step_started
-                           - (sync.stats.communication_seconds - communication_before))
-        run.faults.after_step(compute_seconds)
-        run.exchange.add(loss.item(), len(batch.local_indices), compute_seconds)
-        state.advance(batch.global_size)
-        if not run.exchange.due(in_sync, batch.last):
-            continue  # the losses and votes wait for the next exchange (paced by the synchroniser)
-
-        shared = run.exchange.exchange(
-            stop=run.stop_signal.requested or run.faults.wants_stop(state.step),
-            checkpoint_due=run.checkpoints.due(),
-            time_up=run.rank == 0 and time_is_up(run.stop_rules, state.elapsed()))
-        if run.balancer.observe(shared.compute_seconds, shared.samples_by_rank, shared.steps):
-            say(f"distvision: batch shares re-split by measured speed: "
-                f"{', '.join(f'{share:.2f}' for share in run.balancer.shares)}")
-        state.add_loss(shared.loss_sum, shared.samples)
-        progress.update(shared.loss_sum / shared.samples, steps=batch.index + 1 - progress_steps)
-        progress_steps = batch.index + 1
-        run.checkpoints.after_exchange(state)
-        stop_reason = shared.stop_reason()
-        if stop_reason:
-            break
-        if shared.checkpoint_due and in_sync:  # local SGD: only averaged replicas are worth a checkpoint
-            state.close_segment()
-            run.save_checkpoint()
-            state.start_segment()
+    while stop_reason is None and state.epoch == epoch and state.cursor < epoch_size:
+        membership.begin_round()  # live: a quorum when due (healing a replica that is behind), a new seat
+        if state.epoch != epoch:
+            break  # healed from a peer already past this epoch's end
+        sync.begin_round(state.step)
+        before = (Rollback.take(unwrap(model), optimizer, state.cursor, state.step,
+                                keep_weights=not sync.averages_gradients(state.step)) if membership.live else None)
+        shares = []
+        with membership.busy:
+            for batch in run.batches.load(epoch, run.batches.remaining(epoch, state.cursor)):
+                step_started, communication_before = time.perf_counter(), sync.stats.communication_seconds
+                shares.append((state.step, batch.local_indices))
+                run.faults.before_exchange_of_gradients()
+                progress_fraction = run.progress_fraction()
+                run.set_lr(progress_fraction)
+                with sync.step_context(state.step):
+                    with autocast(run.precision, run.device):
+                        logits = model(batch.inputs)
+                    loss = nn.functional.cross_entropy(logits.float(), batch.labels, reduction="sum",
+                                                       label_smoothing=run.recipe.label_smoothing)
+                    loss = run.faults.corrupt_loss(loss, state.step)
+                    sync.backward(loss, len(batch.local_indices), batch.global_size, run.world_size, state.step)
+                if sync.steps_now(state.step):  # live gradient averaging steps once the round commits
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                in_sync = sync.after_step(state.step, batch.last)  # local SGD: True right after an averaging
+                if run.lookahead and not membership.live:
+                    run.lookahead.maybe_update(unwrap(model), state.step + 1,
+                                               progress_fraction + batch.global_size / run.total_samples)
+                compute_seconds = (time.perf_counter() - step_started
+                                   - (sync.stats.communication_seconds - communication_before))
+                run.faults.after_step(compute_seconds)
+                run.exchange.add(loss.item(), len(batch.local_indices), compute_seconds)
+                state.advance(batch.global_size)
+                if run.exchange.due(in_sync, batch.last):
+                    break  # the round ends with the exchange (paced by the synchroniser)
+            stop_reason, in_sync = end_round(run, before, shares, progress, in_sync)
     progress.close()
     state.close_segment()
     if stop_reason and not in_sync and stop_reason != "diverged":
         sync.average_replicas()  # stopping between local-SGD averagings: keep the average
     return stop_reason
+
+
+def end_round(run: Run, before: Rollback | None, shares: list, progress: Progress,
+              in_sync: bool) -> tuple[str | None, bool]:
+    """The round's exchange: losses, votes and (live) the payload; apply it, or roll the round back.
+    Returns why every worker stops now, if it does, and whether the replicas are identical."""
+    state, membership = run.state, run.membership
+    # A signal stops the whole job on a fixed group; a live replica leaves alone and the others go on
+    # (the launcher stops a live job by signalling every replica).
+    leave_alone = membership.live and run.stop_signal.requested
+    shared = run.exchange.exchange(
+        stop=(run.stop_signal.requested and not membership.live) or run.faults.wants_stop(state.step),
+        checkpoint_due=run.checkpoints.due(),
+        time_up=run.rank == 0 and time_is_up(run.stop_rules, state.elapsed()),
+        payload=run.sync.round_payload(before))
+    if shared is None:  # not committed: a peer failed; whoever is there at the next quorum redoes it
+        state.cursor, state.step = before.restore(unwrap(run.model), run.optimizer)
+        membership.discarded()
+        return None, True
+    if shared.payload is not None:
+        run.sync.apply(shared.payload, run.seat.participants, before, run.optimizer)
+        in_sync = True
+        if run.lookahead:  # once at the round's end if it crossed a pull, the same on every replica
+            last_pull = state.step - state.step % run.lookahead.every
+            if last_pull > before.step:
+                run.lookahead.maybe_update(unwrap(run.model), last_pull, run.progress_fraction())
+    membership.committed(state.step)
+    if run.audit:
+        for step, local in shares:
+            run.audit.record(state.epoch, step, local, attempt=membership.attempt())
+    if run.balancer.observe(shared.compute_seconds, shared.samples_by_rank, shared.steps):
+        say(f"distvision: batch shares re-split by measured speed: "
+            f"{', '.join(f'{share:.2f}' for share in run.balancer.shares)}")
+    state.add_loss(shared.loss_sum, shared.samples)
+    progress.update(shared.loss_sum / max(shared.samples, 1), steps=len(shares))
+    run.checkpoints.after_exchange(state)
+    stop_reason = shared.stop_reason() or ("stopped" if leave_alone else None)
+    if stop_reason is None and shared.checkpoint_due and in_sync and state.cursor < len(run.train_indices):
+        state.close_segment()  # local SGD: only averaged replicas are worth a checkpoint
+        run.save_checkpoint()
+        state.start_segment()
+    return stop_reason, in_sync
 
 
 def evaluate(run: Run, test_time_augmentation: bool = False, validation: bool = False) -> EvalResult:
@@ -124,7 +172,7 @@ def end_epoch(run: Run) -> EvalResult:
     test = evaluate(run)
     val = evaluate(run, validation=True) if len(run.val_indices) else None
     eval_seconds = time.perf_counter() - eval_started
-    workers = communication_by_worker(run.sync, state.epoch_seconds, run.rank, run.world_size,
+    workers = communication_by_worker(run.sync, state.epoch_seconds, run.seat, run.membership.allreduce,
                                       run.batches.prefetcher.seconds)
     record = run.reporter.epoch_record(state, test, val, run.base_lr(), eval_seconds, workers)
     state.finish_epoch(record)

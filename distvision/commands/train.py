@@ -11,7 +11,7 @@ from distvision.checkpoint import list_training_checkpoints, newest_checkpoint_s
 from distvision.config import TrainConfig
 from distvision.data.prepare import default_cache_dir, ensure_prepared
 from distvision.errors import UserError
-from distvision.parallel.launch import start_workers
+from distvision.parallel.launch import run_as_worker, start_workers, started_by_torchrun
 from distvision.parallel.worker import pick_device
 from distvision.recipes import Recipe
 from distvision.train import resolve_recipe, train
@@ -22,6 +22,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
     """Train with the parsed settings; argv (the user's train flags) is passed on to local workers."""
     config = TrainConfig.from_namespace(args)
     config.validate()
+    config.recovery = config.resolved_recovery(under_torchrun=started_by_torchrun())
+    config.check_recovery()
     recipe = resolve_recipe(config)  # unknown model, recipe or setting fails here, before any launch
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     if config.data is None:
@@ -37,6 +39,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
     start_workers("train", train, config, lambda: check_before_launch(config, recipe, cache_dir, argv),
                   workers=config.workers, max_restarts=config.max_restarts, join_timeout=config.join_timeout,
                   stopped_hint=f"continue with --resume --out {config.out}")
+
+
+def run_replica(config: TrainConfig, environment: dict[str, str]) -> None:
+    """One live worker, forked by the launcher: its replica number, the Lighthouse and the job's secret
+    come in `environment`."""
+    os.environ.update(environment)
+    run_as_worker(train, config)
 
 
 def check_before_launch(config: TrainConfig, recipe: Recipe, cache_dir: Path, argv: list[str]) -> list[str]:
@@ -55,19 +64,17 @@ def check_before_launch(config: TrainConfig, recipe: Recipe, cache_dir: Path, ar
     if saved is not None:  # other settings fail here, before any worker starts (the workers check again)
         check_same_settings(Path(config.out), saved, resume_settings(config, recipe))
     ensure_prepared(Path(config.data), config.image_size, cache_dir)  # bad data fails before any worker starts
-    # The workers get the user's arguments, with the data path and run folder settled here.
-    return [*argv, "--data", config.data, "--out", config.out]
+    # The workers get the user's arguments, with the data path, run folder and recovery settled here.
+    return [*argv, "--data", config.data, "--out", config.out, "--recovery", config.recovery]
 
 
 def start_live(config: TrainConfig, recipe: Recipe, cache_dir: Path, argv: list[str]) -> None:
-    """--recovery live: be one replica (a launched worker, or one node's under torchrun), or launch them."""
-    from distvision.parallel.launch import run_as_worker, started_by_torchrun
+    """Live membership: be one replica (a launched worker, or one node's under torchrun), or launch them."""
     from distvision.parallel.live import REPLICA_VARIABLE
     from distvision.parallel.live_launch import LiveStopped, launch_live, stopped_exit
-    from distvision.train_live import train_live
 
     if REPLICA_VARIABLE in os.environ or started_by_torchrun() or config.lighthouse:
-        run_as_worker(train_live, config)
+        run_as_worker(train, config)
         return
     check_before_launch(config, recipe, cache_dir, argv)
     run_dir = Path(config.out)
@@ -76,20 +83,11 @@ def start_live(config: TrainConfig, recipe: Recipe, cache_dir: Path, argv: list[
     decide_precision(config, recipe, cache_dir)
     try:
         launch_live(partial(run_replica, config), config.workers, config.max_restarts, config.heartbeat_timeout,
-                    config.join_timeout, run_dir / "workers.json", warm_modules=[__name__, "distvision.train_live"])
+                    config.join_timeout, run_dir / "workers.json", warm_modules=[__name__, "distvision.train"])
     except LiveStopped as stop:
         stopped_exit(stop, f"continue with --resume --out {config.out}")
     finally:
         lock.close()
-
-
-def run_replica(config: TrainConfig, environment: dict[str, str]) -> None:
-    """One live worker, forked by the launcher: its replica number and the Lighthouse come in `environment`."""
-    from distvision.parallel.launch import run_as_worker
-    from distvision.train_live import train_live
-
-    os.environ.update(environment)
-    run_as_worker(train_live, config)
 
 
 def decide_precision(config: TrainConfig, recipe: Recipe, cache_dir: Path) -> None:

@@ -7,24 +7,24 @@ newcomer, or one whose last step was discarded) from a live peer's memory over H
 round's first forward pass. The round's all-reduces go through the Manager, which turns a peer's
 death into a discarded round rather than a crash; `commit()` says whether the round counts.
 
-This module is the only one that imports torchft; train_live.py drives it.
+Healing is signed with the job's secret and never unpickles (healing.py), and every listener of a
+replica is bound to its bind_host, loopback unless told otherwise (live_listeners.py). This module,
+healing.py and live_listeners.py are the only ones that import torchft; train_live.py drives them.
 """
 
 from __future__ import annotations
 
-import http.server
 import logging
 import os
 import socket
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
-from torch.distributed import ReduceOp, TCPStore
+from torch.distributed import ReduceOp
 
 from distvision.errors import UserError
 
@@ -55,10 +55,6 @@ def quiet_torchft() -> None:
     for name in ("torchft", "torchft_quorums", "torchft_commits", "torchft_errors"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("RUST_LOG", "error")  # the Lighthouse and Manager servers (Rust) log every quorum
-    # torchft's checkpoint server is a stdlib HTTP server, which writes a line per request to stderr;
-    # no other HTTP server runs in a worker.
-    http.server.BaseHTTPRequestHandler.log_message = lambda *args: None
-    warnings.filterwarnings("ignore", message="The given buffer is not writable")  # torchft's deserialiser
 
 
 @dataclass
@@ -74,27 +70,42 @@ class Quorum:
 class LiveReplica:
     """This process's torchft Manager and reconfigurable gloo group, and the state it heals from."""
 
-    def __init__(self, lighthouse: str, replica_id: str, timeout: float, quorum_timeout: float):
+    def __init__(self, lighthouse: str, replica_id: str, timeout: float, quorum_timeout: float, *,
+                 secret: bytes, bind_host: str = "127.0.0.1"):
+        """Join the Lighthouse as replica_id. Peers heal from each other only with the same `secret`
+        (healing.load_secret); every server of this replica listens on bind_host only."""
         quiet_torchft()
-        from torchft import Manager, ProcessGroupGloo
+        from torchft import Manager
 
-        # The replica group is this one process: it hosts its own store (never shared across replicas).
-        self._store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        from distvision.parallel.healing import SignedHTTPTransport, reachable_host, url_host
+        from distvision.parallel.live_listeners import (
+            BoundProcessGroupGloo,
+            bound_store,
+            manager_server_bound_to,
+        )
+
+        # The replica group is this one process: it hosts its own store, which no other process reads, so
+        # on loopback whatever bind_host is.
+        self._store = bound_store("127.0.0.1")
         self._states: dict[str, tuple[Callable[[], object], Callable[[object], None]]] = {}
+        transport = SignedHTTPTransport(secret, timedelta(seconds=timeout), host=bind_host)
         try:
-            self.manager = Manager(
-                pg=ProcessGroupGloo(timeout=timedelta(seconds=timeout)),
-                load_state_dict=None, state_dict=None, min_replica_size=1,
-                # Quorum (and healing) before the forward pass: a replica knows its share of the round's
-                # samples before it loads them, and a newcomer trains from its very first round.
-                use_async_quorum=False,
-                timeout=timedelta(seconds=timeout), quorum_timeout=timedelta(seconds=quorum_timeout),
-                connect_timeout=timedelta(seconds=min(timeout, 10.0)),
-                rank=0, world_size=1, store_addr="127.0.0.1", store_port=self._store.port,
-                lighthouse_addr=f"http://{lighthouse}" if "://" not in lighthouse else lighthouse,
-                replica_id=replica_id, hostname=socket.gethostname(), heartbeat_interval=HEARTBEAT_INTERVAL,
-            )
+            with manager_server_bound_to(bind_host):
+                self.manager = Manager(
+                    pg=BoundProcessGroupGloo(bind_host, timeout=timedelta(seconds=timeout)),
+                    load_state_dict=None, state_dict=None, min_replica_size=1,
+                    # Quorum (and healing) before the forward pass: a replica knows its share of the round's
+                    # samples before it loads them, and a newcomer trains from its very first round.
+                    use_async_quorum=False,
+                    timeout=timedelta(seconds=timeout), quorum_timeout=timedelta(seconds=quorum_timeout),
+                    connect_timeout=timedelta(seconds=min(timeout, 10.0)),
+                    rank=0, world_size=1, store_addr="127.0.0.1", store_port=self._store.port,
+                    lighthouse_addr=f"http://{lighthouse}" if "://" not in lighthouse else lighthouse,
+                    replica_id=replica_id, hostname=url_host(reachable_host(bind_host)),
+                    heartbeat_interval=HEARTBEAT_INTERVAL, checkpoint_transport=transport,
+                )
         except RuntimeError as error:
+            transport.shutdown(wait=False)
             raise UserError(f"cannot reach the torchft Lighthouse at {lighthouse}: {first_line(error)}") from None
         self.lighthouse = lighthouse
 

@@ -1,10 +1,12 @@
 """`--recovery live` on one machine: a Lighthouse, N replica processes, and a supervisor that respawns.
 
 The command starts a torchft Lighthouse on loopback in its own process and one worker process per
-replica. A worker that dies is respawned (up to --max-restarts times per worker) into the running
-job, where it heals from a live peer; the others never stop. Workers are forked from a forkserver
-that has already imported torch, torchft and distvision, so a respawned worker reaches its first
-quorum in about its healing time instead of the seconds an interpreter and torch's import take.
+replica; every server of the job listens on loopback only, and the workers heal from each other with
+a secret made for the job (DISTVISION_SECRET in their environment). A worker that dies is respawned
+(up to --max-restarts times per worker) into the running job, where it heals from a live peer; the
+others never stop. Workers are forked from a forkserver that has already imported torch, torchft and
+distvision, so a respawned worker reaches its first quorum in about its healing time instead of the
+seconds an interpreter and torch's import take.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from distvision.fileio import write_json_atomic
+from distvision.parallel.healing import SECRET_VARIABLE, new_secret
 from distvision.parallel.launch import USER_ERROR_EXIT, WorkerFailed
 from distvision.parallel.live import (
     ATTEMPT_VARIABLE,
@@ -33,6 +36,7 @@ from distvision.parallel.live import (
 )
 
 STOP_WAIT_SECONDS = 60.0  # after SIGTERM, the workers finish their round and write a checkpoint
+LOOPBACK = "127.0.0.1"
 
 
 class LiveStopped(Exception):
@@ -52,13 +56,18 @@ def launch_live(work: Callable[[dict[str, str]], None], workers: int, max_restar
     live workers' process ids (to stop or kill one by hand, as the tests do).
     """
     pids: dict[int, int] = {}
-    # Loopback only: the Lighthouse and the workers' ports are unauthenticated (docs/distributed.md).
-    lighthouse = start_lighthouse("127.0.0.1:0", heartbeat_timeout, join_timeout)
+    # Loopback only, here and in the workers (LiveReplica's bind_host): healing is signed with the job's
+    # secret, but the Lighthouse, the Managers' gRPC and gloo are not authenticated, so anyone who can
+    # reach them can join a quorum or kill a replica (the Lighthouse's POST /replica/<id>/kill).
+    lighthouse = start_lighthouse(f"{LOOPBACK}:0", heartbeat_timeout, join_timeout)
+    # Its address() names the machine's hostname, which need not resolve to loopback.
+    lighthouse_address = f"http://{LOOPBACK}:{lighthouse.address().rsplit(':', 1)[1]}"
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "torchft", *warm_modules])
     # LOCAL_WORLD_SIZE: each worker takes its share of the cores (parallel/worker.py), as under torchrun.
-    base = {LIGHTHOUSE_ADDRESS_VARIABLE: lighthouse.address(), ATTEMPT_VARIABLE: str(time.time_ns() // 1_000_000),
-            "LOCAL_WORLD_SIZE": str(workers), STARTED_AT_VARIABLE: repr(time.time())}
+    base = {LIGHTHOUSE_ADDRESS_VARIABLE: lighthouse_address, SECRET_VARIABLE: new_secret(),
+            ATTEMPT_VARIABLE: str(time.time_ns() // 1_000_000), "LOCAL_WORLD_SIZE": str(workers),
+            STARTED_AT_VARIABLE: repr(time.time())}
 
     def spawn(number: int, joining: bool, first: bool = False):
         environment = dict(base, **{REPLICA_VARIABLE: str(number), JOINING_VARIABLE: "1" if joining else "0",

@@ -1,4 +1,4 @@
-"""How replicas stay in step. This is the one place a synchronisation mode is chosen.
+"""How replicas stay in step: what each mode exchanges, and how the exchange is applied.
 
 "allreduce": synchronous data parallelism, gradients averaged every step by DistributedDataParallel
   (the Pattern Parallel Training of Dahl et al. 2008 with the weight changes combined every step),
@@ -6,6 +6,14 @@
 "local-sgd": each replica takes K optimizer steps on its own slices, then the replicas' parameters
   and buffers are averaged (torch's model-averaging utility). K = "epoch" is Dahl's one exchange per
   pass over each worker's share. The first `warmup` steps all-reduce gradients (post-local SGD).
+"diloco": local steps like local SGD, then an outer Nesterov step on the replicas' average change
+  (Douillard et al. 2023); live membership only.
+
+On a fixed process group (torchrun, the restart path) gradients travel inside DDP's backward and
+local SGD averages through torch's model-averaging utility. Under live membership the replica is a
+group of one: the round's payload (gradients, parameters or DiLoCo's pseudo-gradients, and the
+batch-norm statistics) goes into the round's one exchange (training/exchange.py, through the
+membership), and `apply` uses the sum once the round is committed.
 
 Time blocked in collectives (communicating, or waiting for a slower peer) and the bytes each worker
 puts into them are counted in SyncStats, so the cost of each mode is measured, not guessed.
@@ -26,10 +34,10 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
 from torch.nn.parallel import DistributedDataParallel
 
-from distvision.config import ParallelSettings, TrainConfig
+from distvision.config import SYNC_MODES, ParallelSettings, TrainConfig
 from distvision.errors import UserError
+from distvision.parallel.membership import Rollback, flatten, statistics_buffers, trainable, unflatten_into
 
-SYNC_MODES = ("allreduce", "local-sgd")
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
 # The small all-reduce of losses and votes is a collective round-trip of its own, a noticeable share
 # of a short step on the CPU (figures in benchmarks/RESULTS.md). So it runs every few steps: about
@@ -77,17 +85,20 @@ class SyncSettings:
     warmup: int = _FLAG_DEFAULTS.sync_warmup
     compress: str = _FLAG_DEFAULTS.compress
     powersgd_rank: int = _FLAG_DEFAULTS.powersgd_rank
+    outer_lr: float = _FLAG_DEFAULTS.outer_lr
+    outer_momentum: float = _FLAG_DEFAULTS.outer_momentum
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> SyncSettings:
-        return cls(config.sync, config.period, config.sync_warmup, config.compress, config.powersgd_rank)
+        return cls(config.sync, config.period, config.sync_warmup, config.compress, config.powersgd_rank,
+                   config.outer_lr, config.outer_momentum)
 
 
 class Synchronizer:
     """Wraps one replica; train.py calls backward(), then after_step(), then exchanges_stats() (and
     pace_stats() after each exchange), reads stats, and may set work_while_exchanging."""
 
-    def __init__(self, model: nn.Module, settings: SyncSettings, device: torch.device):
+    def __init__(self, model: nn.Module, settings: SyncSettings, device: torch.device, live: bool = False):
         if settings.mode not in SYNC_MODES:
             raise UserError(f"unknown synchronisation mode {settings.mode!r}; choose from {', '.join(SYNC_MODES)}")
         self.settings = settings
@@ -95,8 +106,15 @@ class Synchronizer:
         # Work for the training thread while a gradient exchange is in flight (loading the next batch):
         # gloo exchanges in its own thread, and this thread would only wait for it.
         self.work_while_exchanging: Callable[[], None] | None = None
-        self.distributed = dist.is_initialized() and dist.get_world_size() > 1
+        self.live = live  # a replica of a live job: the exchange goes through the membership, not DDP
+        self.distributed = dist.is_initialized() and dist.get_world_size() > 1 and not live
         self.model = model
+        self.round_steps = 1  # live: steps in the round under way (1 averaging gradients, else the period)
+        self.outer = None  # DiLoCo's outer optimizer, over the replica's trainable parameters
+        if settings.mode == "diloco":
+            momentum = settings.outer_momentum
+            self.outer = torch.optim.SGD(trainable(model), lr=settings.outer_lr, momentum=momentum,
+                                         nesterov=momentum > 0)
         if self.distributed:
             device_ids = [device.index] if device.type == "cuda" else None
             # Under local SGD, DDP must not broadcast rank 0's buffers at every forward: that would be a
@@ -115,19 +133,34 @@ class Synchronizer:
     def averages_gradients(self, step: int) -> bool:
         return self.settings.mode == "allreduce" or step < self.settings.warmup
 
+    def begin_round(self, step: int) -> None:
+        """A round starts at this step: live, it lasts one step when averaging gradients, else the period."""
+        if self.averages_gradients(step):
+            self.round_steps = 1
+        else:
+            self.round_steps = 10**9 if self.settings.every == "epoch" else int(self.settings.every)
+
     def backward(self, loss_sum: torch.Tensor, local_count: int, global_count: int, world_size: int,
                  step: int) -> None:
         """Backward of a summed loss, scaled so that the update is the mean over the right samples."""
-        if self.averages_gradients(step) or not self.distributed:
+        if self.averages_gradients(step):
             # DDP averages over ranks; world/len(global batch) makes that the mean over the global
-            # batch even when ranks hold unequal slices.
-            (loss_sum * (world_size / global_count)).backward()
+            # batch even when ranks hold unequal slices. Live, the participants' gradients are summed.
+            (loss_sum * ((world_size if self.distributed else 1) / global_count)).backward()
             return
         (loss_sum / local_count).backward()  # a local step: this replica's own mean gradient
 
+    def steps_now(self, step: int) -> bool:
+        """Whether the optimizer steps right after backward; live gradient averaging steps once the
+        round is committed (apply)."""
+        return not (self.live and self.averages_gradients(step))
+
     # -- parameters ------------------------------------------------------------------------------------
     def after_step(self, step: int, last_of_epoch: bool) -> bool:
-        """Average the replicas when local SGD's period is over; True when the replicas are identical now."""
+        """Average the replicas when local SGD's period is over; True when the replicas are identical now.
+        Live, they are identical once the round's exchange is applied."""
+        if self.live:
+            return False
         if self.averages_gradients(step) or not self.distributed:
             return True
         self._since_average += 1
@@ -144,6 +177,8 @@ class Synchronizer:
         It runs every `stats_every` steps (paced by pace_stats), under local SGD also at every
         averaging, and always at the end of an epoch.
         """
+        if self.live:
+            return last_of_epoch or steps_since >= self.round_steps
         if not self.distributed:
             return True
         if self.settings.mode == "local-sgd" and in_sync:
@@ -166,6 +201,45 @@ class Synchronizer:
             if buffers:
                 average_parameters(iter(buffers), None)
         self._since_average = 0
+
+    # -- live: the round's payload and its committed sum -----------------------------------------------------
+    def round_payload(self, before: Rollback | None) -> torch.Tensor | None:
+        """Live: what this replica adds to the round's exchange (one float32 vector): the gradients (one
+        step), the parameters (local SGD) or the change since the round began (DiLoCo's pseudo-gradient),
+        then the batch-norm statistics, averaged too so that every replica evaluates and decides alike."""
+        if not self.live:
+            return None
+        replica = unwrap(self.model)
+        parameters = trainable(replica)
+        if self.round_steps == 1 and self.averages_gradients(before.step):
+            payload = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        elif self.settings.mode == "diloco":
+            payload = [original - p.detach() for p, original in zip(parameters, before.weights, strict=True)]
+        else:
+            payload = parameters
+        return flatten([*payload, *statistics_buffers(replica)])
+
+    def apply(self, summed: torch.Tensor, participants: int, before: Rollback,
+              optimizer: torch.optim.Optimizer) -> None:
+        """Live, a committed round: an optimizer step on the summed gradients, the participants' average
+        (local SGD), or an outer Nesterov step on the average change (DiLoCo); buffers averaged."""
+        replica = unwrap(self.model)
+        parameters, buffers = trainable(replica), statistics_buffers(replica)
+        count = sum(p.numel() for p in parameters)
+        unflatten_into(summed[count:] / participants, buffers, as_grad=False)
+        if self.round_steps == 1 and self.averages_gradients(before.step):
+            unflatten_into(summed[:count], parameters, as_grad=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        elif self.settings.mode == "diloco":
+            with torch.no_grad():
+                for parameter, original in zip(parameters, before.weights, strict=True):
+                    parameter.copy_(original)
+            unflatten_into(summed[:count] / participants, parameters, as_grad=True)
+            self.outer.step()
+            self.outer.zero_grad(set_to_none=True)
+        else:
+            unflatten_into(summed[:count] / participants, parameters, as_grad=False)
 
     # -- communication hooks ---------------------------------------------------------------------------
     def _register_hook(self, device: torch.device) -> None:
@@ -211,12 +285,6 @@ class Synchronizer:
             return done
 
         self.model.register_comm_hook(None, hook)
-
-    def small_all_reduce(self, values: torch.Tensor) -> None:
-        """The small all-reduce of losses and votes: counted as communication (and waiting)."""
-        if dist.is_initialized():
-            with self.stats.timed(values.numel() * values.element_size()):
-                dist.all_reduce(values)
 
     def step_context(self, step: int):
         """Around forward and backward: DDP decides in forward whether backward exchanges gradients."""

@@ -80,8 +80,7 @@ def point_config(config: ScaleConfig, sync: str, batch_size: int, workers: int, 
     point = TrainConfig(data=None, model=config.model, workers=workers, epochs=config.epochs, batch_size=batch_size,
                         sync=sync, sync_every=config.sync_every, train_fraction=fraction,
                         threads_per_worker=config.threads_per_worker, precision=config.precision, seed=config.seed,
-                        image_size=config.image_size, max_restarts=0,
-                        recovery="live" if sync == "diloco" else "restart")  # DiLoCo runs on torchft
+                        image_size=config.image_size, max_restarts=0)  # recovery: auto, derived from the mode
     point = TrainConfig.from_argv(config.train_args, base=point)  # further flags, which win
     if config.data:
         point.data = config.data

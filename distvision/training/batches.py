@@ -11,6 +11,7 @@ import torch
 from distvision.data.batches import BatchPrefetcher
 from distvision.data.sharding import epoch_permutation, global_batches, rank_slice
 from distvision.parallel.balance import ThroughputBalancer, weighted_slice
+from distvision.parallel.membership import Seat
 
 
 @dataclass
@@ -38,11 +39,18 @@ class EpochBatches:
     labels: np.ndarray
     global_batch_size: int
     seed: int
-    rank: int
-    world_size: int
+    seat: Seat  # this round's rank among the participants: whose share is cut
     balancer: ThroughputBalancer
     prefetcher: BatchPrefetcher
     device: torch.device
+
+    @property
+    def rank(self) -> int:
+        return self.seat.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.seat.participants
 
     def share(self, batch: np.ndarray) -> np.ndarray:
         """This rank's slice of a global batch, as the balancer splits it now."""

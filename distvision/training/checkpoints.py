@@ -26,6 +26,7 @@ from distvision.config import TrainConfig
 from distvision.errors import UserError
 from distvision.fileio import hold_exclusive_lock, write_json_atomic
 from distvision.metrics import append_metrics, rewrite_log, say
+from distvision.parallel.membership import Seat
 from distvision.recipes import Recipe
 from distvision.training.state import TrainState
 from distvision.tricks import Lookahead
@@ -96,21 +97,47 @@ def agree_on_resume(run_dir: Path, rank: int) -> tuple[dict, dict, dict] | None:
     return loaded
 
 
+OUTER_PREFIX = "outer_momentum."  # DiLoCo's outer momentum buffers in a checkpoint's weights, by parameter
+
+
+def outer_momentum(outer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """DiLoCo's outer SGD momentum buffers, named by the parameter's position (saved with the weights)."""
+    parameters = [p for group in outer.param_groups for p in group["params"]]
+    return {f"{OUTER_PREFIX}{index}": outer.state[p]["momentum_buffer"] for index, p in enumerate(parameters)
+            if outer.state.get(p, {}).get("momentum_buffer") is not None}
+
+
+def load_outer_momentum(outer: torch.optim.Optimizer, saved: dict[str, torch.Tensor]) -> None:
+    """Put saved outer momentum buffers back (the inverse of outer_momentum)."""
+    parameters = [p for group in outer.param_groups for p in group["params"]]
+    for name, buffer in saved.items():
+        outer.state[parameters[int(name[len(OUTER_PREFIX):])]]["momentum_buffer"] = buffer.clone()
+
+
 class CheckpointManager:
     """Decides when a training checkpoint is due, writes it, and resumes from the newest one.
 
     `settings` are the values a resumed run must share with the one that wrote the checkpoint.
     """
 
-    def __init__(self, run_dir: Path, rank: int, world_size: int, settings: dict, every_seconds: float):
-        self.run_dir, self.rank, self.world_size = run_dir, rank, world_size
+    def __init__(self, run_dir: Path, seat: Seat, settings: dict, every_seconds: float):
+        self.run_dir, self.seat = run_dir, seat
         self.settings = settings
         self.every_seconds = every_seconds
         # torchrun's rendezvous id: the same id in a checkpoint means the agent restarted us.
         self.job_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-        self.resumed_event: dict | None = None  # logged once the first step after it has trained
+        self.resumed_event: dict | None = None
+        self.outer_state: dict[str, torch.Tensor] = {}  # DiLoCo's outer momentum from the checkpoint resumed  # logged once the first step after it has trained
         self.last_saved = self.last_heartbeat = time.time()
         self._lock = None
+
+    @property
+    def rank(self) -> int:
+        return self.seat.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.seat.participants
 
     # -- start --------------------------------------------------------------------------------------------
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, lookahead: Lookahead | None) -> TrainState:
@@ -133,6 +160,8 @@ class CheckpointManager:
             return TrainState(self.world_size)
         weights, optimizer_tensors, saved = loaded
         averages = {name: weights.pop(name) for name in list(weights) if name.startswith("lookahead.")}
+        # DiLoCo's outer momentum, for the synchroniser built after the resume (sync.load_outer_state).
+        self.outer_state = {name: weights.pop(name) for name in list(weights) if name.startswith(OUTER_PREFIX)}
         check_same_settings(self.run_dir, saved["settings"], self.settings)
         model.load_state_dict(weights)
         restore_optimizer(optimizer, optimizer_tensors, saved)
@@ -172,10 +201,11 @@ class CheckpointManager:
             self.last_heartbeat = now
 
     def save(self, state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer,
-             lookahead: Lookahead | None) -> None:
+             lookahead: Lookahead | None, outer: torch.optim.Optimizer | None = None) -> None:
         """Write a training checkpoint of this state (rank 0); every rank restarts its clock."""
         if self.rank == 0:
-            weights = dict(model.state_dict(), **(lookahead.state() if lookahead else {}))
+            weights = dict(model.state_dict(), **(lookahead.state() if lookahead else {}),
+                           **(outer_momentum(outer) if outer else {}))
             save_training_checkpoint(self.run_dir, weights, optimizer,
                                      dict(state.state_dict(), settings=self.settings, saved_at=time.time(),
                                           job_id=self.job_id))

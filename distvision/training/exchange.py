@@ -1,9 +1,11 @@
-"""The small all-reduce every few steps: the global loss, the decisions every rank must share, and the
-per-rank timings the throughput balancer needs. One packed float64 tensor, read and written by name.
+"""The exchange that ends a round: the global loss, the decisions every rank must share, and the
+per-rank timings the throughput balancer needs, packed in one tensor and read by name.
 
-Gradients travel in the synchroniser's own collectives; this exchange carries only what the loop
-needs to agree on (stop, checkpoint, diverged) and to report (loss), so it runs when the synchroniser
-says it is due (paced to about once a second) rather than every step.
+On a fixed group gradients travel in the synchroniser's own collectives (DDP), and this exchange
+carries only what the loop needs to agree on (stop, checkpoint, diverged) and to report (loss), so
+it runs when the synchroniser says it is due (paced to about once a second) rather than every step.
+Under live membership the round's payload (gradients, parameters or pseudo-gradients) travels in the
+same all-reduce, and the round counts only if the membership commits it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from distvision.parallel.membership import Seat, StaticMembership
 from distvision.parallel.sync import Synchronizer
 
 # Slots summed over ranks, in order. Decisions are votes: > 0 means at least one rank voted yes.
@@ -36,6 +39,7 @@ class ExchangeResult:
     compute_seconds: np.ndarray  # per rank, since the last exchange
     samples_by_rank: np.ndarray
     steps: int  # since the last exchange, this one's included
+    payload: torch.Tensor | None = None  # live: the participants' summed payload
 
     def stop_reason(self) -> str | None:
         """Why every rank stops now, if it does: a diverged replica first, then a stop request, then time."""
@@ -51,9 +55,18 @@ class ExchangeResult:
 class StepExchange:
     """This rank's losses, sample counts and compute time since the last exchange, and the exchange."""
 
-    def __init__(self, rank: int, world_size: int, sync: Synchronizer):
-        self.rank, self.world_size, self.sync = rank, world_size, sync
+    def __init__(self, seat: Seat, sync: Synchronizer, membership: StaticMembership | None = None):
+        self.seat, self.sync = seat, sync
+        self.membership = membership or StaticMembership(seat)
         self.start()
+
+    @property
+    def rank(self) -> int:
+        return self.seat.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.seat.participants
 
     def start(self) -> None:
         """Begin a segment of training: nothing pending, the pacing clock reset."""
@@ -76,8 +89,10 @@ class StepExchange:
     def due(self, in_sync: bool, last_of_epoch: bool) -> bool:
         return self.sync.exchanges_stats(self.steps, in_sync, last_of_epoch)
 
-    def exchange(self, stop: bool, checkpoint_due: bool, time_up: bool) -> ExchangeResult:
-        """All-reduce what is pending and this rank's votes; pace the next exchange by rank 0's clock."""
+    def exchange(self, stop: bool, checkpoint_due: bool, time_up: bool,
+                 payload: torch.Tensor | None = None) -> ExchangeResult | None:
+        """All-reduce what is pending and this rank's votes (after `payload`, if any); pace the next
+        exchange by rank 0's clock. None when the membership did not commit the round (redo it)."""
         world = self.world_size
         mine = {"loss_sum": self.loss_sum, "samples": self.samples, "stop_votes": float(stop),
                 "diverged_votes": self.nonfinite_losses, "checkpoint_due": float(checkpoint_due),
@@ -89,11 +104,20 @@ class StepExchange:
         shared[per_rank + self.rank] = self.compute_seconds
         shared[per_rank + world + self.rank] = self.samples
         steps = self.steps
-        self.sync.small_all_reduce(shared)
-        self.start()
+        # Live, one float32 vector: the payload, then the statistics (float32 holds their sums closely
+        # enough: they are reported, and votes are counts).
+        packed = shared if payload is None else torch.cat([payload, shared.float()])
+        with self.sync.stats.timed(packed.numel() * packed.element_size() if world > 1 else 0):
+            reduced = self.membership.allreduce(packed)
+        committed = self.membership.commit() and reduced
+        self.start()  # a discarded round's losses and counts go with it: its steps are redone
+        if not committed:
+            return None
+        if payload is not None:
+            payload, shared = packed[: len(payload)], packed[len(payload) :].double()
         summed = dict(zip(SUMMED, shared[: len(SUMMED)].tolist()))
         result = ExchangeResult(**dict(summed, samples=int(summed["samples"])),
                                 compute_seconds=shared[per_rank : per_rank + world].numpy(),
-                                samples_by_rank=shared[per_rank + world :].numpy(), steps=steps)
+                                samples_by_rank=shared[per_rank + world :].numpy(), steps=steps, payload=payload)
         self.sync.pace_stats(result.seconds_since_last / steps)
         return result

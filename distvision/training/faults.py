@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from distvision.config import TrainConfig
+from distvision.parallel.membership import Seat
 
 STOP_GRACE_SECONDS = 20.0  # after SIGTERM: time to finish the step and checkpoint before a hard exit
 
@@ -54,14 +55,18 @@ class StopSignal:
 class FaultInjector:
     """--debug-slowdown, --debug-nan-at, --debug-step-delay and --debug-stop-at-step for one rank."""
 
-    def __init__(self, config: TrainConfig, rank: int):
-        self.rank = rank
+    def __init__(self, config: TrainConfig, seat: Seat):
+        self.seat = seat  # a rank setting names whoever holds that rank in the round
         self.slow_rank, self.slow_factor = parse_rank_setting(config.debug_slowdown, 1.0)
         self.nan_rank, nan_step = parse_rank_setting(config.debug_nan_at, -1)
         self.nan_step = int(nan_step)
         self.step_delay = config.debug_step_delay
         self.stop_at_step = config.debug_stop_at_step
         self.slowdown_seconds = 0.0  # the extra compute time the next step simulates
+
+    @property
+    def rank(self) -> int:
+        return self.seat.rank
 
     def before_exchange_of_gradients(self) -> None:
         """--debug-slowdown: a slower machine's extra time falls before the gradient exchange, while the
@@ -93,17 +98,17 @@ class SampleAudit:
     reader can tell a step redone after a restart from the attempt that was lost.
     """
 
-    def __init__(self, run_dir: Path, rank: int, world_size: int):
+    def __init__(self, run_dir: Path, writer: int, seat: Seat):
         attempt = [time.time_ns()]
         if dist.is_initialized():
             dist.broadcast_object_list(attempt, src=0)
         folder = run_dir / "audit"
         folder.mkdir(parents=True, exist_ok=True)
-        self.attempt, self.world_size = attempt[0], world_size
-        self.file = open(folder / f"attempt{self.attempt}-rank{rank}.jsonl", "a", buffering=1)  # noqa: SIM115
+        self.attempt, self.seat = attempt[0], seat
+        self.file = open(folder / f"attempt{self.attempt}-rank{writer}.jsonl", "a", buffering=1)  # noqa: SIM115
 
     def record(self, epoch: int, step: int, indices: np.ndarray, attempt: int | None = None) -> None:
         """`attempt`: live membership gives the quorum's id (shared by the step's participants)."""
         self.file.write(json.dumps({"attempt": self.attempt if attempt is None else attempt,
                                     "epoch": epoch, "step": step,
-                                    "world_size": self.world_size, "indices": indices.tolist()}) + "\n")
+                                    "world_size": self.seat.participants, "indices": indices.tolist()}) + "\n")

@@ -5,15 +5,16 @@ installed. Rank 0 writes; records hold only globally reduced numbers, identical 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from distvision.config import TrainConfig
 from distvision.evaluate import EvalResult
 from distvision.fileio import write_json_atomic
 from distvision.metrics import append_metrics, epoch_line, say
+from distvision.parallel.membership import Seat
 from distvision.parallel.sync import Synchronizer
 from distvision.recipes import Recipe
 from distvision.training.state import TrainState
@@ -22,21 +23,24 @@ TENSORBOARD_SCALARS = ("train_loss", "test_loss", "test_accuracy", "val_loss", "
                        "images_per_second", "epoch_seconds", "eval_seconds", "lr")
 
 
-def communication_by_worker(sync: Synchronizer, epoch_seconds: float, rank: int, world_size: int,
-                            data_seconds: float = 0.0) -> dict:
+def communication_by_worker(sync: Synchronizer, epoch_seconds: float, seat: Seat,
+                            allreduce: Callable[[torch.Tensor], bool], data_seconds: float = 0.0) -> dict:
     """Each worker's compute, communication and data seconds and bytes this epoch (then reset): lists by rank.
 
     Compute is everything but communication, so it includes the data seconds (batch gathering and
-    augmentation), which are also given on their own. A collective: every rank calls it.
+    augmentation), which are also given on their own. A collective through the membership: every
+    participant calls it (a failed one leaves the others' figures 0).
     """
+    rank, world_size = seat.rank, seat.participants
     mine = torch.zeros(4 * world_size, dtype=torch.float64)
     communication = sync.stats.communication_seconds
     mine[rank] = max(epoch_seconds - communication, 0.0)
     mine[world_size + rank] = communication
     mine[2 * world_size + rank] = sync.stats.bytes_exchanged
     mine[3 * world_size + rank] = data_seconds
-    if dist.is_initialized():
-        dist.all_reduce(mine)
+    own = mine.clone()
+    if not allreduce(mine):
+        mine = own
     sync.stats.communication_seconds, sync.stats.bytes_exchanged = 0.0, 0
     values = mine.view(4, world_size).tolist()
     return {"compute_seconds": [round(v, 3) for v in values[0]],
@@ -53,17 +57,25 @@ def _per_worker_sum(history: list[dict], key: str, world_size: int) -> list[floa
 
 
 class Reporter:
-    def __init__(self, config: TrainConfig, run_dir: Path, rank: int, world_size: int, started: float):
-        self.config, self.run_dir, self.rank, self.world_size = config, run_dir, rank, world_size
+    def __init__(self, config: TrainConfig, run_dir: Path, seat: Seat, started: float):
+        self.config, self.run_dir, self.seat = config, run_dir, seat
         self.started = started  # the process's time.time() at the start of train(): wall_seconds counts from it
         self._tensorboard = None
-        if rank == 0:
+        if seat.rank == 0:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional: metrics.jsonl holds the same numbers
                 pass
             else:
                 self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+
+    @property
+    def rank(self) -> int:
+        return self.seat.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.seat.participants
 
     def epoch_record(self, state: TrainState, test: EvalResult, val: EvalResult | None, lr: float,
                      eval_seconds: float, workers: dict) -> dict:

@@ -3,6 +3,8 @@ tricks, optimizer, synchroniser and the loop's components, gathered in one `Run`
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,13 +20,15 @@ from distvision.errors import UserError
 from distvision.metrics import say
 from distvision.models.registry import create, recipe_for
 from distvision.parallel.balance import ThroughputBalancer, scaled_lr, warmup_factor
+from distvision.parallel.live_membership import LiveMembership, is_joining, replica_number
+from distvision.parallel.membership import Seat, StaticMembership
 from distvision.parallel.stopping import StopRules
 from distvision.parallel.sync import Synchronizer, SyncSettings, unwrap
 from distvision.parallel.worker import init_distributed, pick_device, set_worker_threads
 from distvision.precision import choose_precision
 from distvision.recipes import Recipe, lr_multiplier, without_tricks
 from distvision.training.batches import EpochBatches
-from distvision.training.checkpoints import CheckpointManager, resume_settings
+from distvision.training.checkpoints import CheckpointManager, load_outer_momentum, resume_settings
 from distvision.training.exchange import StepExchange
 from distvision.training.faults import FaultInjector, SampleAudit, StopSignal
 from distvision.training.report import Reporter
@@ -127,8 +131,8 @@ class Run:
 
     config: TrainConfig
     recipe: Recipe
-    rank: int
-    world_size: int
+    seat: Seat  # this round's rank and participants, read by every component
+    membership: StaticMembership  # or LiveMembership: who takes part in each round, and whether it counts
     device: torch.device
     threads: int
     precision: str
@@ -153,6 +157,14 @@ class Run:
     state: TrainState
 
     @property
+    def rank(self) -> int:
+        return self.seat.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.seat.participants
+
+    @property
     def total_samples(self) -> int:
         return self.recipe.epochs * len(self.train_indices)
 
@@ -168,7 +180,14 @@ class Run:
 
     def save_checkpoint(self) -> None:
         """A training checkpoint of the state as it is now (rank 0 writes it)."""
-        self.checkpoints.save(self.state, unwrap(self.model), self.optimizer, self.lookahead)
+        self.checkpoints.save(self.state, unwrap(self.model), self.optimizer, self.lookahead, self.sync.outer)
+
+    def resume_from_checkpoint(self) -> TrainState:
+        """The newest checkpoint's state, loaded into model, optimizer, lookahead and DiLoCo's outer optimizer."""
+        state = self.checkpoints.resume(unwrap(self.model), self.optimizer, self.lookahead)
+        if self.sync.outer and self.checkpoints.outer_state:
+            load_outer_momentum(self.sync.outer, self.checkpoints.outer_state)
+        return state
 
     def base_lr(self) -> float:
         """The lr last set, before the groups' multipliers."""
@@ -195,19 +214,23 @@ def build_model(config: TrainConfig, recipe: Recipe, prepared: Prepared, train_i
     return model
 
 
-def build_run(config: TrainConfig, started: float, replica: int | None = None, joining: bool = False) -> Run:
-    """Set this worker up: join the group, open the data, build and resume the model and the components.
+def build_run(config: TrainConfig, started: float) -> Run:
+    """Set this worker up: join the group (or the live job), open the data, build and resume the model
+    and the components.
 
-    With live membership (train_live.py) the worker is `replica`, a group of one process that joins no
-    torch process group: torchft connects the replicas. A `joining` replica (respawned into a running
-    job) reads no checkpoint and leaves the run folder's log alone: it heals from a live peer.
+    Under live membership (config.recovery == "live") the worker is a torchft replica, a group of one
+    process that joins no torch process group. A replica respawned into a running job reads no
+    checkpoint and leaves the run folder's log alone: it heals from a live peer at its first quorum.
     """
+    live = config.recovery == "live"
+    replica = replica_number() if live else None
+    joining = live and is_joining()
     device = pick_device(config.device)
     threads = set_worker_threads(config.threads_per_worker) if device.type == "cpu" else torch.get_num_threads()
-    live = replica is not None
     if live and device.type == "cuda":  # a replica per GPU, as torchrun's local ranks have
         device = torch.device("cuda", replica % torch.cuda.device_count())
     rank, world_size = (0, 1) if live else init_distributed(device, config.collective_timeout)
+    seat = Seat(rank, world_size)
     recipe = resolve_recipe(config)
     if recipe.batch_size < world_size:
         raise UserError(f"the global batch ({recipe.batch_size}) is smaller than the worker count ({world_size})")
@@ -232,8 +255,7 @@ def build_run(config: TrainConfig, started: float, replica: int | None = None, j
     lookahead = Lookahead(model, recipe.ema_every) if recipe.ema_every else None
 
     # Resume: from the newest intact checkpoint, whatever world size wrote it.
-    checkpoints = CheckpointManager(run_dir, rank, world_size, resume_settings(config, recipe),
-                                    config.checkpoint_every)
+    checkpoints = CheckpointManager(run_dir, seat, resume_settings(config, recipe), config.checkpoint_every)
     state = TrainState(world_size) if joining else checkpoints.resume(model, optimizer, lookahead)
     workers = f"replica {replica} of a live job" if live else f"{world_size} worker(s)"
     say(f"distvision: {config.model} on {workers} x {threads} thread(s), {device.type}, "
@@ -243,28 +265,61 @@ def build_run(config: TrainConfig, started: float, replica: int | None = None, j
     if prepared.manifest["skipped_files"]:
         say(f"distvision: skipped {len(prepared.manifest['skipped_files'])} unreadable file(s), "
             f"listed in {prepared.path / 'manifest.json'}")
-    # Live, the replica is alone in its group: train_live.py exchanges through torchft, and the
-    # synchroniser only counts the bytes and seconds it reports.
-    sync = Synchronizer(model, SyncSettings() if live else SyncSettings.from_config(config), device)
+    sync = Synchronizer(model, SyncSettings.from_config(config), device, live=live)
+    if sync.outer and checkpoints.outer_state:
+        load_outer_momentum(sync.outer, checkpoints.outer_state)
+    membership = (live_membership(config, seat, run_dir, state) if live else StaticMembership(seat))
     balancer = ThroughputBalancer(world_size, config.balance == "throughput")
-    if not live:  # live, the launcher holds the lock and train_live.py rewrites the log once it knows its peers
+    if not live:  # live, the launcher holds the lock and the log is rewritten once the replica knows its peers
         checkpoints.open_run_dir(state)
-    audit = SampleAudit(run_dir, replica if live else rank, world_size) if config.audit_samples else None
+    audit = SampleAudit(run_dir, replica if live else rank, seat) if config.audit_samples else None
     stop_signal = StopSignal()
     augment = AugmentSettings(recipe.translate, recipe.flip, recipe.cutout, recipe.alternating_flip)
     prefetcher = BatchPrefetcher(prepared.train_images, preprocess, device, augment, config.seed)
     if device.type == "cpu":  # on a GPU the hook runs in autograd's device thread, which must keep launching kernels
         sync.work_while_exchanging = prefetcher.load_ahead
-    batches = EpochBatches(train_indices, prepared.train_labels, recipe.batch_size, config.seed, rank, world_size,
+    batches = EpochBatches(train_indices, prepared.train_labels, recipe.batch_size, config.seed, seat,
                            balancer, prefetcher, device)
     return Run(
-        config=config, recipe=recipe, rank=rank, world_size=world_size, device=device, threads=threads,
+        config=config, recipe=recipe, seat=seat, membership=membership, device=device, threads=threads,
         precision=precision, precision_choice=precision_choice, prepared=prepared,
         train_indices=train_indices, val_indices=val_indices, preprocess=preprocess, model=sync.model,
         optimizer=optimizer, lookahead=lookahead, sync=sync, balancer=balancer, batches=batches,
-        exchange=StepExchange(rank, world_size, sync), checkpoints=checkpoints,
-        faults=FaultInjector(config, rank), audit=audit, stop_signal=stop_signal,
+        exchange=StepExchange(seat, sync, membership), checkpoints=checkpoints,
+        faults=FaultInjector(config, seat), audit=audit, stop_signal=stop_signal,
         stop_rules=StopRules.from_config(config, recipe.epochs),
-        reporter=Reporter(config, run_dir, rank, world_size, started), state=state,
+        reporter=Reporter(config, run_dir, seat, started), state=state,
     )
 
+
+def interface_towards(address: str) -> str:
+    """The local address of the interface that reaches `address` (HOST:PORT): loopback for a local
+    Lighthouse, the cluster interface for a remote one. No packet is sent (a UDP socket's connect)."""
+    host, port = address.split("://")[-1].rsplit(":", 1)
+    try:
+        family, _, _, _, target = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(target)
+            return probe.getsockname()[0]
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot find the interface that reaches the Lighthouse at {address} ({error}); "
+                        "give --bind HOST") from None
+
+
+def live_membership(config: TrainConfig, seat: Seat, run_dir: Path, state: TrainState):
+    """This worker's torchft replica, joined to the job's Lighthouse, as the loop's membership."""
+    from distvision.parallel.healing import load_secret
+    from distvision.parallel.live import LIGHTHOUSE_ADDRESS_VARIABLE, LiveReplica
+
+    lighthouse = config.lighthouse or os.environ.get(LIGHTHOUSE_ADDRESS_VARIABLE)
+    if not lighthouse:
+        raise UserError("--recovery live needs a torchft Lighthouse: give --lighthouse HOST:PORT")
+    replica = LiveReplica(lighthouse, f"distvision{replica_number()}", timeout=config.collective_timeout,
+                          quorum_timeout=max(config.collective_timeout, config.join_timeout),
+                          secret=load_secret(config.secret_file), bind_host=config.bind or interface_towards(lighthouse))
+
+    def position() -> dict:
+        return {"step": state.step, "epoch": state.epoch + 1, "cursor": state.cursor}
+
+    return LiveMembership(replica, seat, run_dir, config.quorum_every, position,
+                          lambda event: state.log.append(event))  # healing replaces the list: look it up

@@ -35,6 +35,12 @@ class TrainState:
         names = [f.name for f in fields(cls) if not f.name.startswith("_")]
         return cls(**dict({name: saved[name] for name in names}, world_size=world_size))
 
+    def load(self, saved: dict) -> None:
+        """Take a peer's state in place (live healing): the loop's references to this state stay valid."""
+        for name in self.state_dict():
+            if name != "world_size":
+                setattr(self, name, saved[name])
+
     # -- the training clock: segments of uninterrupted training, closed before evaluation or saving --
     def start_segment(self) -> None:
         self._segment_started = time.perf_counter()

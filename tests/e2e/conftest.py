@@ -97,7 +97,8 @@ def elastic_data(tmp_path_factory) -> Path:
 def undisturbed_run(elastic_data: Path, tmp_path_factory) -> Path:
     """An undisturbed 2-worker run on the restart path (DDP); read-only."""
     def make(folder: Path) -> None:
-        result = run_cli(elastic_train_args(elastic_data, folder / "run", "--workers", "2", *ELASTIC_REFERENCE),
+        result = run_cli(elastic_train_args(elastic_data, folder / "run", "--workers", "2", "--recovery", "restart",
+                                            *ELASTIC_REFERENCE),
                          folder / "cache")
         assert result.returncode == 0, result.stderr[-2000:]
 

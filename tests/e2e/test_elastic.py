@@ -64,7 +64,8 @@ def _env(tmp_path: Path) -> dict:
 
 
 def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return elastic_train_args(data, out, *extra)
+    """The restart path explicitly (several local workers run live membership by default)."""
+    return elastic_train_args(data, out, "--recovery", "restart", *extra)
 
 
 def _start(args: list[str], tmp_path: Path, module: list[str] | None = None) -> subprocess.Popen:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from distvision.checkpoint import list_training_checkpoints
 from distvision.metrics import read_events, read_metrics
+from distvision.parallel.healing import new_secret
 from distvision.procfs import local_worker_pids
 from tests.helpers import (
     ELASTIC_REFERENCE,
@@ -133,6 +134,14 @@ def _lighthouse(port: int) -> subprocess.Popen:
                              "--heartbeat_timeout_ms", "500"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def _secret_file(tmp_path: Path) -> Path:
+    """The job's shared secret, which authenticates healing between nodes (readable by its owner only)."""
+    secret = tmp_path / "secret"
+    secret.write_text(new_secret())
+    secret.chmod(0o600)
+    return secret
+
+
 def _torchrun_node(args: list[str], tmp_path: Path) -> subprocess.Popen:
     """One node of a multi-machine live job: torchrun with its own rendezvous, one worker."""
     return _start(args, tmp_path, prefix=["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
@@ -145,9 +154,10 @@ def test_nodes_join_and_leave_a_running_job_through_torchrun(data: Path, tmp_pat
     on SIGTERM with a checkpoint."""
     port, out = free_port(), tmp_path / "run"
     lighthouse = _lighthouse(port)
+    secret = _secret_file(tmp_path)
     # More epochs than the test waits for: the job runs until the test stops it.
     args = _train_args(data, out, "--epochs", "100", *EPOCHS[2:], *LIVE, "--lighthouse", f"127.0.0.1:{port}",
-                       "--debug-step-delay", "0.1")
+                       "--secret-file", str(secret), "--debug-step-delay", "0.1")
     try:
         first = _torchrun_node(args, tmp_path)
         wait_for(lambda: _steps_done(out) >= 2, 120, "the first node to train")
@@ -176,7 +186,7 @@ def test_a_lost_lighthouse_stops_the_job_resumably(data: Path, reference: Path, 
     port, out = free_port(), tmp_path / "run"
     lighthouse = _lighthouse(port)
     node = _start(_train_args(data, out, *EPOCHS, *LIVE, "--lighthouse", f"127.0.0.1:{port}",
-                              "--debug-step-delay", "0.1"), tmp_path)
+                              "--secret-file", str(_secret_file(tmp_path)), "--debug-step-delay", "0.1"), tmp_path)
     wait_for(lambda: _steps_done(out) >= 8, 120, "training to make progress")
     lighthouse.kill()
     started = time.monotonic()

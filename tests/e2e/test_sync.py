@@ -40,8 +40,10 @@ def allreduce_run(mlp_run_two_workers: Path) -> tuple[Path, dict]:
 
 
 def test_local_sgd_every_step_equals_allreduce(data: Path, allreduce_run, tmp_path: Path):
+    # The restart path's local SGD against the shared all-reduce run (live membership, the default), with
+    # the shared run's tricks too: averaging every step must still be all-reduce, whichever the path.
     local = _train(data, tmp_path / "local", "--workers", "2", "--sync", "local-sgd", "--sync-every", "1", *COMMON,
-                   *MLP_TRICKS)  # the shared run's tricks too: averaging every step must still be all-reduce
+                   *MLP_TRICKS, "--recovery", "restart")
     a = load_file(allreduce_run[0] / "checkpoint" / "model.safetensors")
     b = load_file(tmp_path / "local" / "checkpoint" / "model.safetensors")
     for name in a:
@@ -53,7 +55,7 @@ def test_local_sgd_every_step_equals_allreduce(data: Path, allreduce_run, tmp_pa
 def local_sgd_run(data: Path, tmp_path_factory) -> Path:
     """Local SGD on the restart path (DDP and torch's model averaging), averaging every 4 steps."""
     out = tmp_path_factory.mktemp("local-sgd") / "run"
-    _train(data, out, "--workers", "2", "--sync", "local-sgd", "--sync-every", "4", *COMMON)
+    _train(data, out, "--workers", "2", "--sync", "local-sgd", "--sync-every", "4", *COMMON, "--recovery", "restart")
     return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from distvision.config import TrainConfig
+from distvision.config import CONFIG_FILE_FIELDS, TrainConfig
 from distvision.errors import UserError
 
 
@@ -56,17 +56,18 @@ def test_each_section_checks_its_own_settings():
 
 
 def test_live_recovery_settings_are_checked_before_anything_starts():
-    """--sync diloco needs its period and the live path; what runs on the restart path only says so."""
+    """--sync diloco needs its period and the live path; what runs on one recovery mode only says so."""
     with pytest.raises(UserError, match="--sync diloco needs --sync-every H"):
         TrainConfig(data=None, sync="diloco", recovery="live").validate()
-    with pytest.raises(UserError, match="add --recovery live"):
-        TrainConfig(data=None, sync="diloco", sync_every="32").validate()
+    with pytest.raises(UserError, match="use --recovery live"):
+        TrainConfig(data=None, sync="diloco", sync_every="32", recovery="restart").validate()
     for flag, settings in (("--compress", {"compress": "fp16"}), ("--balance", {"balance": "throughput"}),
                            ("--sync-bn", {"sync_bn": True, "device": "cuda"})):
-        with pytest.raises(UserError, match=f"{flag} .* runs on the restart path only"):
+        with pytest.raises(UserError, match=f"{flag} .* works with --recovery restart only"):
             TrainConfig(data=None, recovery="live", **settings).validate()
-    with pytest.raises(UserError, match="--lighthouse is for --recovery live"):
-        TrainConfig(data=None, lighthouse="host:29510").validate()
+        assert "[--recovery restart only]" in CONFIG_FILE_FIELDS[flag[2:].replace("-", "_")].metadata["help"]
+    with pytest.raises(UserError, match="--lighthouse host:29510 works with --recovery live only"):
+        TrainConfig(data=None, lighthouse="host:29510", recovery="restart").validate()
     with pytest.raises(UserError, match="--recovery: invalid choice"):
         TrainConfig.from_argv(["--recovery", "pray"])
     # local SGD keeps its default period; DiLoCo's outer optimizer defaults are the paper's.
@@ -74,3 +75,20 @@ def test_live_recovery_settings_are_checked_before_anything_starts():
     live = TrainConfig.from_argv(["--recovery", "live", "--sync", "diloco", "--sync-every", "32"])
     live.validate()
     assert (live.period, live.outer_lr, live.outer_momentum) == ("32", 0.7, 0.9)
+
+
+@pytest.mark.parametrize(("settings", "under_torchrun", "expected"), [
+    ({}, False, "live"),  # several local workers: live membership by default
+    ({"workers": 1}, False, "restart"),  # one worker: no membership to keep
+    ({}, True, "restart"),  # torchrun without a Lighthouse: torchrun's own restarts
+    ({"lighthouse": "host:29510"}, True, "live"),
+    ({"compress": "fp16"}, False, "restart"),  # a restart-only setting
+    ({"balance": "throughput"}, False, "restart"),
+    ({"sync": "diloco", "sync_every": "8", "workers": 1}, False, "live"),  # DiLoCo runs on torchft only
+    ({"recovery": "restart"}, False, "restart"),  # an explicit choice stands
+    ({"recovery": "live", "workers": 1}, True, "live"),
+])
+def test_auto_recovery_resolves_to_live_for_several_local_workers(settings, under_torchrun, expected):
+    config = TrainConfig(data=None, **settings)
+    config.validate()
+    assert config.resolved_recovery(under_torchrun) == expected

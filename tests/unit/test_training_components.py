@@ -18,6 +18,7 @@ from distvision.data.batches import BatchPrefetcher, Preprocessing
 from distvision.errors import UserError
 from distvision.evaluate import EvalResult
 from distvision.parallel.balance import ThroughputBalancer
+from distvision.parallel.membership import Seat
 from distvision.parallel.sync import Synchronizer, SyncSettings
 from distvision.training.batches import EpochBatches
 from distvision.training.checkpoints import CheckpointManager, check_same_settings, resume_settings
@@ -34,7 +35,7 @@ def epoch_batches(train_indices: np.ndarray, batch_size: int, rank: int, world_s
     preprocess = Preprocessing.build("standardize", [0.5] * 3, [0.25] * 3, np.zeros((4, 4, 3)))
     prefetcher = BatchPrefetcher(images, preprocess, torch.device("cpu"), AugmentSettings(), seed=0)
     labels = np.arange(len(images)) % 7
-    return EpochBatches(train_indices, labels, batch_size, seed=3, rank=rank, world_size=world_size,
+    return EpochBatches(train_indices, labels, batch_size, seed=3, seat=Seat(rank, world_size),
                         balancer=ThroughputBalancer(world_size, enabled=False), prefetcher=prefetcher,
                         device=torch.device("cpu"))
 
@@ -110,7 +111,7 @@ def test_the_training_clock_counts_only_open_segments():
 # -- the step exchange -----------------------------------------------------------------------------------
 def test_exchange_packs_by_name_and_a_nan_is_a_divergence_vote():
     sync = Synchronizer(torch.nn.Linear(2, 2), SyncSettings(), torch.device("cpu"))
-    exchange = StepExchange(rank=0, world_size=1, sync=sync)
+    exchange = StepExchange(Seat(0, 1), sync)
     exchange.add(3.0, 10, 0.25)
     exchange.add(float("nan"), 10, 0.5)
     assert exchange.due(in_sync=True, last_of_epoch=False)  # one process: every step
@@ -128,7 +129,7 @@ def test_exchange_packs_by_name_and_a_nan_is_a_divergence_vote():
 
 # -- faults ----------------------------------------------------------------------------------------------
 def test_fault_injector_is_inert_without_debug_flags():
-    faults = FaultInjector(TrainConfig(data="unused"), rank=0)
+    faults = FaultInjector(TrainConfig(data="unused"), Seat(0, 1))
     loss = torch.tensor(2.0)
     assert faults.corrupt_loss(loss, 5) is loss
     assert not faults.wants_stop(10**9)
@@ -137,7 +138,7 @@ def test_fault_injector_is_inert_without_debug_flags():
 
 def test_fault_injector_hits_only_its_rank_and_step():
     config = TrainConfig(data="unused", debug_nan_at="1:3", debug_stop_at_step=7)
-    on_rank_1, on_rank_0 = FaultInjector(config, rank=1), FaultInjector(config, rank=0)
+    on_rank_1, on_rank_0 = FaultInjector(config, Seat(1, 2)), FaultInjector(config, Seat(0, 2))
     assert math.isnan(on_rank_1.corrupt_loss(torch.tensor(2.0), 3).item())
     assert on_rank_1.corrupt_loss(torch.tensor(2.0), 4).item() == 2.0
     assert on_rank_0.corrupt_loss(torch.tensor(2.0), 3).item() == 2.0
@@ -152,7 +153,7 @@ def test_checkpoint_manager_resumes_the_newest_and_refuses_other_settings(tmp_pa
     model(torch.randn(4, 3)).sum().backward()
     optimizer.step()
     settings_ = {"model": "mlp", "global_batch_size": 16, "seed": 0, "epochs": 2}
-    manager = CheckpointManager(tmp_path, rank=0, world_size=2, settings=settings_, every_seconds=3600)
+    manager = CheckpointManager(tmp_path, Seat(0, 2), settings=settings_, every_seconds=3600)
     fresh = manager.resume(model, optimizer, lookahead=None)
     assert fresh.step == 0 and manager.resumed_event is None
     manager.open_run_dir(fresh)
@@ -162,7 +163,7 @@ def test_checkpoint_manager_resumes_the_newest_and_refuses_other_settings(tmp_pa
 
     other_model = torch.nn.Linear(3, 2)
     other_optimizer = torch.optim.SGD(other_model.parameters(), lr=0.1, momentum=0.9)
-    resumed = CheckpointManager(tmp_path, rank=0, world_size=1, settings=settings_, every_seconds=3600)
+    resumed = CheckpointManager(tmp_path, Seat(0, 1), settings=settings_, every_seconds=3600)
     state = resumed.resume(other_model, other_optimizer, lookahead=None)
     assert (state.epoch, state.cursor, state.step, state.world_size) == (1, 48, 3, 1)
     assert resumed.resumed_event["event"] == "resume" and resumed.resumed_event["old_world_size"] == 2
@@ -170,7 +171,7 @@ def test_checkpoint_manager_resumes_the_newest_and_refuses_other_settings(tmp_pa
     momentum = [other_optimizer.state[p]["momentum_buffer"] for p in other_model.parameters()]
     assert all(torch.equal(a, optimizer.state[p]["momentum_buffer"]) for a, p in zip(momentum, model.parameters()))
 
-    changed = CheckpointManager(tmp_path, rank=0, world_size=1, settings=dict(settings_, seed=1), every_seconds=1)
+    changed = CheckpointManager(tmp_path, Seat(0, 1), settings=dict(settings_, seed=1), every_seconds=1)
     with pytest.raises(UserError, match="seed=0"):
         changed.resume(other_model, other_optimizer, lookahead=None)
 
@@ -180,7 +181,7 @@ def test_epoch_records_reach_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    reporter = Reporter(TrainConfig(data="unused"), tmp_path, rank=0, world_size=1, started=0.0)
+    reporter = Reporter(TrainConfig(data="unused"), tmp_path, Seat(0, 1), started=0.0)
     for epoch, accuracy in ((1, 0.25), (2, 0.5)):
         state = TrainState(world_size=1, epoch=epoch - 1, epoch_seconds=2.0, epoch_loss=30.0, epoch_samples=10)
         record = reporter.epoch_record(state, EvalResult(1.5, accuracy, 5, 10), None, lr=0.1, eval_seconds=0.5,

@@ -1,0 +1,270 @@
+"""Live membership (the default for several local workers): a worker's death costs the others a round,
+not a restart.
+
+Each worker is a torchft replica (parallel/live.py). A round starts with a quorum when one is due (who
+takes part; a newcomer heals from a live peer before its first forward pass), ends with one
+fault-tolerant all-reduce, and commits, or is rolled back and redone by whoever is there at the next
+quorum, so every sample is still trained exactly once per epoch and the global batch and lr schedule
+stay as they are. This component is everything live membership adds to the one training loop: the
+quorum cadence, the seat, healing's state, membership events, the join log and the Lighthouse watch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from distvision.metrics import append_metrics, rewrite_log, say
+from distvision.parallel.launch import USER_ERROR_EXIT
+from distvision.parallel.live import (
+    ATTEMPT_VARIABLE,
+    FIRST_WORKERS_VARIABLE,
+    JOINING_VARIABLE,
+    REPLICA_VARIABLE,
+    SPAWNED_AT_VARIABLE,
+    STARTED_AT_VARIABLE,
+    LighthouseLost,
+    LiveReplica,
+    watch_lighthouse,
+)
+from distvision.parallel.membership import Seat, clone
+
+
+class LeftBehind(Exception):
+    """This replica was frozen past the others' last round: the run has finished without it."""
+
+
+def replica_number() -> int:
+    """This worker's replica number (the live launcher's; 0 for one node's replica under torchrun)."""
+    return int(os.environ.get(REPLICA_VARIABLE, "0"))
+
+
+def is_joining() -> bool:
+    """Respawned into a running job: heal from a live peer instead of reading a checkpoint."""
+    return os.environ.get(JOINING_VARIABLE) == "1"
+
+
+@dataclass
+class MembershipLog:
+    """Who trains now, and what each change cost: the events of metrics.jsonl (summary.json counts them).
+
+    A change is a new quorum: a worker left, joined, or was replaced by its respawn. Every replica logs
+    the same event (the counts travel with the state a newcomer heals from); the round's rank 0 writes it.
+    """
+
+    quorum_id: int = -1
+    participants: int = 0
+    discarded_rounds: int = 0  # since the last change
+    last_commit: float = field(default_factory=time.time)  # wall clock, comparable between replicas
+    pending: dict | None = None  # a change, logged at its first committed step
+    commits: int = 0  # rounds this replica committed
+    # When the job started (the launcher's clock; else this replica's): summary.json's wall seconds.
+    started: float = field(default_factory=lambda: float(os.environ.get(STARTED_AT_VARIABLE) or time.time()))
+
+    def state_dict(self) -> dict:
+        return {"quorum_id": self.quorum_id, "participants": self.participants,
+                "discarded_rounds": self.discarded_rounds, "last_commit": self.last_commit, "started": self.started}
+
+    def load(self, saved: dict) -> None:
+        self.quorum_id, self.participants, self.discarded_rounds, self.last_commit, self.started = (
+            saved["quorum_id"], saved["participants"], saved["discarded_rounds"], saved["last_commit"],
+            saved["started"])
+
+    def observe(self, quorum_id: int, participants: int, seconds: float, where: dict) -> None:
+        """Note a change of quorum (not the first one); `where` is the run's step, epoch and cursor."""
+        first, changed = self.quorum_id < 0, quorum_id != self.quorum_id
+        old_participants = self.participants
+        self.quorum_id, self.participants = quorum_id, participants
+        if first or not changed:
+            return
+        self.pending = {"event": "membership", "old_participants": old_participants,
+                        "new_participants": participants, **where,
+                        "discarded_steps": self.discarded_rounds, "quorum_seconds": round(seconds, 3)}
+        self.discarded_rounds = 0
+
+    def committed(self, now: float) -> dict | None:
+        """A round committed: the change it was the first under (if any), with the stall it ended (the
+        time from the last step committed before the change to this one)."""
+        event, self.pending = self.pending, None
+        if event is not None:
+            event.update(stall_seconds=round(now - self.last_commit, 3), time=now)
+        self.last_commit = now
+        self.commits += 1
+        return event
+
+
+class LiveMembership:
+    """torchft's quorum, all-reduce and commit as the training loop's membership."""
+
+    live = True
+
+    def __init__(self, replica: LiveReplica, seat: Seat, run_dir: Path, quorum_every: int,
+                 position: Callable[[], dict], log_event: Callable[[dict], None]):
+        self.replica, self.seat, self.run_dir = replica, seat, run_dir
+        self.lighthouse = replica.lighthouse
+        self.quorum_every = quorum_every
+        self.position, self.log_event = position, log_event  # the run's step/epoch/cursor; its event log
+        self.number, self.joining = replica_number(), is_joining()
+        self.log = MembershipLog()
+        self.attempt_base = int(os.environ.get(ATTEMPT_VARIABLE, "0")) * 1_000_000
+        self.healed = False
+        self.first_round = True
+        # Averaging gradients, a quorum (a round trip through the Lighthouse) every --quorum-every
+        # committed steps, and at once after a discarded round or an epoch's end; local steps, every round.
+        self.quorum_due, self.since_quorum = True, 0
+        self.every_round = False  # set by the loop: rounds of local steps take a quorum each
+        self.busy = threading.Lock()  # held while a round or an epoch's end changes the state
+        self.replica.share_state("membership", self.log.state_dict, self.log.load)
+
+    # -- the protocol --------------------------------------------------------------------------------------
+    def begin_round(self) -> float:
+        """Join a quorum when one is due (healing if behind) and re-seat; return the seconds it took."""
+        if not (self.quorum_due or self.every_round):
+            return 0.0
+        try:
+            quorum = self.replica.begin_round()
+        except LighthouseLost:
+            self._save_for_resume()
+            raise
+        if self.first_round:
+            self._settle_first_round()
+        elif quorum.quorum_id != self.log.quorum_id and self.finished_without_us():
+            raise LeftBehind()
+        self.quorum_due, self.since_quorum = False, 0
+        self.seat.rank, self.seat.participants = quorum.rank, quorum.participants
+        self.log.observe(quorum.quorum_id, quorum.participants, quorum.seconds, self.position())
+        return quorum.seconds
+
+    def allreduce(self, values: torch.Tensor) -> bool:
+        """Sum over the round's participants in place; False when a peer failed (the round won't commit)."""
+        return self.replica.allreduce_sum(values)
+
+    def commit(self) -> bool:
+        self.since_quorum += 1
+        committed = self.replica.commit()
+        self.quorum_due = self.quorum_due or not committed or self.since_quorum >= self.quorum_every
+        return committed
+
+    def committed(self, step: int) -> None:
+        """Log the change this round was the first under; keep torchft's step equal to ours (it counts
+        commits, ours optimizer steps) so that a replica that read an older checkpoint sees it is behind."""
+        now = time.time()
+        event = self.log.committed(now)
+        if event is not None:
+            self.log_event(event)
+            if self.seat.rank == 0:
+                append_metrics(self.run_dir, event)
+                say(f"distvision: workers {event['old_participants']} -> {event['new_participants']} at step "
+                    f"{event['step']}, training again {event['stall_seconds']:.1f} s after the last committed "
+                    f"step, {event['discarded_steps']} step(s) redone")
+        self.replica.set_step(step)
+        if self.joining and self.log.commits == 1:
+            self._log_join(now)
+            self.joining = False
+
+    def discarded(self) -> None:
+        self.log.discarded_rounds += 1
+        self.quorum_due = True
+
+    def epoch_ended(self) -> None:
+        """A new epoch starts with a quorum (workers join there); evaluation is not a stall."""
+        self.quorum_due = True
+        self.log.last_commit = time.time()
+
+    def attempt(self) -> int:
+        """The audit's attempt id of this round: the quorum's, shared by the round's participants."""
+        return self.attempt_base + self.log.quorum_id
+
+    # -- start, healing and the end ------------------------------------------------------------------------
+    def share_state(self, key: str, save: Callable[[], object], load: Callable[[object], None]) -> None:
+        """What a healing peer receives under `key` (save() is called only when a peer needs it)."""
+        self.replica.share_state(key, save, load)
+
+    def start(self, run, join_timeout: float) -> None:
+        """Before the first round: share what a healing peer needs (the run's model, optimizer, state,
+        lookahead and DiLoCo's outer optimizer, copied when asked), watch the Lighthouse, wait for the
+        launcher's first workers, and tell torchft our step. `run` is the training loop's Run."""
+        self.run = run
+        share = self.replica.share_state
+        share("model", lambda: clone(run.model.state_dict()), run.model.load_state_dict)
+        share("optimizer", lambda: clone(run.optimizer.state_dict()), run.optimizer.load_state_dict)
+        share("train_state", run.state.state_dict, self._load_state)
+        if run.lookahead:
+            share("lookahead", lambda: clone(run.lookahead.state()),
+                  lambda saved: run.lookahead.load(dict(saved), run.model))
+        if run.sync.outer:
+            share("outer_optimizer", lambda: clone(run.sync.outer.state_dict()), run.sync.outer.load_state_dict)
+        watch_lighthouse(self.lighthouse, self._abandon)
+        wait_for_first_peers(self.run_dir, self.number, join_timeout)
+        self.replica.set_step(run.state.step)
+
+    def _load_state(self, saved: dict) -> None:
+        self.run.state.load(saved)
+        self.healed = True
+
+    def _settle_first_round(self) -> None:
+        """After the first quorum: unless a live peer was ahead (and healed us), the run goes on from
+        this replica's state, and the log is rewritten to it (lines written after its checkpoint go)."""
+        self.first_round = False
+        if self.healed:
+            return
+        run = self.run
+        if self.joining:  # respawned, but every peer is gone: the newest checkpoint instead
+            run.state.load(run.resume_from_checkpoint().state_dict())
+            self.replica.set_step(run.state.step)
+        rewrite_log(self.run_dir, run.state.log)
+
+    def _save_for_resume(self) -> None:
+        """The last committed state, so that --resume continues from it (the round's rank 0 writes)."""
+        if self.seat.rank == 0 and self.run.state.step:
+            self.run.save_checkpoint()
+
+    def _abandon(self, message: str) -> None:
+        """The Lighthouse is gone: no quorum can form again. Once the round in hand is done, the round's
+        rank 0 saves the last committed state for --resume, and this replica exits (status 2)."""
+        with self.busy:
+            self._save_for_resume()
+            print(f"distvision: error: {message}; continue with --resume --out {self.run_dir}",
+                  file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(USER_ERROR_EXIT)
+
+    def finished_without_us(self) -> bool:
+        """A replica frozen past the others' last round must not train the finished run on alone."""
+        if not (self.run_dir / "summary.json").exists():
+            return False
+        say(f"distvision: replica {self.number} was left behind; the run has already finished")
+        return True
+
+    def shutdown(self) -> None:
+        self.replica.shutdown()
+
+    def _log_join(self, first_commit: float) -> None:
+        """A respawned replica's own record (RUN_DIR/joins.jsonl): from its start to its first committed step."""
+        spawned_at = float(os.environ.get(SPAWNED_AT_VARIABLE, "nan"))
+        record = {"replica": self.number, "spawned": spawned_at, "first_commit": first_commit,
+                  "seconds": round(first_commit - spawned_at, 3), "healed": self.healed}
+        with open(self.run_dir / "joins.jsonl", "a") as joins:
+            joins.write(json.dumps(record) + "\n")
+
+
+def wait_for_first_peers(run_dir: Path, number: int, timeout: float) -> None:
+    """The launcher's first workers start their first round together (each is heartbeating by now), so
+    that a run's first steps do not depend on which worker was ready first."""
+    workers, attempt = int(os.environ.get(FIRST_WORKERS_VARIABLE, "0")), os.environ.get(ATTEMPT_VARIABLE, "")
+    if workers < 2:
+        return
+    folder = run_dir / "live"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"ready-{attempt}-{number}").touch()
+    deadline = time.monotonic() + timeout
+    while len(list(folder.glob(f"ready-{attempt}-*"))) < workers and time.monotonic() < deadline:
+        time.sleep(0.02)

@@ -1,0 +1,133 @@
+"""A live replica's network side, in this process: nothing a live job opens on one machine can be reached
+from the network (every socket a replica and the Lighthouse listen on is bound to the host they were
+given; Linux: read from /proc), and a replica heals from its peer through torchft only with the job's
+secret.
+
+There are no exceptions to list: each listener torch and torchft open for a replica can be bound (see
+distvision/parallel/live_listeners.py for how, and healing.py for the transport).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from distvision.parallel.healing import new_secret
+from distvision.parallel.live import LiveReplica, start_lighthouse
+
+pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads listening sockets in /proc")
+
+# The Manager's gRPC server, the healing transport, the gloo group's rendezvous store and gloo itself,
+# and the replica group's own TCPStore.
+REPLICA_LISTENERS = 5
+
+
+def listening_sockets() -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket this process listens on."""
+    inodes = set()
+    for descriptor in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(descriptor)
+        except OSError:  # closed since the listing
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    listening = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+            raw = b"".join(raw[start:start + 4][::-1] for start in range(0, len(raw), 4))
+            listening.add((socket.inet_ntop(family, raw), int(port, 16)))
+    return listening
+
+
+def start_replica(bind_host: str | None):
+    """A Lighthouse on loopback and one replica through its first quorum (which builds the gloo group)."""
+    lighthouse = start_lighthouse("127.0.0.1:0", 1.0, 5.0)
+    address = f"127.0.0.1:{lighthouse.address().rsplit(':', 1)[1]}"
+    hosts = {} if bind_host is None else {"bind_host": bind_host}
+    secret = bytes.fromhex(new_secret())
+    replica = LiveReplica(address, "r0", timeout=10, quorum_timeout=10, secret=secret, **hosts)
+    replica.share_state("probe", lambda: {"step": 0}, lambda saved: None)
+    replica.begin_round()
+    return lighthouse, replica
+
+
+def test_every_listener_of_a_replica_and_the_lighthouse_is_on_loopback():
+    before = listening_sockets()
+    lighthouse, replica = start_replica(bind_host=None)  # LiveReplica's default
+    try:
+        opened = listening_sockets() - before
+        assert len(opened) == REPLICA_LISTENERS + 1, opened
+        assert [(host, port) for host, port in opened if not ipaddress.ip_address(host).is_loopback] == []
+    finally:
+        replica.shutdown()
+        lighthouse.shutdown()
+
+
+def test_each_listener_of_a_replica_follows_its_bind_host():
+    """127.0.0.2 is loopback too (Linux routes 127/8 there) but nothing listens on it by default: a
+    listener found on it was bound to bind_host, not to loopback by luck (this machine's hostname may
+    resolve to 127.0.0.1, where torch's default gloo device would listen)."""
+    before = listening_sockets()
+    lighthouse, replica = start_replica(bind_host="127.0.0.2")
+    try:
+        opened = listening_sockets() - before
+        lighthouse_port = int(lighthouse.address().rsplit(":", 1)[1])
+        replica_store = ("127.0.0.1", replica._store.port)  # read by this process alone: always loopback
+        assert {("127.0.0.1", lighthouse_port), replica_store} <= opened
+        others = opened - {("127.0.0.1", lighthouse_port), replica_store}
+        assert len(others) == REPLICA_LISTENERS - 1 and {host for host, _ in others} == {"127.0.0.2"}, opened
+    finally:
+        replica.shutdown()
+        lighthouse.shutdown()
+
+
+@pytest.mark.parametrize("same_secret", [True, False])
+def test_a_replica_behind_heals_from_its_peer_only_with_the_jobs_secret(same_secret):
+    lighthouse = start_lighthouse("127.0.0.1:0", 1.0, 5.0, min_replicas=2)
+    address = f"127.0.0.1:{lighthouse.address().rsplit(':', 1)[1]}"
+    secret = bytes.fromhex(new_secret())
+    ahead = LiveReplica(address, "ahead", timeout=10, quorum_timeout=20, secret=secret)
+    behind = LiveReplica(address, "behind", timeout=10, quorum_timeout=20,
+                         secret=secret if same_secret else bytes.fromhex(new_secret()))
+    healed, committed = {}, {}
+    ahead.share_state("model", lambda: {"weights": torch.full((3,), 7.0), "betas": (0.9, 0.99)},
+                      healed.update)
+    behind.share_state("model", lambda: {"weights": torch.zeros(3), "betas": (0.5, 0.5)}, healed.update)
+    ahead.set_step(5)
+
+    def round_of(name: str, replica: LiveReplica) -> None:
+        replica.begin_round()
+        # The peer ahead commits only once the one behind has healed and joined this exchange (a failed
+        # heal leaves it out, and nobody waits for it).
+        exchanged = replica.allreduce_sum(torch.ones(2)) if same_secret else True
+        committed[name] = exchanged and replica.commit()
+
+    rounds = [threading.Thread(target=round_of, args=item, daemon=True)  # a hang fails the test, not the run
+              for item in (("ahead", ahead), ("behind", behind))]
+    try:
+        for each in rounds:
+            each.start()
+        for each in rounds:
+            each.join(30)
+        if same_secret:
+            assert committed == {"ahead": True, "behind": True}
+            assert torch.equal(healed["weights"], torch.full((3,), 7.0)) and healed["betas"] == (0.9, 0.99)
+            assert behind.manager.current_step() == 6
+        else:
+            assert committed["behind"] is False and healed == {}
+    finally:
+        ahead.shutdown()
+        behind.shutdown()
+        lighthouse.shutdown()
