@@ -200,3 +200,14 @@ def test_a_lost_lighthouse_stops_the_job_resumably(data: Path, reference: Path, 
     assert_each_epoch_covered_once(out, 3)
     _assert_same_weights(out, reference)
 
+
+
+def test_a_nan_and_a_stop_in_the_same_live_round_is_a_divergence_not_a_checkpoint(data: Path, tmp_path: Path):
+    """One stop precedence for both modes: a diverged replica is never saved as a resumable stop."""
+    out = tmp_path / "run"
+    result = run_cli(_train_args(data, out, "--workers", "2", *EPOCHS, *LIVE, "--debug-nan-at", "1:3",
+                                 "--debug-stop-at-step", "3"), tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["recovery"], summary["stop_reason"], summary["stop_step"]) == ("live", "diverged", 4)
+    assert all(len(summary[key]) == 2 for key in ("compute_seconds", "communication_seconds"))

@@ -1,0 +1,117 @@
+"""The membership's pure logic, without processes: rollback, the exchange's flat layout, membership
+events, the shares of a round after a change of participants, and DiLoCo's outer state in checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distvision.data.sharding import rank_slice
+from distvision.parallel.live_membership import MembershipLog
+from distvision.parallel.membership import Rollback, Seat, StaticMembership, clone, flatten, unflatten_into
+from distvision.training.checkpoints import load_outer_momentum, outer_momentum
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+
+
+def _train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> None:
+    for _ in range(steps):
+        loss = model(torch.randn(8, 4)).square().sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_a_discarded_round_of_local_steps_is_undone_exactly():
+    """Weights, batch-norm statistics, optimizer momentum, cursor and step all return to the round's start."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train_steps(model, optimizer, 2)  # momentum buffers exist before the round
+    before_state = clone(model.state_dict())
+    before_optimizer = clone(optimizer.state_dict())
+    rollback = Rollback.take(model, optimizer, cursor=40, step=5, keep_weights=True)
+    _train_steps(model, optimizer, 3)
+    assert not torch.equal(model.state_dict()["0.weight"], before_state["0.weight"])
+    assert rollback.restore(model, optimizer) == (40, 5)
+    for name, value in before_state.items():
+        assert torch.equal(model.state_dict()[name], value), name
+    for index, saved in before_optimizer["state"].items():
+        assert torch.equal(optimizer.state_dict()["state"][index]["momentum_buffer"], saved["momentum_buffer"])
+
+
+def test_a_discarded_gradient_round_restores_the_statistics_but_keeps_the_weights():
+    """Averaging gradients, the optimizer has not stepped before the commit: only buffers move."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rollback = Rollback.take(model, optimizer, cursor=0, step=0, keep_weights=False)
+    statistics = model[1].running_mean.clone()
+    model(torch.randn(8, 4)).sum().backward()  # a forward pass in training mode moves the running mean
+    assert not torch.equal(model[1].running_mean, statistics)
+    rollback.restore(model, optimizer)
+    assert torch.equal(model[1].running_mean, statistics)
+    assert all(p.grad is None for p in model.parameters())  # the discarded round's gradients are gone
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.integers(1, 4), min_size=1, max_size=3), min_size=1, max_size=5))
+def test_flatten_then_unflatten_is_the_identity(shapes):
+    tensors = [torch.randn(*shape) for shape in shapes]
+    targets = [torch.zeros(*shape) for shape in shapes]
+    unflatten_into(flatten(tensors), targets, as_grad=False)
+    for tensor, target in zip(tensors, targets, strict=True):
+        assert torch.equal(tensor, target)
+    with pytest.raises(ValueError):  # a payload of another layout is never silently truncated
+        unflatten_into(torch.zeros(flatten(tensors).numel() + 1), targets, as_grad=False)
+
+
+def test_a_membership_change_is_logged_once_at_its_first_committed_round():
+    log = MembershipLog(last_commit=100.0)
+    log.observe(quorum_id=1, participants=2, seconds=0.1, where={"step": 0, "epoch": 1, "cursor": 0})
+    assert log.committed(now=101.0) is None  # the first quorum is the start, not a change
+    log.discarded_rounds += 1  # a peer died in the next round
+    log.observe(quorum_id=2, participants=1, seconds=0.3, where={"step": 7, "epoch": 1, "cursor": 56})
+    log.observe(quorum_id=2, participants=1, seconds=0.0, where={"step": 7, "epoch": 1, "cursor": 56})  # same quorum
+    event = log.committed(now=103.5)
+    assert event == {"event": "membership", "old_participants": 2, "new_participants": 1, "step": 7, "epoch": 1,
+                     "cursor": 56, "discarded_steps": 1, "quorum_seconds": 0.3, "stall_seconds": 2.5, "time": 103.5}
+    assert log.committed(now=104.0) is None and log.commits == 3 and log.discarded_rounds == 0
+    healed = MembershipLog()
+    healed.load(log.state_dict())  # a newcomer continues the counts it healed from
+    assert healed.state_dict() == log.state_dict()
+
+
+@pytest.mark.parametrize("participants", [1, 2, 3, 5])
+def test_after_a_change_the_participants_shares_still_cover_the_batch_once(participants):
+    """Whoever takes part in a round, their shares of each global batch are disjoint and cover it."""
+    batch = np.arange(100, 117)
+    seat = Seat(0, participants)
+    shares = []
+    for rank in range(participants):
+        seat.rank = rank
+        shares.append(rank_slice(batch, seat.rank, seat.participants))
+    assert sorted(np.concatenate(shares).tolist()) == batch.tolist()
+
+
+def test_a_static_round_always_commits_and_sums_nothing_alone():
+    membership = StaticMembership(Seat(0, 1))
+    values = torch.tensor([1.0, 2.0])
+    assert membership.begin_round() == 0.0 and membership.allreduce(values) and membership.commit()
+    assert values.tolist() == [1.0, 2.0]
+
+
+def test_diloco_outer_momentum_survives_a_checkpoint():
+    model = _model()
+    outer = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+    _train_steps(model, outer, 2)
+    saved = clone(outer_momentum(outer))
+    assert len(saved) == len(list(model.parameters()))
+    fresh = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+    load_outer_momentum(fresh, saved)
+    for parameter in model.parameters():
+        assert torch.equal(fresh.state[parameter]["momentum_buffer"], outer.state[parameter]["momentum_buffer"])
