@@ -66,6 +66,7 @@ def train_epoch(run: Run) -> str | None:
     epoch, epoch_size = state.epoch, len(run.train_indices)
     progress = Progress(len(run.batches.remaining(epoch, state.cursor)), f"epoch {epoch + 1}/{run.recipe.epochs}")
     in_sync, stop_reason = True, None
+    run.batches.prefetcher.seconds = 0.0  # this epoch's (this attempt's) time gathering and augmenting
     state.start_segment()
     run.exchange.start()
     model.train()

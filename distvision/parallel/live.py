@@ -9,7 +9,7 @@ death into a discarded round rather than a crash; `commit()` says whether the ro
 
 Healing is signed with the job's secret and never unpickles (healing.py), and every listener of a
 replica is bound to its bind_host, loopback unless told otherwise (live_listeners.py). This module,
-healing.py and live_listeners.py are the only ones that import torchft; train_live.py drives them.
+healing.py and live_listeners.py are the only ones that import torchft; live_membership.py drives them.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def start_lighthouse(bind: str, heartbeat_timeout: float, join_timeout: float, m
 
 def quiet_torchft() -> None:
     """torchft logs every quorum and commit, and a peer's death as an exception with its traceback,
-    which the live loop handles and reports in one line (train_live.py's membership events)."""
+    which the training loop handles and reports in one line (live_membership.py's membership events)."""
     for name in ("torchft", "torchft_quorums", "torchft_commits", "torchft_errors"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("RUST_LOG", "error")  # the Lighthouse and Manager servers (Rust) log every quorum
@@ -124,10 +124,12 @@ class LiveReplica:
         return Quorum(rank if rank is not None else 0, max(participants, 1), self.manager._quorum_id,
                       time.perf_counter() - started)
 
-    def allreduce_sum(self, buffer: torch.Tensor) -> bool:
+    def allreduce_sum(self, buffer: torch.Tensor, while_waiting: Callable[[], None] | None = None) -> bool:
         """Sum the buffer over the round's participants in place; False when a peer failed (the round
-        will not commit, and the buffer is garbage)."""
+        will not commit, and the buffer is garbage). while_waiting runs while gloo's thread exchanges."""
         work = self.manager.allreduce(buffer, reduce_op=ReduceOp.SUM)
+        if while_waiting:
+            while_waiting()
         work.wait()
         return self.manager.errored() is None
 

@@ -143,9 +143,10 @@ class LiveMembership:
         self.log.observe(quorum.quorum_id, quorum.participants, quorum.seconds, self.position())
         return quorum.seconds
 
-    def allreduce(self, values: torch.Tensor) -> bool:
-        """Sum over the round's participants in place; False when a peer failed (the round won't commit)."""
-        return self.replica.allreduce_sum(values)
+    def allreduce(self, values: torch.Tensor, while_waiting: Callable[[], None] | None = None) -> bool:
+        """Sum over the round's participants in place; False when a peer failed (the round won't commit).
+        while_waiting (loading the next batch) runs while the exchange is in flight."""
+        return self.replica.allreduce_sum(values, while_waiting)
 
     def commit(self) -> bool:
         self.since_quorum += 1

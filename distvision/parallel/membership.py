@@ -17,6 +17,7 @@ rank and world size, so a new quorum re-seats them all at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -59,8 +60,9 @@ class StaticMembership:
         """Nothing to agree on: the group is the membership. Returns the seconds waited (none)."""
         return 0.0
 
-    def allreduce(self, values: torch.Tensor) -> bool:
-        """Sum `values` over the group in place (a failure raises: the elastic agent restarts us)."""
+    def allreduce(self, values: torch.Tensor, while_waiting: Callable[[], None] | None = None) -> bool:
+        """Sum `values` over the group in place (a failure raises: the elastic agent restarts us). The
+        exchange of votes is small here (gradients went in DDP's hook, which loads ahead): nothing waits."""
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(values)
         return True

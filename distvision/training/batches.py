@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ class EpochBatches:
     balancer: ThroughputBalancer
     prefetcher: BatchPrefetcher
     device: torch.device
+    _order: tuple[int, np.ndarray] | None = field(default=None, init=False, repr=False)  # (epoch, permutation)
 
     @property
     def rank(self) -> int:
@@ -60,15 +61,15 @@ class EpochBatches:
 
     def remaining(self, epoch: int, cursor: int) -> list[np.ndarray]:
         """The epoch's global batches not yet trained."""
-        order = self.train_indices[epoch_permutation(self.seed, epoch, len(self.train_indices))]
-        return global_batches(order[cursor:], self.global_batch_size, self.world_size)
+        if self._order is None or self._order[0] != epoch:  # once an epoch: a round asks at every exchange
+            self._order = (epoch, self.train_indices[epoch_permutation(self.seed, epoch, len(self.train_indices))])
+        return global_batches(self._order[1][cursor:], self.global_batch_size, self.world_size)
 
     def load(self, epoch: int, batches: list[np.ndarray]) -> Iterator[StepBatch]:
         """This rank's share of each of the epoch's global batches, loaded.
 
         Each share is cut when its step comes, so a re-split by the balancer applies from the next step.
         """
-        self.prefetcher.seconds = 0.0  # this epoch's (this attempt's) time gathering and augmenting
         for index, batch in enumerate(batches):
             local = self.share(batch)
             inputs = self.prefetcher.take(local, epoch)

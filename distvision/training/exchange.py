@@ -108,7 +108,7 @@ class StepExchange:
         # enough: they are reported, and votes are counts).
         packed = shared if payload is None else torch.cat([payload, shared.float()])
         with self.sync.stats.timed(packed.numel() * packed.element_size() if world > 1 else 0):
-            reduced = self.membership.allreduce(packed)
+            reduced = self.membership.allreduce(packed, self.sync.work_while_exchanging)
         committed = self.membership.commit() and reduced
         self.start()  # a discarded round's losses and counts go with it: its steps are redone
         if not committed:

@@ -148,7 +148,7 @@ class Reporter:
             "bytes_exchanged": sum(sum(r.get("bytes_exchanged", [])) for r in history),
             "batch_shares": facts["batch_shares"],
             "restarts": sum(1 for r in state.log if r.get("event") == "restart"),
-            # Live membership (train_live.py): quorum changes and the steps they discarded (redone).
+            # Live membership (parallel/live_membership.py): quorum changes and the steps they discarded (redone).
             "recovery": config.recovery,
             "membership_changes": sum(1 for r in state.log if r.get("event") == "membership"),
             "discarded_steps": sum(r.get("discarded_steps", 0) for r in state.log if r.get("event") == "membership"),
