@@ -219,9 +219,9 @@ class FaultToleranceSettings:
     # restart: a dead worker makes torch's elastic agent restart every worker from the newest checkpoint.
     recovery: str = setting("auto", "after a worker dies: live: the others train on, a respawned or new worker "
                             "joins from a live peer (torchft); restart: every worker restarts from the newest "
-                            "checkpoint; auto (default): live for several local workers or with --lighthouse, "
-                            "restart for one worker, under torchrun without --lighthouse, or with a "
-                            "restart-only setting", choices=RECOVERY_MODES)
+                            "checkpoint; auto (default): live for several local workers on the CPU or with "
+                            "--lighthouse, restart for one worker, on GPUs, under torchrun without --lighthouse, or "
+                            "with a restart-only setting", choices=RECOVERY_MODES)
     lighthouse: str | None = setting(None, "live, on several machines: the torchft Lighthouse to join "
                                      "(HOST:PORT; default: the command starts one on loopback)", metavar="HOST:PORT",
                                      recovery="live")
@@ -318,15 +318,16 @@ class TrainConfig(DebugSettings, FaultToleranceSettings, StoppingSettings, Paral
                 raise UserError(f"{_flag(CONFIG_FILE_FIELDS[name])} {value} works with --recovery {only} only: "
                                 f"drop it or use --recovery {only}")
 
-    def resolved_recovery(self, under_torchrun: bool) -> str:
+    def resolved_recovery(self, under_torchrun: bool, on_gpu: bool = False) -> str:
         """The recovery mode `auto` stands for here: live for several local workers (or a given
         Lighthouse, or DiLoCo), restart for one worker (no membership to keep), under torchrun without a
-        Lighthouse (torchrun's own restarts), or when a restart-only setting is given."""
+        Lighthouse (torchrun's own restarts), on GPUs (live membership is tested on the CPU only), or
+        when a restart-only setting is given."""
         if self.recovery != "auto":
             return self.recovery
         if self.lighthouse or self.sync == "diloco":
             return "live"
-        if under_torchrun or self.workers == 1:
+        if under_torchrun or self.workers == 1 or on_gpu:
             return "restart"
         restart_only = [name for name, only in RECOVERY_ONLY.items()
                         if only == "restart" and getattr(self, name) != CONFIG_FILE_FIELDS[name].default]

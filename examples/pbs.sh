@@ -1,26 +1,51 @@
 #!/bin/bash
 # Data-parallel training on several PBS Pro / Torque nodes. Submit with: qsub -v DATA=/path examples/pbs.sh
+# RECOVERY=restart (default): one torchrun job over all nodes; a dead worker restarts every worker from
+# the newest checkpoint, up to MAX_RESTARTS times.
 # RECOVERY=live (qsub -v DATA=/path,RECOVERY=live): one replica per node around a torchft Lighthouse
-# on the first node, so a node that dies leaves and the others train on (see examples/slurm.sbatch).
+# on the first node, so a node that dies leaves and the others train on; the nodes share a secret
+# file, and belong on a trusted cluster network (see examples/slurm.sbatch).
 #PBS -N distvision
 #PBS -l select=4:ncpus=32:mpiprocs=1
 #PBS -l walltime=02:00:00
 set -euo pipefail
 cd "$PBS_O_WORKDIR"
+RECOVERY=${RECOVERY:-restart}
 NODES=$(sort -u "$PBS_NODEFILE")
 NNODES=$(echo "$NODES" | wc -l)
 HEAD=$(echo "$NODES" | head -n 1)
 WORKERS_PER_NODE=${WORKERS_PER_NODE:-2}
+MAX_RESTARTS=${MAX_RESTARTS:-3}   # restart: torchrun's own default is 0, no restart at all
 COMMON="--data $DATA --model fastnet --out runs/pbs-$PBS_JOBID --cache-dir \${TMPDIR:-/tmp}/distvision-cache"
+# pbsdsh does not pass this script's environment on, so each node's command sets it. torch 2.13: the
+# workers must not share torchrun's rendezvous store (see the README).
+NODE_ENV="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
 
 # One torchrun agent per node (pbsdsh runs the command once on each node of the job).
-if [ "${RECOVERY:-restart}" = live ]; then
-  .venv/bin/torchft_lighthouse --min_replicas 1 --bind "[::]:29510" --heartbeat_timeout_ms 1000 &
-  pbsdsh -u -- bash -lc "cd $PBS_O_WORKDIR && .venv/bin/torchrun --standalone --nproc-per-node=1 \
-    -m distvision train --recovery live --lighthouse $HEAD:29510 --threads-per-worker $NCPUS $COMMON"
-else
-  pbsdsh -u -- bash -lc "cd $PBS_O_WORKDIR && .venv/bin/torchrun \
-    --nnodes=$NNODES --nproc-per-node=$WORKERS_PER_NODE \
-    --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 --rdzv-id=$PBS_JOBID \
-    -m distvision train $COMMON"
-fi
+case "$RECOVERY" in
+  live)
+    # The first node's cluster address: the Lighthouse listens there only (set HEAD_ADDR if the name
+    # resolves to another network). The job's secret: made once, mode 600, in a home every node sees.
+    HEAD_ADDR=${HEAD_ADDR:-$(getent ahostsv4 "$HEAD" | awk 'NR == 1 {print $1}')}
+    : "${HEAD_ADDR:?cannot resolve $HEAD; set HEAD_ADDR to its cluster address}"
+    SECRET_FILE=${SECRET_FILE:-$HOME/.distvision/secret-$PBS_JOBID}
+    if [ ! -e "$SECRET_FILE" ]; then
+      mkdir -p -m 700 "$(dirname "$SECRET_FILE")"
+      (umask 077 && .venv/bin/python -c 'import secrets; print(secrets.token_hex(32))' > "$SECRET_FILE")
+    fi
+    .venv/bin/torchft_lighthouse --min_replicas 1 --bind "$HEAD_ADDR:29510" --heartbeat_timeout_ms 1000 &
+    pbsdsh -u -- bash -lc "cd $PBS_O_WORKDIR && $NODE_ENV .venv/bin/torchrun --standalone --nproc-per-node=1 \
+      -m distvision train --recovery live --lighthouse $HEAD_ADDR:29510 --secret-file $SECRET_FILE \
+      --threads-per-worker $NCPUS $COMMON"
+    ;;
+  restart)
+    pbsdsh -u -- bash -lc "cd $PBS_O_WORKDIR && $NODE_ENV .venv/bin/torchrun \
+      --nnodes=$NNODES --nproc-per-node=$WORKERS_PER_NODE --max-restarts=$MAX_RESTARTS \
+      --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 --rdzv-id=$PBS_JOBID \
+      -m distvision train --recovery restart $COMMON"
+    ;;
+  *)
+    echo "pbs.sh: RECOVERY must be live or restart, not '$RECOVERY'" >&2
+    exit 2
+    ;;
+esac

@@ -22,7 +22,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
     """Train with the parsed settings; argv (the user's train flags) is passed on to local workers."""
     config = TrainConfig.from_namespace(args)
     config.validate()
-    config.recovery = config.resolved_recovery(under_torchrun=started_by_torchrun())
+    config.recovery = config.resolved_recovery(under_torchrun=started_by_torchrun(),
+                                               on_gpu=pick_device(config.device, 1).type == "cuda")
     config.check_recovery()
     recipe = resolve_recipe(config)  # unknown model, recipe or setting fails here, before any launch
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()

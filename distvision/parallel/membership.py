@@ -132,7 +132,7 @@ def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor], as_grad: boo
     offset = 0
     with torch.no_grad():
         for tensor in tensors:
-            piece = flat[offset:offset + tensor.numel()].view(tensor.shape).to(tensor.dtype)
+            piece = flat[offset:offset + tensor.numel()].view(tensor.shape).to(tensor.device, tensor.dtype)
             offset += tensor.numel()
             if as_grad:  # a view of the round's own buffer, freed with the gradients
                 tensor.grad = piece

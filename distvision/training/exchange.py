@@ -106,7 +106,7 @@ class StepExchange:
         steps = self.steps
         # Live, one float32 vector: the payload, then the statistics (float32 holds their sums closely
         # enough: they are reported, and votes are counts).
-        packed = shared if payload is None else torch.cat([payload, shared.float()])
+        packed = shared if payload is None else torch.cat([payload.cpu(), shared.float()])  # gloo: on the CPU
         with self.sync.stats.timed(packed.numel() * packed.element_size() if world > 1 else 0):
             reduced = self.membership.allreduce(packed, self.sync.work_while_exchanging)
         committed = self.membership.commit() and reduced

@@ -92,3 +92,8 @@ def test_auto_recovery_resolves_to_live_for_several_local_workers(settings, unde
     config = TrainConfig(data=None, **settings)
     config.validate()
     assert config.resolved_recovery(under_torchrun) == expected
+
+
+def test_auto_recovery_keeps_gpus_on_the_restart_path():
+    """Live membership is tested on the CPU only: on a GPU, auto runs the restart path."""
+    assert TrainConfig(data=None).resolved_recovery(under_torchrun=False, on_gpu=True) == "restart"
