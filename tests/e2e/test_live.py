@@ -206,7 +206,8 @@ def test_a_nan_and_a_stop_in_the_same_live_round_is_a_divergence_not_a_checkpoin
     """One stop precedence for both modes: a diverged replica is never saved as a resumable stop."""
     out = tmp_path / "run"
     result = run_cli(_train_args(data, out, "--workers", "2", *EPOCHS, *LIVE, "--debug-nan-at", "1:3",
-                                 "--debug-stop-at-step", "3"), tmp_path / "cache")
+                                 "--debug-stop-at-step", "4"), tmp_path / "cache")
+    # Both land in the round that trains step 3: the stop is asked for at the exchange ending it (4 steps done).
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["recovery"], summary["stop_reason"], summary["stop_step"]) == ("live", "diverged", 4)
