@@ -91,7 +91,8 @@ def train_epoch(run: Run) -> str | None:
                     loss = nn.functional.cross_entropy(logits.float(), batch.labels, reduction="sum",
                                                        label_smoothing=run.recipe.label_smoothing)
                     loss = run.faults.corrupt_loss(loss, state.step)
-                    sync.backward(loss, len(batch.local_indices), batch.global_size, run.world_size, state.step)
+                    sync.backward(loss, len(batch.local_indices), batch.global_size, run.seat.participants,
+                                  state.step)
                 if sync.steps_now(state.step):  # live gradient averaging steps once the round commits
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -125,7 +126,7 @@ def end_round(run: Run, before: Rollback | None, shares: list, progress: Progres
     shared = run.exchange.exchange(
         stop=(run.stop_signal.requested and not membership.live) or run.faults.wants_stop(state.step),
         checkpoint_due=run.checkpoints.due(),
-        time_up=run.rank == 0 and time_is_up(run.stop_rules, state.elapsed()),
+        time_up=run.seat.rank == 0 and time_is_up(run.stop_rules, state.elapsed()),
         payload=run.sync.round_payload(before))
     if shared is None:  # not committed: a peer failed; whoever is there at the next quorum redoes it
         state.cursor, state.step = before.restore(unwrap(run.model), run.optimizer)

@@ -45,25 +45,17 @@ class EpochBatches:
     device: torch.device
     _order: tuple[int, np.ndarray] | None = field(default=None, init=False, repr=False)  # (epoch, permutation)
 
-    @property
-    def rank(self) -> int:
-        return self.seat.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.seat.participants
-
     def share(self, batch: np.ndarray) -> np.ndarray:
         """This rank's slice of a global batch, as the balancer splits it now."""
         if self.balancer.enabled:
-            return weighted_slice(batch, self.rank, self.balancer.shares)
-        return rank_slice(batch, self.rank, self.world_size)
+            return weighted_slice(batch, self.seat.rank, self.balancer.shares)
+        return rank_slice(batch, self.seat.rank, self.seat.participants)
 
     def remaining(self, epoch: int, cursor: int) -> list[np.ndarray]:
         """The epoch's global batches not yet trained."""
         if self._order is None or self._order[0] != epoch:  # once an epoch: a round asks at every exchange
             self._order = (epoch, self.train_indices[epoch_permutation(self.seed, epoch, len(self.train_indices))])
-        return global_batches(self._order[1][cursor:], self.global_batch_size, self.world_size)
+        return global_batches(self._order[1][cursor:], self.global_batch_size, self.seat.participants)
 
     def load(self, epoch: int, batches: list[np.ndarray]) -> Iterator[StepBatch]:
         """This rank's share of each of the epoch's global batches, loaded.

@@ -131,14 +131,6 @@ class CheckpointManager:
         self.last_saved = self.last_heartbeat = time.time()
         self._lock = None
 
-    @property
-    def rank(self) -> int:
-        return self.seat.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.seat.participants
-
     # -- start --------------------------------------------------------------------------------------------
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, lookahead: Lookahead | None) -> TrainState:
         """Load the newest checkpoint into model and optimizer and return its state, or a fresh state.
@@ -146,18 +138,18 @@ class CheckpointManager:
         The same job id (torchrun's rendezvous id) means the agent restarted us after a failure or a
         membership change ("restart"); another id means a user resumed a stopped run ("resume").
         """
-        loaded = agree_on_resume(self.run_dir, self.rank)
+        loaded = agree_on_resume(self.run_dir, self.seat.rank)
         if not loaded:
             if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
                 # Restarted before the first checkpoint: everything so far is redone, and the log says so.
                 self.resumed_event = {"event": "restart", "old_world_size": None,
-                                      "new_world_size": self.world_size, "step": 0, "epoch": 1, "cursor": 0,
+                                      "new_world_size": self.seat.participants, "step": 0, "epoch": 1, "cursor": 0,
                                       "from_scratch": True}
                 heartbeat = read_heartbeat(self.run_dir)
                 if heartbeat:
                     self.resumed_event["seconds_lost"] = round(heartbeat["train_seconds"], 3)
                     self.resumed_event["last_alive"] = heartbeat["time"]
-            return TrainState(self.world_size)
+            return TrainState(self.seat.participants)
         weights, optimizer_tensors, saved = loaded
         averages = {name: weights.pop(name) for name in list(weights) if name.startswith("lookahead.")}
         # DiLoCo's outer momentum, for the synchroniser built after the resume (sync.load_outer_state).
@@ -168,19 +160,19 @@ class CheckpointManager:
         if lookahead:
             lookahead.load(averages, model)
         event = {"event": "restart" if self.job_id and saved.get("job_id") == self.job_id else "resume",
-                 "old_world_size": saved["world_size"], "new_world_size": self.world_size,
+                 "old_world_size": saved["world_size"], "new_world_size": self.seat.participants,
                  "step": saved["step"], "epoch": saved["epoch"] + 1, "cursor": saved["cursor"]}
         heartbeat = read_heartbeat(self.run_dir)
         if heartbeat and heartbeat["step"] >= saved["step"]:
             event["seconds_lost"] = round(max(0.0, heartbeat["train_seconds"] - saved["train_seconds"]), 3)
             event["last_alive"] = heartbeat["time"]
         self.resumed_event = event
-        return TrainState.from_state_dict(saved, self.world_size)
+        return TrainState.from_state_dict(saved, self.seat.participants)
 
     def open_run_dir(self, state: TrainState) -> None:
         """Rank 0 takes the run folder's lock and rewrites the log as the checkpoint knew it, so that
         nothing trained after the checkpoint is counted twice."""
-        if self.rank == 0:
+        if self.seat.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._lock = lock_run_dir(self.run_dir)  # held until this process exits
             rewrite_log(self.run_dir, state.log)
@@ -188,7 +180,7 @@ class CheckpointManager:
     # -- during training ------------------------------------------------------------------------------------
     def due(self) -> bool:
         """Rank 0's clock says a checkpoint is due (the vote travels in the step exchange)."""
-        return self.rank == 0 and time.time() - self.last_saved >= self.every_seconds
+        return self.seat.rank == 0 and time.time() - self.last_saved >= self.every_seconds
 
     def after_exchange(self, state: TrainState) -> None:
         """Log a restart or resume once the first step after it has trained; keep the heartbeat fresh."""
@@ -196,14 +188,14 @@ class CheckpointManager:
         if self.resumed_event:
             self._record_resume(state, self.resumed_event, now)
             self.resumed_event = None
-        if self.rank == 0 and now - self.last_heartbeat >= HEARTBEAT_INTERVAL:
+        if self.seat.rank == 0 and now - self.last_heartbeat >= HEARTBEAT_INTERVAL:
             write_heartbeat(self.run_dir, state.step, state.elapsed())
             self.last_heartbeat = now
 
     def save(self, state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer,
              lookahead: Lookahead | None, outer: torch.optim.Optimizer | None = None) -> None:
         """Write a training checkpoint of this state (rank 0); every rank restarts its clock."""
-        if self.rank == 0:
+        if self.seat.rank == 0:
             weights = dict(model.state_dict(), **(lookahead.state() if lookahead else {}),
                            **(outer_momentum(outer) if outer else {}))
             save_training_checkpoint(self.run_dir, weights, optimizer,
@@ -213,7 +205,7 @@ class CheckpointManager:
 
     def save_model(self, weights: dict[str, torch.Tensor], info: dict) -> None:
         """The finished run's model for users (RUN_DIR/checkpoint): weights and what is needed to use them."""
-        if self.rank == 0:
+        if self.seat.rank == 0:
             save_checkpoint(self.run_dir / "checkpoint", weights, info)
 
     def _record_resume(self, state: TrainState, event: dict, now: float) -> None:
@@ -222,7 +214,7 @@ class CheckpointManager:
         event["recovery_seconds"] = round(now - last_alive, 3) if restarted else None
         event["time"] = now
         state.log.append(event)
-        if self.rank == 0:
+        if self.seat.rank == 0:
             append_metrics(self.run_dir, event)
             if restarted:
                 say(f"distvision: recovered in {event['recovery_seconds']:.1f} s after a membership change "

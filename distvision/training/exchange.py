@@ -60,14 +60,6 @@ class StepExchange:
         self.membership = membership or StaticMembership(seat)
         self.start()
 
-    @property
-    def rank(self) -> int:
-        return self.seat.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.seat.participants
-
     def start(self) -> None:
         """Begin a segment of training: nothing pending, the pacing clock reset."""
         self.loss_sum = 0.0
@@ -93,16 +85,16 @@ class StepExchange:
                  payload: torch.Tensor | None = None) -> ExchangeResult | None:
         """All-reduce what is pending and this rank's votes (after `payload`, if any); pace the next
         exchange by rank 0's clock. None when the membership did not commit the round (redo it)."""
-        world = self.world_size
+        world = self.seat.participants
         mine = {"loss_sum": self.loss_sum, "samples": self.samples, "stop_votes": float(stop),
                 "diverged_votes": self.nonfinite_losses, "checkpoint_due": float(checkpoint_due),
                 "time_up": float(time_up),
-                "seconds_since_last": time.perf_counter() - self.last_exchange if self.rank == 0 else 0.0}
+                "seconds_since_last": time.perf_counter() - self.last_exchange if self.seat.rank == 0 else 0.0}
         shared = torch.zeros(len(SUMMED) + 2 * world, dtype=torch.float64)
         shared[: len(SUMMED)] = torch.tensor([float(mine[name]) for name in SUMMED], dtype=torch.float64)
         per_rank = len(SUMMED)
-        shared[per_rank + self.rank] = self.compute_seconds
-        shared[per_rank + world + self.rank] = self.samples
+        shared[per_rank + self.seat.rank] = self.compute_seconds
+        shared[per_rank + world + self.seat.rank] = self.samples
         steps = self.steps
         # Live, one float32 vector: the payload, then the statistics (float32 holds their sums closely
         # enough: they are reported, and votes are counts).

@@ -64,31 +64,27 @@ class FaultInjector:
         self.stop_at_step = config.debug_stop_at_step
         self.slowdown_seconds = 0.0  # the extra compute time the next step simulates
 
-    @property
-    def rank(self) -> int:
-        return self.seat.rank
-
     def before_exchange_of_gradients(self) -> None:
         """--debug-slowdown: a slower machine's extra time falls before the gradient exchange, while the
         other workers compute; after the step's exchange it would only make them wait in turn."""
-        if self.rank == self.slow_rank:
+        if self.seat.rank == self.slow_rank:
             time.sleep(self.slowdown_seconds)
 
     def corrupt_loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         """--debug-nan-at: this rank's loss turns NaN at that global step."""
-        if self.rank == self.nan_rank and step == self.nan_step:
+        if self.seat.rank == self.nan_rank and step == self.nan_step:
             return loss * float("nan")
         return loss
 
     def after_step(self, compute_seconds: float) -> None:
-        if self.rank == self.slow_rank:  # the next step sleeps (factor - 1) x this step's own compute time
+        if self.seat.rank == self.slow_rank:  # the next step sleeps (factor - 1) x this step's own compute time
             self.slowdown_seconds = (self.slow_factor - 1) * (compute_seconds - self.slowdown_seconds)
         if self.step_delay:
             time.sleep(self.step_delay)
 
     def wants_stop(self, step: int) -> bool:
         """--debug-stop-at-step: rank 0 asks for a resumable stop, as SIGTERM would."""
-        return self.rank == 0 and self.stop_at_step is not None and step >= self.stop_at_step
+        return self.seat.rank == 0 and self.stop_at_step is not None and step >= self.stop_at_step
 
 
 class SampleAudit:

@@ -69,14 +69,6 @@ class Reporter:
             else:
                 self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
 
-    @property
-    def rank(self) -> int:
-        return self.seat.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.seat.participants
-
     def epoch_record(self, state: TrainState, test: EvalResult, val: EvalResult | None, lr: float,
                      eval_seconds: float, workers: dict) -> dict:
         """The epoch's line of metrics.jsonl (state still holds the epoch's counts)."""
@@ -87,7 +79,7 @@ class Reporter:
             "test_accuracy": test.accuracy,
             "images_per_second": state.epoch_samples / state.epoch_seconds,
             "epoch_seconds": state.epoch_seconds,
-            "world_size": self.world_size,
+            "world_size": self.seat.participants,
             "lr": lr,
         }
         if val is not None:
@@ -97,7 +89,7 @@ class Reporter:
         return record
 
     def epoch_done(self, record: dict) -> None:
-        if self.rank != 0:
+        if self.seat.rank != 0:
             return
         append_metrics(self.run_dir, record)
         say(epoch_line(record))
@@ -110,7 +102,7 @@ class Reporter:
     def summary(self, state: TrainState, recipe: Recipe, final: EvalResult, plain: EvalResult,
                 stop_reason: str | None, facts: dict) -> dict | None:
         """Write summary.json (rank 0) and return it. `facts` are the run's set-up: precision, data, shares."""
-        if self.rank != 0:
+        if self.seat.rank != 0:
             return None
         history = state.history()
         steady = history[1:] or history  # the first epoch carries one-off costs
@@ -122,7 +114,7 @@ class Reporter:
             "precision": facts["precision"],
             "precision_choice": facts["precision_choice"],
             "epochs": len(history),
-            "world_size": self.world_size,
+            "world_size": self.seat.participants,
             "threads_per_worker": facts["threads_per_worker"],
             "device": facts["device"],
             "global_batch_size": recipe.batch_size,
@@ -143,8 +135,8 @@ class Reporter:
             "sync": {"mode": config.sync, "every": config.period, "warmup": config.sync_warmup,
                      "compress": config.compress, "balance": config.balance},
             # Per worker and summed over epochs; seconds blocked in collectives include waiting for peers.
-            "compute_seconds": _per_worker_sum(history, "compute_seconds", self.world_size),
-            "communication_seconds": _per_worker_sum(history, "communication_seconds", self.world_size),
+            "compute_seconds": _per_worker_sum(history, "compute_seconds", self.seat.participants),
+            "communication_seconds": _per_worker_sum(history, "communication_seconds", self.seat.participants),
             "bytes_exchanged": sum(sum(r.get("bytes_exchanged", [])) for r in history),
             "batch_shares": facts["batch_shares"],
             "restarts": sum(1 for r in state.log if r.get("event") == "restart"),

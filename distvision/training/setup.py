@@ -157,14 +157,6 @@ class Run:
     state: TrainState
 
     @property
-    def rank(self) -> int:
-        return self.seat.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.seat.participants
-
-    @property
     def total_samples(self) -> int:
         return self.recipe.epochs * len(self.train_indices)
 
