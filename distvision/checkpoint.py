@@ -68,7 +68,7 @@ STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
-def _optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer state dict into safetensors-able tensors and JSON-able rest."""
     state_dict = optimizer.state_dict()
     tensors, scalars = {}, {}
@@ -81,7 +81,8 @@ def _optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, t
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
-def _optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    """Load what optimizer_to_tensors split (the tensors and the JSON-able rest) into optimizer."""
     state: dict[int, dict] = {}
     for name, value in list(tensors.items()) + list(meta["scalars"].items()):
         index, key = name.split(".", 1)
@@ -104,7 +105,7 @@ def save_training_checkpoint(run_dir: Path, model_state: dict[str, torch.Tensor]
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, tmp / WEIGHTS_FILE)
-    optimizer_tensors, optimizer_meta = _optimizer_to_tensors(optimizer)
+    optimizer_tensors, optimizer_meta = optimizer_to_tensors(optimizer)
     save_file(optimizer_tensors, tmp / OPTIMIZER_FILE)
     for name in (WEIGHTS_FILE, OPTIMIZER_FILE):
         with open(tmp / name, "rb+") as f:
@@ -168,4 +169,4 @@ def load_latest_training_checkpoint(run_dir: Path, warn=print) -> tuple[dict, di
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, state: dict) -> None:
-    _optimizer_from_tensors(optimizer, tensors, state["optimizer"])
+    optimizer_from_tensors(optimizer, tensors, state["optimizer"])

@@ -98,7 +98,8 @@ class Synchronizer:
     """Wraps one replica; train.py calls backward(), then after_step(), then exchanges_stats() (and
     pace_stats() after each exchange), reads stats, and may set work_while_exchanging."""
 
-    def __init__(self, model: nn.Module, settings: SyncSettings, device: torch.device, live: bool = False):
+    def __init__(self, model: nn.Module, settings: SyncSettings, device: torch.device, live: bool = False,
+                 outer: torch.optim.Optimizer | None = None):
         if settings.mode not in SYNC_MODES:
             raise UserError(f"unknown synchronisation mode {settings.mode!r}; choose from {', '.join(SYNC_MODES)}")
         self.settings = settings
@@ -110,11 +111,7 @@ class Synchronizer:
         self.distributed = dist.is_initialized() and dist.get_world_size() > 1 and not live
         self.model = model
         self.round_steps = 1  # live: steps in the round under way (1 averaging gradients, else the period)
-        self.outer = None  # DiLoCo's outer optimizer, over the replica's trainable parameters
-        if settings.mode == "diloco":
-            momentum = settings.outer_momentum
-            self.outer = torch.optim.SGD(trainable(model), lr=settings.outer_lr, momentum=momentum,
-                                         nesterov=momentum > 0)
+        self.outer = outer  # DiLoCo's outer optimizer (outer_optimizer), resumed before the wrapping
         if self.distributed:
             device_ids = [device.index] if device.type == "cuda" else None
             # Under local SGD, DDP must not broadcast rank 0's buffers at every forward: that would be a
@@ -291,6 +288,14 @@ class Synchronizer:
         if self.distributed and not self.averages_gradients(step):
             return self.model.no_sync()
         return nullcontext()
+
+
+def outer_optimizer(model: nn.Module, settings: SyncSettings) -> torch.optim.Optimizer | None:
+    """DiLoCo's outer Nesterov SGD over the replica's trainable parameters (None for the other modes)."""
+    if settings.mode != "diloco":
+        return None
+    momentum = settings.outer_momentum
+    return torch.optim.SGD(trainable(model), lr=settings.outer_lr, momentum=momentum, nesterov=momentum > 0)
 
 
 def _powersgd_payload_bytes(bucket, rank: int) -> int:

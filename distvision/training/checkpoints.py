@@ -18,6 +18,8 @@ from torch import nn
 
 from distvision.checkpoint import (
     load_latest_training_checkpoint,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
     restore_optimizer,
     save_checkpoint,
     save_training_checkpoint,
@@ -97,21 +99,9 @@ def agree_on_resume(run_dir: Path, rank: int) -> tuple[dict, dict, dict] | None:
     return loaded
 
 
-OUTER_PREFIX = "outer_momentum."  # DiLoCo's outer momentum buffers in a checkpoint's weights, by parameter
-
-
-def outer_momentum(outer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """DiLoCo's outer SGD momentum buffers, named by the parameter's position (saved with the weights)."""
-    parameters = [p for group in outer.param_groups for p in group["params"]]
-    return {f"{OUTER_PREFIX}{index}": outer.state[p]["momentum_buffer"] for index, p in enumerate(parameters)
-            if outer.state.get(p, {}).get("momentum_buffer") is not None}
-
-
-def load_outer_momentum(outer: torch.optim.Optimizer, saved: dict[str, torch.Tensor]) -> None:
-    """Put saved outer momentum buffers back (the inverse of outer_momentum)."""
-    parameters = [p for group in outer.param_groups for p in group["params"]]
-    for name, buffer in saved.items():
-        outer.state[parameters[int(name[len(OUTER_PREFIX):])]]["momentum_buffer"] = buffer.clone()
+# DiLoCo's outer optimizer: its tensors travel in the weights file under this prefix, the rest in the
+# state file's "outer_optimizer" (split as the inner optimizer's are).
+OUTER_PREFIX = "outer_optimizer."
 
 
 class CheckpointManager:
@@ -126,14 +116,15 @@ class CheckpointManager:
         self.every_seconds = every_seconds
         # torchrun's rendezvous id: the same id in a checkpoint means the agent restarted us.
         self.job_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-        self.resumed_event: dict | None = None
-        self.outer_state: dict[str, torch.Tensor] = {}  # DiLoCo's outer momentum from the checkpoint resumed  # logged once the first step after it has trained
+        self.resumed_event: dict | None = None  # logged once the first step after it has trained
         self.last_saved = self.last_heartbeat = time.time()
         self._lock = None
 
     # -- start --------------------------------------------------------------------------------------------
-    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, lookahead: Lookahead | None) -> TrainState:
-        """Load the newest checkpoint into model and optimizer and return its state, or a fresh state.
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, lookahead: Lookahead | None,
+               outer: torch.optim.Optimizer | None = None) -> TrainState:
+        """Load the newest checkpoint into model and optimizers (DiLoCo's `outer` too) and return its state,
+        or a fresh state.
 
         The same job id (torchrun's rendezvous id) means the agent restarted us after a failure or a
         membership change ("restart"); another id means a user resumed a stopped run ("resume").
@@ -152,13 +143,15 @@ class CheckpointManager:
             return TrainState(self.seat.participants)
         weights, optimizer_tensors, saved = loaded
         averages = {name: weights.pop(name) for name in list(weights) if name.startswith("lookahead.")}
-        # DiLoCo's outer momentum, for the synchroniser built after the resume (sync.load_outer_state).
-        self.outer_state = {name: weights.pop(name) for name in list(weights) if name.startswith(OUTER_PREFIX)}
+        outer_tensors = {name[len(OUTER_PREFIX):]: weights.pop(name) for name in list(weights)
+                         if name.startswith(OUTER_PREFIX)}
         check_same_settings(self.run_dir, saved["settings"], self.settings)
         model.load_state_dict(weights)
         restore_optimizer(optimizer, optimizer_tensors, saved)
         if lookahead:
             lookahead.load(averages, model)
+        if outer and "outer_optimizer" in saved:
+            optimizer_from_tensors(outer, outer_tensors, saved["outer_optimizer"])
         event = {"event": "restart" if self.job_id and saved.get("job_id") == self.job_id else "resume",
                  "old_world_size": saved["world_size"], "new_world_size": self.seat.participants,
                  "step": saved["step"], "epoch": saved["epoch"] + 1, "cursor": saved["cursor"]}
@@ -196,11 +189,14 @@ class CheckpointManager:
              lookahead: Lookahead | None, outer: torch.optim.Optimizer | None = None) -> None:
         """Write a training checkpoint of this state (rank 0); every rank restarts its clock."""
         if self.seat.rank == 0:
-            weights = dict(model.state_dict(), **(lookahead.state() if lookahead else {}),
-                           **(outer_momentum(outer) if outer else {}))
+            weights = dict(model.state_dict(), **(lookahead.state() if lookahead else {}))
+            extra = {}
+            if outer:
+                outer_tensors, extra["outer_optimizer"] = optimizer_to_tensors(outer)
+                weights.update({OUTER_PREFIX + name: tensor for name, tensor in outer_tensors.items()})
             save_training_checkpoint(self.run_dir, weights, optimizer,
                                      dict(state.state_dict(), settings=self.settings, saved_at=time.time(),
-                                          job_id=self.job_id))
+                                          job_id=self.job_id, **extra))
         self.last_saved = time.time()
 
     def save_model(self, weights: dict[str, torch.Tensor], info: dict) -> None:

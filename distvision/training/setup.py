@@ -23,12 +23,12 @@ from distvision.parallel.balance import ThroughputBalancer, scaled_lr, warmup_fa
 from distvision.parallel.live_membership import LiveMembership, is_joining, replica_number
 from distvision.parallel.membership import Seat, StaticMembership
 from distvision.parallel.stopping import StopRules
-from distvision.parallel.sync import Synchronizer, SyncSettings, unwrap
+from distvision.parallel.sync import Synchronizer, SyncSettings, outer_optimizer, unwrap
 from distvision.parallel.worker import init_distributed, pick_device, set_worker_threads
 from distvision.precision import choose_precision
 from distvision.recipes import Recipe, lr_multiplier, without_tricks
 from distvision.training.batches import EpochBatches
-from distvision.training.checkpoints import CheckpointManager, load_outer_momentum, resume_settings
+from distvision.training.checkpoints import CheckpointManager, resume_settings
 from distvision.training.exchange import StepExchange
 from distvision.training.faults import FaultInjector, SampleAudit, StopSignal
 from distvision.training.report import Reporter
@@ -176,10 +176,7 @@ class Run:
 
     def resume_from_checkpoint(self) -> TrainState:
         """The newest checkpoint's state, loaded into model, optimizer, lookahead and DiLoCo's outer optimizer."""
-        state = self.checkpoints.resume(unwrap(self.model), self.optimizer, self.lookahead)
-        if self.sync.outer and self.checkpoints.outer_state:
-            load_outer_momentum(self.sync.outer, self.checkpoints.outer_state)
-        return state
+        return self.checkpoints.resume(unwrap(self.model), self.optimizer, self.lookahead, self.sync.outer)
 
     def base_lr(self) -> float:
         """The lr last set, before the groups' multipliers."""
@@ -245,10 +242,12 @@ def build_run(config: TrainConfig, started: float) -> Run:
     )
     optimizer = make_optimizer(model, recipe)
     lookahead = Lookahead(model, recipe.ema_every) if recipe.ema_every else None
+    sync_settings = SyncSettings.from_config(config)
+    outer = outer_optimizer(model, sync_settings)
 
     # Resume: from the newest intact checkpoint, whatever world size wrote it.
     checkpoints = CheckpointManager(run_dir, seat, resume_settings(config, recipe), config.checkpoint_every)
-    state = TrainState(world_size) if joining else checkpoints.resume(model, optimizer, lookahead)
+    state = TrainState(world_size) if joining else checkpoints.resume(model, optimizer, lookahead, outer)
     workers = f"replica {replica} of a live job" if live else f"{world_size} worker(s)"
     say(f"distvision: {config.model} on {workers} x {threads} thread(s), {device.type}, "
         f"{precision} ({precision_choice}), global batch {recipe.batch_size}, {recipe.epochs} epochs, "
@@ -257,9 +256,7 @@ def build_run(config: TrainConfig, started: float) -> Run:
     if prepared.manifest["skipped_files"]:
         say(f"distvision: skipped {len(prepared.manifest['skipped_files'])} unreadable file(s), "
             f"listed in {prepared.path / 'manifest.json'}")
-    sync = Synchronizer(model, SyncSettings.from_config(config), device, live=live)
-    if sync.outer and checkpoints.outer_state:
-        load_outer_momentum(sync.outer, checkpoints.outer_state)
+    sync = Synchronizer(model, sync_settings, device, live=live, outer=outer)
     membership = (live_membership(config, seat, run_dir, state) if live else StaticMembership(seat))
     balancer = ThroughputBalancer(world_size, config.balance == "throughput")
     if not live:  # live, the launcher holds the lock and the log is rewritten once the replica knows its peers

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from distvision.data.sharding import rank_slice
 from distvision.parallel.live_membership import MembershipLog
 from distvision.parallel.membership import Rollback, Seat, StaticMembership, clone, flatten, unflatten_into
-from distvision.training.checkpoints import load_outer_momentum, outer_momentum
+from distvision.training.checkpoints import CheckpointManager
+from distvision.training.state import TrainState
 
 
 def _model() -> torch.nn.Module:
@@ -105,13 +106,14 @@ def test_a_static_round_always_commits_and_sums_nothing_alone():
     assert values.tolist() == [1.0, 2.0]
 
 
-def test_diloco_outer_momentum_survives_a_checkpoint():
+def test_diloco_outer_momentum_survives_a_checkpoint(tmp_path):
     model = _model()
     outer = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
     _train_steps(model, outer, 2)
-    saved = clone(outer_momentum(outer))
-    assert len(saved) == len(list(model.parameters()))
+    settings_ = {"model": "mlp", "seed": 0}
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    CheckpointManager(tmp_path, Seat(0, 1), settings_, 3600).save(TrainState(1, step=2), model, inner, None, outer)
     fresh = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
-    load_outer_momentum(fresh, saved)
+    CheckpointManager(tmp_path, Seat(0, 1), settings_, 3600).resume(model, inner, None, fresh)
     for parameter in model.parameters():
         assert torch.equal(fresh.state[parameter]["momentum_buffer"], outer.state[parameter]["momentum_buffer"])
