@@ -121,10 +121,11 @@ def statistics_buffers(model: nn.Module) -> list[torch.Tensor]:
 
 
 def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One float32 vector of the tensors' values, in order (the exchange's wire layout)."""
+    """One float32 vector on the CPU of the tensors' values, in order (the exchange's wire layout, for
+    gloo); float32 CPU tensors are not copied before the one concatenation."""
     if not tensors:
         return torch.zeros(0)
-    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    return torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in tensors])
 
 
 def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor], as_grad: bool) -> None:

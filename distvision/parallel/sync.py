@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distvision.config import SYNC_MODES, ParallelSettings, TrainConfig
 from distvision.errors import UserError
-from distvision.parallel.membership import Rollback, flatten, statistics_buffers, trainable, unflatten_into
+from distvision.parallel.membership import Rollback, statistics_buffers, trainable, unflatten_into
 
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
 # The small all-reduce of losses and votes is a collective round-trip of its own, a noticeable share
@@ -111,6 +111,7 @@ class Synchronizer:
         self.distributed = dist.is_initialized() and dist.get_world_size() > 1 and not live
         self.model = model
         self.round_steps = 1  # live: steps in the round under way (1 averaging gradients, else the period)
+        self.round_averages_gradients = True  # live: the round under way exchanges gradients
         self.outer = outer  # DiLoCo's outer optimizer (outer_optimizer), resumed before the wrapping
         if self.distributed:
             device_ids = [device.index] if device.type == "cuda" else None
@@ -132,7 +133,8 @@ class Synchronizer:
 
     def begin_round(self, step: int) -> None:
         """A round starts at this step: live, it lasts one step when averaging gradients, else the period."""
-        if self.averages_gradients(step):
+        self.round_averages_gradients = self.averages_gradients(step)
+        if self.round_averages_gradients:
             self.round_steps = 1
         else:
             self.round_steps = 10**9 if self.settings.every == "epoch" else int(self.settings.every)
@@ -200,21 +202,22 @@ class Synchronizer:
         self._since_average = 0
 
     # -- live: the round's payload and its committed sum -----------------------------------------------------
-    def round_payload(self, before: Rollback | None) -> torch.Tensor | None:
-        """Live: what this replica adds to the round's exchange (one float32 vector): the gradients (one
-        step), the parameters (local SGD) or the change since the round began (DiLoCo's pseudo-gradient),
-        then the batch-norm statistics, averaged too so that every replica evaluates and decides alike."""
+    def round_payload(self, before: Rollback | None) -> list[torch.Tensor] | None:
+        """Live: what this replica adds to the round's exchange (flattened there, in one copy): the
+        gradients (one step), the parameters (local SGD) or the change since the round began (DiLoCo's
+        pseudo-gradient), then the batch-norm statistics, averaged too so that every replica evaluates
+        and decides alike."""
         if not self.live:
             return None
         replica = unwrap(self.model)
         parameters = trainable(replica)
-        if self.round_steps == 1 and self.averages_gradients(before.step):
+        if self.round_averages_gradients:
             payload = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
         elif self.settings.mode == "diloco":
             payload = [original - p.detach() for p, original in zip(parameters, before.weights, strict=True)]
         else:
             payload = parameters
-        return flatten([*payload, *statistics_buffers(replica)])
+        return [*payload, *statistics_buffers(replica)]
 
     def apply(self, summed: torch.Tensor, participants: int, before: Rollback,
               optimizer: torch.optim.Optimizer) -> None:
@@ -224,7 +227,7 @@ class Synchronizer:
         parameters, buffers = trainable(replica), statistics_buffers(replica)
         count = sum(p.numel() for p in parameters)
         unflatten_into(summed[count:] / participants, buffers, as_grad=False)
-        if self.round_steps == 1 and self.averages_gradients(before.step):
+        if self.round_averages_gradients:
             unflatten_into(summed[:count], parameters, as_grad=True)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

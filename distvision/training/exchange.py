@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distvision.parallel.membership import Seat, StaticMembership
+from distvision.parallel.membership import Seat, StaticMembership, flatten
 from distvision.parallel.sync import Synchronizer
 
 # Slots summed over ranks, in order. Decisions are votes: > 0 means at least one rank voted yes.
@@ -82,7 +82,7 @@ class StepExchange:
         return self.sync.exchanges_stats(self.steps, in_sync, last_of_epoch)
 
     def exchange(self, stop: bool, checkpoint_due: bool, time_up: bool,
-                 payload: torch.Tensor | None = None) -> ExchangeResult | None:
+                 payload: list[torch.Tensor] | None = None) -> ExchangeResult | None:
         """All-reduce what is pending and this rank's votes (after `payload`, if any); pace the next
         exchange by rank 0's clock. None when the membership did not commit the round (redo it)."""
         world = self.seat.participants
@@ -96,9 +96,10 @@ class StepExchange:
         shared[per_rank + self.seat.rank] = self.compute_seconds
         shared[per_rank + world + self.seat.rank] = self.samples
         steps = self.steps
-        # Live, one float32 vector: the payload, then the statistics (float32 holds their sums closely
-        # enough: they are reported, and votes are counts).
-        packed = shared if payload is None else torch.cat([payload.cpu(), shared.float()])  # gloo: on the CPU
+        # Live, one float32 vector on the CPU (gloo's), copied once: the payload, then the statistics
+        # (float32 holds their sums closely enough: they are reported, and votes are counts).
+        packed = shared if payload is None else flatten([*payload, shared])
+        payload_count = 0 if payload is None else len(packed) - len(shared)
         with self.sync.stats.timed(packed.numel() * packed.element_size() if world > 1 else 0):
             reduced = self.membership.allreduce(packed, self.sync.work_while_exchanging)
         committed = self.membership.commit() and reduced
@@ -106,7 +107,7 @@ class StepExchange:
         if not committed:
             return None
         if payload is not None:
-            payload, shared = packed[: len(payload)], packed[len(payload) :].double()
+            payload, shared = packed[:payload_count], packed[payload_count:].double()
         summed = dict(zip(SUMMED, shared[: len(SUMMED)].tolist()))
         result = ExchangeResult(**dict(summed, samples=int(summed["samples"])),
                                 compute_seconds=shared[per_rank : per_rank + world].numpy(),
