@@ -35,7 +35,7 @@ from distvision.parallel.live import (
     LiveReplica,
     watch_lighthouse,
 )
-from distvision.parallel.membership import Seat, clone
+from distvision.parallel.membership import Seat
 
 
 class LeftBehind(Exception):
@@ -106,28 +106,26 @@ class LiveMembership:
 
     live = True
 
-    def __init__(self, replica: LiveReplica, seat: Seat, run_dir: Path, quorum_every: int,
-                 position: Callable[[], dict], log_event: Callable[[dict], None]):
+    def __init__(self, replica: LiveReplica, seat: Seat, run_dir: Path, quorum_every: int):
         self.replica, self.seat, self.run_dir = replica, seat, run_dir
         self.lighthouse = replica.lighthouse
         self.quorum_every = quorum_every
-        self.position, self.log_event = position, log_event  # the run's step/epoch/cursor; its event log
+        self.run = None  # the training loop's Run, from start()
         self.number, self.joining = replica_number(), is_joining()
         self.log = MembershipLog()
         self.attempt_base = int(os.environ.get(ATTEMPT_VARIABLE, "0")) * 1_000_000
         self.healed = False
         self.first_round = True
-        # Averaging gradients, a quorum (a round trip through the Lighthouse) every --quorum-every
-        # committed steps, and at once after a discarded round or an epoch's end; local steps, every round.
-        self.quorum_due, self.since_quorum = True, 0
-        self.every_round = False  # set by the loop: rounds of local steps take a quorum each
+        # A quorum (a round trip through the Lighthouse) once --quorum-every optimizer steps have committed
+        # since the last one (so every round of local steps at least that long), and at once after a
+        # discarded round or an epoch's end.
+        self.quorum_due, self.quorum_step = True, 0
         self.busy = threading.Lock()  # held while a round or an epoch's end changes the state
-        self.replica.share_state("membership", self.log.state_dict, self.log.load)
 
     # -- the protocol --------------------------------------------------------------------------------------
     def begin_round(self) -> float:
         """Join a quorum when one is due (healing if behind) and re-seat; return the seconds it took."""
-        if not (self.quorum_due or self.every_round):
+        if not self.quorum_due:
             return 0.0
         try:
             quorum = self.replica.begin_round()
@@ -138,9 +136,11 @@ class LiveMembership:
             self._settle_first_round()
         elif quorum.quorum_id != self.log.quorum_id and self.finished_without_us():
             raise LeftBehind()
-        self.quorum_due, self.since_quorum = False, 0
+        state = self.run.state
+        self.quorum_due, self.quorum_step = False, state.step
         self.seat.rank, self.seat.participants = quorum.rank, quorum.participants
-        self.log.observe(quorum.quorum_id, quorum.participants, quorum.seconds, self.position())
+        self.log.observe(quorum.quorum_id, quorum.participants, quorum.seconds,
+                         {"step": state.step, "epoch": state.epoch + 1, "cursor": state.cursor})
         return quorum.seconds
 
     def allreduce(self, values: torch.Tensor, while_waiting: Callable[[], None] | None = None) -> bool:
@@ -149,18 +149,16 @@ class LiveMembership:
         return self.replica.allreduce_sum(values, while_waiting)
 
     def commit(self) -> bool:
-        self.since_quorum += 1
-        committed = self.replica.commit()
-        self.quorum_due = self.quorum_due or not committed or self.since_quorum >= self.quorum_every
-        return committed
+        return self.replica.commit()
 
     def committed(self, step: int) -> None:
         """Log the change this round was the first under; keep torchft's step equal to ours (it counts
         commits, ours optimizer steps) so that a replica that read an older checkpoint sees it is behind."""
         now = time.time()
+        self.quorum_due = self.quorum_due or step - self.quorum_step >= self.quorum_every
         event = self.log.committed(now)
         if event is not None:
-            self.log_event(event)
+            self.run.state.log.append(event)
             if self.seat.rank == 0:
                 append_metrics(self.run_dir, event)
                 say(f"distvision: workers {event['old_participants']} -> {event['new_participants']} at step "
@@ -185,24 +183,23 @@ class LiveMembership:
         return self.attempt_base + self.log.quorum_id
 
     # -- start, healing and the end ------------------------------------------------------------------------
-    def share_state(self, key: str, save: Callable[[], object], load: Callable[[object], None]) -> None:
-        """What a healing peer receives under `key` (save() is called only when a peer needs it)."""
-        self.replica.share_state(key, save, load)
-
     def start(self, run, join_timeout: float) -> None:
         """Before the first round: share what a healing peer needs (the run's model, optimizer, state,
-        lookahead and DiLoCo's outer optimizer, copied when asked), watch the Lighthouse, wait for the
-        launcher's first workers, and tell torchft our step. `run` is the training loop's Run."""
+        lookahead, DiLoCo's outer optimizer and the membership counts), watch the Lighthouse, wait for the
+        launcher's first workers, and tell torchft our step. `run` is the training loop's Run.
+
+        Nothing is copied here: the transport (healing.py) encodes the state when a peer asks for it,
+        in the quorum, while this replica's training thread waits for that quorum."""
         self.run = run
         share = self.replica.share_state
-        share("model", lambda: clone(run.model.state_dict()), run.model.load_state_dict)
-        share("optimizer", lambda: clone(run.optimizer.state_dict()), run.optimizer.load_state_dict)
+        share("model", run.model.state_dict, run.model.load_state_dict)
+        share("optimizer", run.optimizer.state_dict, run.optimizer.load_state_dict)
         share("train_state", run.state.state_dict, self._load_state)
+        share("membership", self.log.state_dict, self.log.load)
         if run.lookahead:
-            share("lookahead", lambda: clone(run.lookahead.state()),
-                  lambda saved: run.lookahead.load(dict(saved), run.model))
+            share("lookahead", run.lookahead.state, lambda saved: run.lookahead.load(dict(saved), run.model))
         if run.sync.outer:
-            share("outer_optimizer", lambda: clone(run.sync.outer.state_dict()), run.sync.outer.load_state_dict)
+            share("outer_optimizer", run.sync.outer.state_dict, run.sync.outer.load_state_dict)
         watch_lighthouse(self.lighthouse, self._abandon)
         wait_for_first_peers(self.run_dir, self.number, join_timeout)
         self.replica.set_step(run.state.step)

@@ -257,7 +257,7 @@ def build_run(config: TrainConfig, started: float) -> Run:
         say(f"distvision: skipped {len(prepared.manifest['skipped_files'])} unreadable file(s), "
             f"listed in {prepared.path / 'manifest.json'}")
     sync = Synchronizer(model, sync_settings, device, live=live, outer=outer)
-    membership = (live_membership(config, seat, run_dir, state) if live else StaticMembership(seat))
+    membership = live_membership(config, seat, run_dir) if live else StaticMembership(seat)
     balancer = ThroughputBalancer(world_size, config.balance == "throughput")
     if not live:  # live, the launcher holds the lock and the log is rewritten once the replica knows its peers
         checkpoints.open_run_dir(state)
@@ -295,7 +295,7 @@ def interface_towards(address: str) -> str:
                         "give --bind HOST") from None
 
 
-def live_membership(config: TrainConfig, seat: Seat, run_dir: Path, state: TrainState):
+def live_membership(config: TrainConfig, seat: Seat, run_dir: Path) -> LiveMembership:
     """This worker's torchft replica, joined to the job's Lighthouse, as the loop's membership."""
     from distvision.parallel.healing import load_secret
     from distvision.parallel.live import LIGHTHOUSE_ADDRESS_VARIABLE, LiveReplica
@@ -306,9 +306,4 @@ def live_membership(config: TrainConfig, seat: Seat, run_dir: Path, state: Train
     replica = LiveReplica(lighthouse, f"distvision{replica_number()}", timeout=config.collective_timeout,
                           quorum_timeout=max(config.collective_timeout, config.join_timeout),
                           secret=load_secret(config.secret_file), bind_host=config.bind or interface_towards(lighthouse))
-
-    def position() -> dict:
-        return {"step": state.step, "epoch": state.epoch + 1, "cursor": state.cursor}
-
-    return LiveMembership(replica, seat, run_dir, config.quorum_every, position,
-                          lambda event: state.log.append(event))  # healing replaces the list: look it up
+    return LiveMembership(replica, seat, run_dir, config.quorum_every)
