@@ -312,11 +312,15 @@ class TrainConfig(DebugSettings, FaultToleranceSettings, StoppingSettings, Paral
             raise UserError("--sync diloco runs on torchft's live membership: use --recovery live (or auto)")
         if mode == "auto":
             return
-        for name, only in RECOVERY_ONLY.items():
-            value, default = getattr(self, name), CONFIG_FILE_FIELDS[name].default
-            if only != mode and value != default:
-                raise UserError(f"{_flag(CONFIG_FILE_FIELDS[name])} {value} works with --recovery {only} only: "
-                                f"drop it or use --recovery {only}")
+        for name, only in self.mode_only_settings().items():
+            if only != mode:
+                raise UserError(f"{_flag(CONFIG_FILE_FIELDS[name])} {getattr(self, name)} works with --recovery "
+                                f"{only} only: drop it or use --recovery {only}")
+
+    def mode_only_settings(self) -> dict[str, str]:
+        """The settings given (not at their default) that work on one recovery mode only, with that mode."""
+        return {name: only for name, only in RECOVERY_ONLY.items()
+                if getattr(self, name) != CONFIG_FILE_FIELDS[name].default}
 
     def resolved_recovery(self, under_torchrun: bool, on_gpu: bool = False) -> str:
         """The recovery mode `auto` stands for here: live for several local workers (or a given
@@ -329,9 +333,7 @@ class TrainConfig(DebugSettings, FaultToleranceSettings, StoppingSettings, Paral
             return "live"
         if under_torchrun or self.workers == 1 or on_gpu:
             return "restart"
-        restart_only = [name for name, only in RECOVERY_ONLY.items()
-                        if only == "restart" and getattr(self, name) != CONFIG_FILE_FIELDS[name].default]
-        return "restart" if restart_only else "live"
+        return "restart" if "restart" in self.mode_only_settings().values() else "live"
 
     def to_argv(self) -> list[str]:
         """The `distvision train` flags that give these settings (those left at their default are omitted)."""

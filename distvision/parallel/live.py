@@ -158,14 +158,14 @@ def watch_lighthouse(address: str, on_lost: Callable[[str], None], lost_after: f
                      every: float = 0.5) -> threading.Thread:
     """Call on_lost(message), from a daemon thread, once the Lighthouse has refused connections for
     lost_after seconds. A replica waiting for a quorum would otherwise wait for its full timeout."""
-    host, port = address.split("://")[-1].rsplit(":", 1)
+    host, port = host_and_port(address)
 
     def watch() -> None:
         refused_since = None
         while True:
             time.sleep(every)
             try:
-                socket.create_connection((host.strip("[]"), int(port)), timeout=every).close()
+                socket.create_connection((host, port), timeout=every).close()
                 refused_since = None
             except OSError:
                 refused_since = refused_since or time.monotonic()
@@ -176,6 +176,25 @@ def watch_lighthouse(address: str, on_lost: Callable[[str], None], lost_after: f
     thread = threading.Thread(target=watch, name="lighthouse-watch", daemon=True)
     thread.start()
     return thread
+
+
+def host_and_port(address: str) -> tuple[str, int]:
+    """The host (without IPv6 brackets) and port of a Lighthouse address, HOST:PORT or a URL."""
+    host, port = address.split("://")[-1].rsplit(":", 1)
+    return host.strip("[]"), int(port)
+
+
+def interface_towards(address: str) -> str:
+    """The local address of the interface that reaches `address` (HOST:PORT): loopback for a local
+    Lighthouse, the cluster interface for a remote one. No packet is sent (a UDP socket's connect)."""
+    try:
+        family, _, _, _, target = socket.getaddrinfo(*host_and_port(address), type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(target)
+            return probe.getsockname()[0]
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot find the interface that reaches the Lighthouse at {address} ({error}); "
+                        "give --bind HOST") from None
 
 
 class LighthouseLost(UserError):

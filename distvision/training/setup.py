@@ -4,7 +4,6 @@ tricks, optimizer, synchroniser and the loop's components, gathered in one `Run`
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -281,24 +280,10 @@ def build_run(config: TrainConfig, started: float) -> Run:
     )
 
 
-def interface_towards(address: str) -> str:
-    """The local address of the interface that reaches `address` (HOST:PORT): loopback for a local
-    Lighthouse, the cluster interface for a remote one. No packet is sent (a UDP socket's connect)."""
-    host, port = address.split("://")[-1].rsplit(":", 1)
-    try:
-        family, _, _, _, target = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_DGRAM)[0]
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.connect(target)
-            return probe.getsockname()[0]
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot find the interface that reaches the Lighthouse at {address} ({error}); "
-                        "give --bind HOST") from None
-
-
 def live_membership(config: TrainConfig, seat: Seat, run_dir: Path) -> LiveMembership:
     """This worker's torchft replica, joined to the job's Lighthouse, as the loop's membership."""
     from distvision.parallel.healing import load_secret
-    from distvision.parallel.live import LIGHTHOUSE_ADDRESS_VARIABLE, LiveReplica
+    from distvision.parallel.live import LIGHTHOUSE_ADDRESS_VARIABLE, LiveReplica, interface_towards
 
     lighthouse = config.lighthouse or os.environ.get(LIGHTHOUSE_ADDRESS_VARIABLE)
     if not lighthouse:
