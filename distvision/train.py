@@ -76,7 +76,7 @@ def train_epoch(run: Run) -> str | None:
             break  # healed from a peer already past this epoch's end
         sync.begin_round(state.step)
         before = (Rollback.take(unwrap(model), optimizer, state.cursor, state.step,
-                                keep_weights=not sync.averages_gradients(state.step)) if membership.live else None)
+                                keep_weights=not sync.round_averages_gradients) if membership.live else None)
         shares = []
         with membership.busy:
             for batch in run.batches.load(epoch, run.batches.remaining(epoch, state.cursor)):
