@@ -27,7 +27,6 @@ class EvalResult:
     count: int
 
 
-@torch.inference_mode()
 def evaluate_split(
     model: nn.Module,
     images: Images,
@@ -39,23 +38,51 @@ def evaluate_split(
     test_time_shift: bool = False,
     indices: np.ndarray | None = None,
 ) -> EvalResult:
-    """Loss and accuracy over images (or the given indices of it); each rank takes every world_size-th chunk."""
-    indices = np.arange(len(images)) if indices is None else indices
+    """Loss and accuracy over images (or the given indices of it), shared by torch.distributed's ranks."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
-    for start in range(rank * EVAL_CHUNK, len(indices), world_size * EVAL_CHUNK):
-        chunk = indices[start : start + EVAL_CHUNK]
-        x = load_batch(images, chunk, preprocess, device)
-        y = torch.from_numpy(labels[chunk]).to(device)
-        logits = forward_logits(model, x, precision, device, test_time_flip, test_time_shift)
-        totals[0] += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        totals[1] += (logits.argmax(1) == y).sum().item()
-        totals[2] += len(chunk)
+    totals = evaluate_part(model, images, labels, preprocess, precision, device, test_time_flip,
+                           test_time_shift, indices, rank, world_size)
     if dist.is_initialized():
         dist.all_reduce(totals)
+    return result_of(totals)
+
+
+def evaluate_part(
+    model: nn.Module,
+    images: Images,
+    labels: np.ndarray,
+    preprocess: Preprocessing,
+    precision: str,
+    device: torch.device,
+    test_time_flip: bool,
+    test_time_shift: bool,
+    indices: np.ndarray | None,
+    part: int,
+    parts: int,
+) -> torch.Tensor:
+    """Part `part` of `parts` of an evaluation: every parts-th chunk from the part-th; returns its loss sum,
+    correct count and count (float64), to be summed over the parts. A chunk gives the same numbers
+    whoever evaluates it, so the sum does not depend on the number of parts."""
+    indices = np.arange(len(images)) if indices is None else indices
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    with torch.inference_mode():
+        for start in range(part * EVAL_CHUNK, len(indices), parts * EVAL_CHUNK):
+            chunk = indices[start : start + EVAL_CHUNK]
+            x = load_batch(images, chunk, preprocess, device)
+            y = torch.from_numpy(labels[chunk]).to(device)
+            logits = forward_logits(model, x, precision, device, test_time_flip, test_time_shift)
+            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            correct += int((logits.argmax(1) == y).sum().item())
+            count += len(chunk)
     model.train(was_training)
+    # A plain tensor (made outside inference mode), so that a collective can sum it in place.
+    return torch.tensor([loss_sum, correct, count], dtype=torch.float64)
+
+
+def result_of(totals: torch.Tensor) -> EvalResult:
+    """The loss and accuracy of summed evaluate_part totals."""
     loss_sum, correct, count = totals.tolist()
     return EvalResult(loss_sum / max(count, 1), correct / max(count, 1), int(correct), int(count))
 

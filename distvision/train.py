@@ -22,7 +22,7 @@ import numpy as np
 from torch import nn
 
 from distvision.config import TrainConfig
-from distvision.evaluate import EVAL_CHUNK, EvalResult, evaluate_split
+from distvision.evaluate import EVAL_CHUNK, EvalResult, evaluate_part, result_of
 from distvision.metrics import Progress, say
 from distvision.parallel.group import leave_process_group
 from distvision.parallel.live_membership import LeftBehind
@@ -127,7 +127,7 @@ def end_round(run: Run, before: Rollback | None, shares: list, progress: Progres
         stop=(run.stop_signal.requested and not membership.live) or run.faults.wants_stop(state.step),
         checkpoint_due=run.checkpoints.due(),
         time_up=run.seat.rank == 0 and time_is_up(run.stop_rules, state.elapsed()),
-        payload=run.sync.round_payload(before))
+        payload=run.sync.round_payload(before, run.exchange.room()))
     if shared is None:  # not committed: a peer failed; whoever is there at the next quorum redoes it
         state.cursor, state.step = before.restore(unwrap(run.model), run.optimizer)
         membership.discarded()
@@ -158,13 +158,20 @@ def end_round(run: Run, before: Rollback | None, shares: list, progress: Progres
 
 
 def evaluate(run: Run, test_time_augmentation: bool = False, validation: bool = False) -> EvalResult:
-    """The replica's loss and accuracy on the test split (or the validation split), over all ranks."""
+    """The replica's loss and accuracy on the test split (or the validation split). Each participant
+    evaluates its part and one all-reduce through the membership sums them; where a live peer fails
+    meanwhile, this replica evaluates the whole split itself (a chunk gives the same numbers whoever
+    evaluates it, so every replica still records the same figures)."""
     images, labels = ((run.prepared.train_images, run.prepared.train_labels) if validation
                       else (run.prepared.test_images, run.prepared.test_labels))
     flip, shift = ((run.recipe.test_time_flip, run.recipe.test_time_shift) if test_time_augmentation
                    else (False, False))
-    return evaluate_split(unwrap(run.model), images, labels, run.preprocess, run.precision, run.device,
-                          flip, shift, indices=run.val_indices if validation else None)
+    split = (unwrap(run.model), images, labels, run.preprocess, run.precision, run.device, flip, shift,
+             run.val_indices if validation else None)
+    totals = evaluate_part(*split, run.seat.rank, run.seat.participants)
+    if not run.membership.allreduce(totals):
+        totals = evaluate_part(*split, 0, 1)
+    return result_of(totals)
 
 
 def end_epoch(run: Run) -> EvalResult:

@@ -61,6 +61,7 @@ REQUEST_DOMAIN = b"distvision heal request\n"
 REQUEST_MAX_AGE = 60.0  # seconds a signed request is honoured (the peers' clocks: one machine, or NTP)
 STEP_PATH = re.compile(r"/checkpoint/(\d+)", re.ASCII)
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+DEFAULT_MAX_STATE_BYTES = 8 << 30  # the cap of a peer's answer before the owner sets one from its state
 NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 logger = logging.getLogger(__name__)
@@ -245,6 +246,9 @@ class SignedHTTPTransport(CheckpointTransport[dict]):
         self.host = host
         self.timeout = timeout
         self._staged: Staged | None = None
+        # The most a peer's answer may hold: a signed peer's state is about as big as our own (the owner
+        # sets it from the shared state's size); until then, this.
+        self.max_state_bytes = DEFAULT_MAX_STATE_BYTES
         self._closed = False
         self._staged_changed = threading.Condition()
         self._nonces: dict[str, float] = {}  # signed requests already answered, until they expire
@@ -282,13 +286,18 @@ class SignedHTTPTransport(CheckpointTransport[dict]):
         try:
             connection.request("GET", url.path, headers=headers)
             response = connection.getresponse()
-            body = response.read()
+            length = int(response.getheader("Content-Length") or -1)
+            # Read no more than a state can be: a rogue server's endless answer is refused, not buffered.
+            body = response.read(length) if response.status == 200 and 0 <= length <= self.max_state_bytes else b""
         finally:
             connection.close()
         try:
             if response.status != 200:
                 hint = " (another job's secret, or clocks a minute apart)" if response.status == 403 else ""
                 raise HealingRefused(f"it answered {response.status} {response.reason}{hint}")
+            if not 0 <= length <= self.max_state_bytes:
+                raise HealingRefused(f"its answer's length ({length} bytes) is not that of a state of at most "
+                                     f"{self.max_state_bytes} bytes")
             return open_state(self._secret, body, step)
         except HealingRefused as error:
             logger.error("distvision: refused to heal from the peer at %s: %s", url.netloc, error)

@@ -108,6 +108,7 @@ class LiveReplica:
             transport.shutdown(wait=False)
             raise UserError(f"cannot reach the torchft Lighthouse at {lighthouse}: {first_line(error)}") from None
         self.lighthouse = lighthouse
+        self.transport = transport
 
     def share_state(self, key: str, save: Callable[[], object], load: Callable[[object], None]) -> None:
         """What a healing peer receives under `key` (save() is called only when a peer needs it)."""

@@ -37,6 +37,8 @@ from distvision.parallel.live import (
 )
 from distvision.parallel.membership import Seat
 
+STATE_SLACK_BYTES = 64 << 20  # the JSON part, the train state's log, counts: small beside the tensors
+
 
 class LeftBehind(Exception):
     """This replica was frozen past the others' last round: the run has finished without it."""
@@ -200,6 +202,8 @@ class LiveMembership:
             share("lookahead", run.lookahead.state, lambda saved: run.lookahead.load(dict(saved), run.model))
         if run.sync.outer:
             share("outer_optimizer", run.sync.outer.state_dict, run.sync.outer.load_state_dict)
+        # A peer's state is ours in size; anything much larger is refused before it is read.
+        self.replica.transport.max_state_bytes = 2 * state_bytes(run) + STATE_SLACK_BYTES
         watch_lighthouse(self.lighthouse, self._abandon)
         wait_for_first_peers(self.run_dir, self.number, join_timeout)
         self.replica.set_step(run.state.step)
@@ -252,6 +256,25 @@ class LiveMembership:
                   "seconds": round(first_commit - spawned_at, 3), "healed": self.healed}
         with open(self.run_dir / "joins.jsonl", "a") as joins:
             joins.write(json.dumps(record) + "\n")
+
+
+def state_bytes(run) -> int:
+    """The bytes of the tensors a healing peer would send us: model, optimizer, lookahead, outer state."""
+    parts = [run.model.state_dict(), run.optimizer.state_dict()]
+    parts += [run.lookahead.state()] if run.lookahead else []
+    parts += [run.sync.outer.state_dict()] if run.sync.outer else []
+
+    def size(tree) -> int:
+        if isinstance(tree, torch.Tensor):
+            return tree.numel() * tree.element_size()
+        if isinstance(tree, dict):
+            return sum(size(value) for value in tree.values())
+        if isinstance(tree, list | tuple):
+            return sum(size(value) for value in tree)
+        return 0
+
+    # The optimizer's momentum appears only after its first step: count it as one more model.
+    return size(parts) + size(run.model.state_dict())
 
 
 def wait_for_first_peers(run_dir: Path, number: int, timeout: float) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distvision.parallel.membership import Seat, StaticMembership, flatten
+from distvision.parallel.membership import Seat, StaticMembership
 from distvision.parallel.sync import Synchronizer
 
 # Slots summed over ranks, in order. Decisions are votes: > 0 means at least one rank voted yes.
@@ -81,25 +81,31 @@ class StepExchange:
     def due(self, in_sync: bool, last_of_epoch: bool) -> bool:
         return self.sync.exchanges_stats(self.steps, in_sync, last_of_epoch)
 
+    def room(self) -> int:
+        """The values this exchange adds after a payload (training/exchange's votes and per-rank figures)."""
+        return len(SUMMED) + 2 * self.seat.participants
+
     def exchange(self, stop: bool, checkpoint_due: bool, time_up: bool,
-                 payload: list[torch.Tensor] | None = None) -> ExchangeResult | None:
-        """All-reduce what is pending and this rank's votes (after `payload`, if any); pace the next
-        exchange by rank 0's clock. None when the membership did not commit the round (redo it)."""
+                 payload: torch.Tensor | None = None) -> ExchangeResult | None:
+        """All-reduce what is pending and this rank's votes (live: in the last room() values of the
+        payload vector, float32, which holds their sums closely enough: they are reported, and votes are
+        counts); pace the next exchange by rank 0's clock. None when the membership did not commit the
+        round (redo it)."""
         world = self.seat.participants
         mine = {"loss_sum": self.loss_sum, "samples": self.samples, "stop_votes": float(stop),
                 "diverged_votes": self.nonfinite_losses, "checkpoint_due": float(checkpoint_due),
                 "time_up": float(time_up),
                 "seconds_since_last": time.perf_counter() - self.last_exchange if self.seat.rank == 0 else 0.0}
-        shared = torch.zeros(len(SUMMED) + 2 * world, dtype=torch.float64)
+        shared = torch.zeros(self.room(), dtype=torch.float64)
         shared[: len(SUMMED)] = torch.tensor([float(mine[name]) for name in SUMMED], dtype=torch.float64)
         per_rank = len(SUMMED)
         shared[per_rank + self.seat.rank] = self.compute_seconds
         shared[per_rank + world + self.seat.rank] = self.samples
         steps = self.steps
-        # Live, one float32 vector on the CPU (gloo's), copied once: the payload, then the statistics
-        # (float32 holds their sums closely enough: they are reported, and votes are counts).
-        packed = shared if payload is None else flatten([*payload, shared])
-        payload_count = 0 if payload is None else len(packed) - len(shared)
+        packed = shared
+        if payload is not None:
+            packed = payload
+            packed[-len(shared):] = shared
         with self.sync.stats.timed(packed.numel() * packed.element_size() if world > 1 else 0):
             reduced = self.membership.allreduce(packed, self.sync.work_while_exchanging)
         committed = self.membership.commit() and reduced
@@ -107,7 +113,7 @@ class StepExchange:
         if not committed:
             return None
         if payload is not None:
-            payload, shared = packed[:payload_count], packed[payload_count:].double()
+            payload, shared = packed[: -len(shared)], packed[-len(shared):].double()
         summed = dict(zip(SUMMED, shared[: len(SUMMED)].tolist()))
         result = ExchangeResult(**dict(summed, samples=int(summed["samples"])),
                                 compute_seconds=shared[per_rank : per_rank + world].numpy(),

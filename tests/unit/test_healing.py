@@ -66,13 +66,15 @@ def nothing_parsed(monkeypatch):
 
 
 @contextmanager
-def serving(body: bytes):
-    """A server that answers every GET with `body` (a peer replaying or altering a state): its metadata."""
+def serving(body: bytes, length: int | None = None):
+    """A server that answers every GET with `body` (a peer replaying or altering a state), announced as
+    `length` bytes (its own length unless given; no Content-Length when negative): its metadata."""
 
     class Answer(BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
+            if length is None or length >= 0:
+                self.send_header("Content-Length", str(len(body) if length is None else length))
             self.end_headers()
             self.wfile.write(body)
 
@@ -168,6 +170,18 @@ def test_a_state_signed_with_another_secret_is_refused_before_it_is_read(transpo
     forged = b"".join(signed_state(OTHER_SECRET, STEP, {"weights": torch.ones(3)}))
     with serving(forged) as rogue, pytest.raises(HealingRefused, match="signature does not match"):
         transport().recv_checkpoint(0, rogue, STEP, timedelta(seconds=5))
+
+
+@pytest.mark.parametrize("announced", [10**12, -1])
+def test_an_answer_larger_than_a_state_can_be_is_refused_unread(transport, announced):
+    """A rogue server announcing a terabyte (or no length at all) is refused; nothing is buffered."""
+    receiver = transport()
+    receiver.max_state_bytes = 1 << 20
+    body = b"".join(signed_state(SECRET, STEP, {"weights": torch.ones(3)}))
+    with serving(body, length=announced) as rogue, pytest.raises(HealingRefused, match="length"):
+        receiver.recv_checkpoint(0, rogue, STEP, timedelta(seconds=5))
+    with serving(body) as honest:  # the same state with its true length heals
+        assert torch.equal(receiver.recv_checkpoint(0, honest, STEP, timedelta(seconds=5))["weights"], torch.ones(3))
 
 
 @pytest.mark.parametrize("where", ["json", "tensors", "header"])
