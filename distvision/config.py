@@ -225,8 +225,9 @@ class FaultToleranceSettings:
     lighthouse: str | None = setting(None, "live, on several machines: the torchft Lighthouse to join "
                                      "(HOST:PORT; default: the command starts one on loopback)", metavar="HOST:PORT",
                                      recovery="live")
-    heartbeat_timeout: float = setting(1.0, "live: seconds without a worker's heartbeat before the others go on "
-                                       "without it (default %(default)s)")
+    heartbeat_timeout: float = setting(0.35, "live, one machine: seconds without a worker's heartbeat (every "
+                                       "0.1 s) before the others go on without it (default %(default)s; several "
+                                       "machines: the Lighthouse's --heartbeat_timeout_ms)")
     quorum_every: int = setting(8, "live, averaging gradients: steps between quorums, where workers join "
                                 "(default %(default)s); a failure starts a new one at once")
     bind: str | None = setting(None, "live: the address this worker's servers listen on (default: loopback for a "
@@ -264,10 +265,13 @@ class DebugSettings:
     debug_slowdown: str | None = setting(None, "make one worker FACTOR times slower (sleeps in proportion to its "
                                          "compute)", metavar="RANK:FACTOR")
     debug_nan_at: str | None = setting(None, "make one worker's loss NaN at a global step", metavar="RANK:STEP")
+    debug_hang_at: str | None = setting(None, "make one worker hang after a global step, its heartbeat still "
+                                        "beating (once per run folder)", metavar="RANK:STEP", recovery="live")
 
     def check_debug(self) -> None:
         for flag, value, minimum in (("--debug-slowdown", self.debug_slowdown, 1.0),
-                                     ("--debug-nan-at", self.debug_nan_at, 0.0)):
+                                     ("--debug-nan-at", self.debug_nan_at, 0.0),
+                                     ("--debug-hang-at", self.debug_hang_at, 0.0)):
             if value is None:
                 continue
             parts = value.split(":")

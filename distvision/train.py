@@ -102,9 +102,10 @@ def train_epoch(run: Run) -> str | None:
                                                progress_fraction + batch.global_size / run.total_samples)
                 compute_seconds = (time.perf_counter() - step_started
                                    - (sync.stats.communication_seconds - communication_before))
-                run.faults.after_step(compute_seconds)
+                run.faults.after_step(state.step, compute_seconds)
                 run.exchange.add(loss.item(), len(batch.local_indices), compute_seconds)
                 state.advance(batch.global_size)
+                membership.stepped()
                 if run.exchange.due(in_sync, batch.last):
                     break  # the round ends with the exchange (paced by the synchroniser)
             stop_reason, in_sync = end_round(run, before, shares, progress, in_sync)
@@ -160,7 +161,7 @@ def end_round(run: Run, before: Rollback | None, shares: list, progress: Progres
 def evaluate(run: Run, test_time_augmentation: bool = False, validation: bool = False) -> EvalResult:
     """The replica's loss and accuracy on the test split (or the validation split). Each participant
     evaluates its part and one all-reduce through the membership sums them; where a live peer fails
-    meanwhile, this replica evaluates the whole split itself (a chunk gives the same numbers whoever
+    meanwhile, this replica evaluates the others' parts itself (a chunk gives the same numbers whoever
     evaluates it, so every replica still records the same figures)."""
     images, labels = ((run.prepared.train_images, run.prepared.train_labels) if validation
                       else (run.prepared.test_images, run.prepared.test_labels))
@@ -168,9 +169,11 @@ def evaluate(run: Run, test_time_augmentation: bool = False, validation: bool = 
                    else (False, False))
     split = (unwrap(run.model), images, labels, run.preprocess, run.precision, run.device, flip, shift,
              run.val_indices if validation else None)
-    totals = evaluate_part(*split, run.seat.rank, run.seat.participants)
-    if not run.membership.allreduce(totals):
-        totals = evaluate_part(*split, 0, 1)
+    rank, parts = run.seat.rank, run.seat.participants
+    totals = evaluate_part(*split, rank, parts)
+    mine = totals.clone()
+    if not run.membership.allreduce(totals):  # the sum is garbage: evaluate the others' parts too
+        totals = mine + sum(evaluate_part(*split, part, parts) for part in range(parts) if part != rank)
     return result_of(totals)
 
 

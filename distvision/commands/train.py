@@ -42,10 +42,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
                   stopped_hint=f"continue with --resume --out {config.out}")
 
 
-def run_replica(config: TrainConfig, environment: dict[str, str]) -> None:
+def run_replica(config: TrainConfig, environment: dict[str, str], progress) -> None:
     """One live worker, forked by the launcher: its replica number, the Lighthouse and the job's secret
-    come in `environment`."""
+    come in `environment`; `progress` is what the launcher's watchdog reads."""
+    from distvision.parallel.watchdog import watch_this_replica
+
     os.environ.update(environment)
+    watch_this_replica(progress)
     run_as_worker(train, config)
 
 

@@ -249,6 +249,7 @@ class SignedHTTPTransport(CheckpointTransport[dict]):
         # The most a peer's answer may hold: a signed peer's state is about as big as our own (the owner
         # sets it from the shared state's size); until then, this.
         self.max_state_bytes = DEFAULT_MAX_STATE_BYTES
+        self.failed_receive: Exception | None = None  # why the last recv_checkpoint failed, if it did
         self._closed = False
         self._staged_changed = threading.Condition()
         self._nonces: dict[str, float] = {}  # signed requests already answered, until they expire
@@ -276,7 +277,14 @@ class SignedHTTPTransport(CheckpointTransport[dict]):
 
     def recv_checkpoint(self, src_rank: int, metadata: str, step: int, timeout: timedelta) -> dict:
         """Fetch the state of `step` from the peer at `metadata`; HealingRefused unless it is signed with
-        our secret and is that step's."""
+        our secret and is that step's. A failure is also kept in failed_receive (torchft only logs it)."""
+        try:
+            return self._receive(metadata, step, timeout)
+        except Exception as error:
+            self.failed_receive = error
+            raise
+
+    def _receive(self, metadata: str, step: int, timeout: timedelta) -> dict:
         url = urllib.parse.urlsplit(f"{metadata}{step}")
         issued, nonce = repr(time.time()), secrets.token_hex(16)
         headers = {"X-Distvision-Issued": issued, "X-Distvision-Nonce": nonce,

@@ -34,6 +34,7 @@ JOINING_VARIABLE = "DISTVISION_JOINING"  # "1": respawned into a running job, he
 STARTED_AT_VARIABLE = "DISTVISION_STARTED_AT"  # time.time() when the launcher started the job
 SPAWNED_AT_VARIABLE = "DISTVISION_SPAWNED_AT"  # time.time() when the launcher started this worker
 FIRST_WORKERS_VARIABLE = "DISTVISION_FIRST_WORKERS"  # how many workers the launcher started at first
+HEAL_FAILED_EXIT = 3  # a replica that could not heal exits with this status, and its launcher respawns it
 ATTEMPT_VARIABLE = "DISTVISION_LIVE_ATTEMPT"  # the launch's id: audit records of a resumed run supersede
 HEARTBEAT_INTERVAL = timedelta(milliseconds=100)  # each Manager's beat to the Lighthouse
 QUORUM_TICK_MS = 20
@@ -117,11 +118,16 @@ class LiveReplica:
     def begin_round(self) -> Quorum:
         """Join this round's quorum (healing from a peer if behind); a lost Lighthouse is a UserError."""
         started = time.perf_counter()
+        self.transport.failed_receive = None
         try:
             self.manager.start_quorum()
             rank, participants = self.manager.participating_rank(), self.manager.num_participants()
         except Exception as error:  # noqa: BLE001 - torchft raises its RPCs' own errors (RuntimeError, TimeoutError)
             raise LighthouseLost(f"lost the torchft Lighthouse at {self.lighthouse}: {first_line(error)}") from None
+        if self.transport.failed_receive is not None:
+            # torchft leaves the Manager errored and this replica unhealed, behind its peers: every round
+            # it took part in would be discarded
+            raise HealFailed(first_line(self.transport.failed_receive))
         return Quorum(rank if rank is not None else 0, max(participants, 1), self.manager._quorum_id,
                       time.perf_counter() - started)
 
@@ -196,6 +202,10 @@ def interface_towards(address: str) -> str:
     except (OSError, ValueError) as error:
         raise UserError(f"cannot find the interface that reaches the Lighthouse at {address} ({error}); "
                         "give --bind HOST") from None
+
+
+class HealFailed(Exception):
+    """This replica was behind and could not fetch a peer's state (refused, or the peer died)."""
 
 
 class LighthouseLost(UserError):

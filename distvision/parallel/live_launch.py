@@ -22,6 +22,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from distvision.fileio import write_json_atomic
+from distvision.parallel import watchdog
 from distvision.parallel.healing import SECRET_VARIABLE, new_secret
 from distvision.parallel.launch import USER_ERROR_EXIT, WorkerFailed
 from distvision.parallel.live import (
@@ -49,11 +50,12 @@ class LiveStopped(Exception):
 
 def launch_live(work: Callable[[dict[str, str]], None], workers: int, max_restarts: int, heartbeat_timeout: float,
                 join_timeout: float, pid_file: Path, warm_modules: list[str]) -> None:
-    """Run `workers` replicas, each work(environment) in a process of its own, around a loopback
+    """Run `workers` replicas, each work(environment, progress) in a process of its own, around a loopback
     Lighthouse until they finish. `work` must be picklable (a module-level function or a partial of one).
 
     warm_modules are imported once by the forkserver the workers are forked from; pid_file lists the
-    live workers' process ids (to stop or kill one by hand, as the tests do).
+    live workers' process ids (to stop or kill one by hand, as the tests do). `progress` is the shared
+    array through which the replica shows the watchdog that it is not stuck (watchdog.watch_this_replica).
     """
     pids: dict[int, int] = {}
     # Loopback only, here and in the workers (LiveReplica's bind_host): healing is signed with the job's
@@ -69,11 +71,14 @@ def launch_live(work: Callable[[dict[str, str]], None], workers: int, max_restar
             ATTEMPT_VARIABLE: str(time.time_ns() // 1_000_000), "LOCAL_WORLD_SIZE": str(workers),
             STARTED_AT_VARIABLE: repr(time.time())}
 
+    progress: dict[int, object] = {}  # per replica, what the watchdog reads (parallel/watchdog.py)
+
     def spawn(number: int, joining: bool, first: bool = False):
         environment = dict(base, **{REPLICA_VARIABLE: str(number), JOINING_VARIABLE: "1" if joining else "0",
                                     SPAWNED_AT_VARIABLE: repr(time.time()),
                                     FIRST_WORKERS_VARIABLE: str(workers if first else 0)})
-        process = context.Process(target=work, args=(environment,), name=f"replica{number}")
+        progress[number] = context.Array("d", watchdog.SLOTS, lock=False)
+        process = context.Process(target=work, args=(environment, progress[number]), name=f"replica{number}")
         process.start()
         pids[number] = process.pid
         write_json_atomic(pid_file, {f"replica{n}": pid for n, pid in sorted(pids.items())})
@@ -86,6 +91,7 @@ def launch_live(work: Callable[[dict[str, str]], None], workers: int, max_restar
             wait([process.sentinel for process in running.values()], timeout=0.5)
             if stop.signal_number:
                 stop.forward(running.values())
+            kill_stuck(running, progress)
             for number, process in list(running.items()):
                 if process.exitcode is None:
                     continue
@@ -108,6 +114,20 @@ def launch_live(work: Callable[[dict[str, str]], None], workers: int, max_restar
     finally:
         stop.forward(running.values())
         lighthouse.shutdown()
+
+
+def kill_stuck(running: dict, progress: dict) -> None:
+    """The watchdog: SIGKILL a replica that has computed one step for longer than its bound (its Python
+    stuck while torchft's heartbeat thread runs); the loop then respawns it like any dead replica."""
+    now = time.time()
+    for number, process in running.items():
+        seconds = watchdog.overdue(progress[number], now)
+        if seconds is not None and process.exitcode is None:
+            print(f"distvision: replica {number} has been on one step for {seconds:.0f} s (its bound: "
+                  f"{progress[number][1]:.0f} s); killing it, to be respawned", file=sys.stderr, flush=True)
+            progress[number][0] = 0.0
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL)
 
 
 class Stop:

@@ -22,20 +22,23 @@ from pathlib import Path
 
 import torch
 
-from distvision.metrics import append_metrics, rewrite_log, say
+from distvision.metrics import rewrite_log, say
 from distvision.parallel.launch import USER_ERROR_EXIT
 from distvision.parallel.live import (
     ATTEMPT_VARIABLE,
     FIRST_WORKERS_VARIABLE,
+    HEAL_FAILED_EXIT,
     JOINING_VARIABLE,
     REPLICA_VARIABLE,
     SPAWNED_AT_VARIABLE,
     STARTED_AT_VARIABLE,
+    HealFailed,
     LighthouseLost,
     LiveReplica,
     watch_lighthouse,
 )
 from distvision.parallel.membership import Seat
+from distvision.parallel.watchdog import ComputeClock
 
 STATE_SLACK_BYTES = 64 << 20  # the JSON part, the train state's log, counts: small beside the tensors
 
@@ -123,17 +126,23 @@ class LiveMembership:
         # discarded round or an epoch's end.
         self.quorum_due, self.quorum_step = True, 0
         self.busy = threading.Lock()  # held while a round or an epoch's end changes the state
+        self.clock = ComputeClock()  # what the launcher's watchdog sees: computing a step, or waiting
 
     # -- the protocol --------------------------------------------------------------------------------------
     def begin_round(self) -> float:
         """Join a quorum when one is due (healing if behind) and re-seat; return the seconds it took."""
         if not self.quorum_due:
+            self.clock.computing()
             return 0.0
         try:
             quorum = self.replica.begin_round()
         except LighthouseLost:
             self._save_for_resume()
             raise
+        except HealFailed as error:  # respawned, this replica heals again (a peer may serve it then)
+            say(f"distvision: replica {self.number} could not heal ({error}); exiting to be respawned")
+            sys.stdout.flush()
+            os._exit(HEAL_FAILED_EXIT)
         if self.first_round:
             self._settle_first_round()
         elif quorum.quorum_id != self.log.quorum_id and self.finished_without_us():
@@ -143,11 +152,17 @@ class LiveMembership:
         self.seat.rank, self.seat.participants = quorum.rank, quorum.participants
         self.log.observe(quorum.quorum_id, quorum.participants, quorum.seconds,
                          {"step": state.step, "epoch": state.epoch + 1, "cursor": state.cursor})
+        self.clock.computing()
         return quorum.seconds
+
+    def stepped(self) -> None:
+        """A step is done (the watchdog's sign of progress)."""
+        self.clock.stepped()
 
     def allreduce(self, values: torch.Tensor, while_waiting: Callable[[], None] | None = None) -> bool:
         """Sum over the round's participants in place; False when a peer failed (the round won't commit).
         while_waiting (loading the next batch) runs while the exchange is in flight."""
+        self.clock.waiting()  # waiting for the peers: whoever is late is the one watched
         return self.replica.allreduce_sum(values, while_waiting)
 
     def commit(self) -> bool:
@@ -162,7 +177,9 @@ class LiveMembership:
         if event is not None:
             self.run.state.log.append(event)
             if self.seat.rank == 0:
-                append_metrics(self.run_dir, event)
+                # The whole log, not the one line: a rank 0 that died at an epoch's end took that epoch's
+                # line with it, and every replica's log holds it.
+                rewrite_log(self.run_dir, self.run.state.log)
                 say(f"distvision: workers {event['old_participants']} -> {event['new_participants']} at step "
                     f"{event['step']}, training again {event['stall_seconds']:.1f} s after the last committed "
                     f"step, {event['discarded_steps']} step(s) redone")

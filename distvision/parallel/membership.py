@@ -70,6 +70,9 @@ class StaticMembership:
     def commit(self) -> bool:
         return True
 
+    def stepped(self) -> None:
+        """A step is done (live membership's watchdog notes the progress)."""
+
     def committed(self, step: int) -> None:
         """A round committed at this optimizer step (live membership logs its events here)."""
 

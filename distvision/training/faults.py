@@ -53,13 +53,16 @@ class StopSignal:
 
 
 class FaultInjector:
-    """--debug-slowdown, --debug-nan-at, --debug-step-delay and --debug-stop-at-step for one rank."""
+    """--debug-slowdown, --debug-nan-at, --debug-hang-at, --debug-step-delay and --debug-stop-at-step."""
 
     def __init__(self, config: TrainConfig, seat: Seat):
         self.seat = seat  # a rank setting names whoever holds that rank in the round
         self.slow_rank, self.slow_factor = parse_rank_setting(config.debug_slowdown, 1.0)
         self.nan_rank, nan_step = parse_rank_setting(config.debug_nan_at, -1)
         self.nan_step = int(nan_step)
+        self.hang_rank, hang_step = parse_rank_setting(config.debug_hang_at, -1)
+        self.hang_step = int(hang_step)
+        self.hang_marker = Path(config.out or ".") / "debug-hung"  # once per run: a respawn must not hang again
         self.step_delay = config.debug_step_delay
         self.stop_at_step = config.debug_stop_at_step
         self.slowdown_seconds = 0.0  # the extra compute time the next step simulates
@@ -76,7 +79,11 @@ class FaultInjector:
             return loss * float("nan")
         return loss
 
-    def after_step(self, compute_seconds: float) -> None:
+    def after_step(self, step: int, compute_seconds: float) -> None:
+        if self.seat.rank == self.hang_rank and step == self.hang_step and not self.hang_marker.exists():
+            self.hang_marker.touch()
+            while True:  # stuck in Python; torchft's heartbeat thread beats on
+                time.sleep(3600)
         if self.seat.rank == self.slow_rank:  # the next step sleeps (factor - 1) x this step's own compute time
             self.slowdown_seconds = (self.slow_factor - 1) * (compute_seconds - self.slowdown_seconds)
         if self.step_delay:

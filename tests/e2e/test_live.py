@@ -98,7 +98,9 @@ def _changes(out: Path) -> list[dict]:
 def test_a_frozen_worker_is_left_out_and_a_killed_one_respawned_without_restarting_the_other(
         data: Path, reference: Path, tmp_path: Path):
     out = tmp_path / "run"
-    run = _start(_train_args(data, out, "--workers", "2", *EPOCHS, *LIVE, "--debug-step-delay", "0.1"), tmp_path)
+    # Hung (its Python stuck, its heartbeat beating) after step 33: the launcher's watchdog kills it.
+    run = _start(_train_args(data, out, "--workers", "2", *EPOCHS, *LIVE, "--debug-step-delay", "0.1",
+                             "--debug-hang-at", "1:33"), tmp_path)
     wait_for(lambda: _steps_done(out) >= 5, 120, "training to make progress")
     # Frozen (SIGSTOP): the other replica trains on alone, its heartbeat moving while the frozen one
     # cannot answer; woken, the frozen one heals from it and rejoins.
@@ -111,9 +113,13 @@ def test_a_frozen_worker_is_left_out_and_a_killed_one_respawned_without_restarti
     wait_for(lambda: _steps_done(out) >= 20, 120, "training to go on")
     before = _workers(out)
     os.kill(before["replica0"], signal.SIGKILL)
+    wait_for(lambda: (out / "debug-hung").exists(), 120, "a worker to hang")
+    hung = _workers(out)
     output = _finish(run)
     after = _workers(out)
-    assert after["replica1"] == frozen and after["replica0"] != before["replica0"], (before, after)
+    assert hung["replica1"] == frozen and hung["replica0"] != before["replica0"], (before, hung)
+    assert "has been on one step for" in output, output[-2000:]
+    assert sum(after[name] != hung[name] for name in hung) == 1, (hung, after)  # the hung one, respawned
     summary = json.loads((out / "summary.json").read_text())
     # A step with the dead (or frozen) peer was discarded and redone: the audit below holds across it.
     assert summary["restarts"] == 0 and summary["discarded_steps"] >= 1, summary

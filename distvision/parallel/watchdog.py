@@ -1,0 +1,72 @@
+"""The live launcher's progress watchdog: a replica stuck in its own computing is killed and respawned.
+
+torchft's heartbeat comes from a Rust thread, so a replica whose Python is stuck (a hang in a library,
+a deadlock) still looks alive to the Lighthouse, and its peers wait for it in the all-reduce for the
+whole --collective-timeout. Each replica therefore tells its launcher, through a small shared array,
+since when it has been computing its current step (0 while it waits for peers, a quorum or heals, and
+at an epoch's end) and how long a step may take: a few times the median of its recent steps. The launcher
+kills a replica past that bound; its sockets close, so its peers' all-reduce fails at once and they go
+on without it, and the launcher respawns it into the job, where it heals.
+
+Waiting is never watched: a replica waiting in a collective is waiting for someone else, who is the
+one watched. Evaluation is not watched either (its length is not a round's).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+
+STEPS = 5.0  # a step may last this many times the recent median ...
+MIN_SECONDS = 5.0  # ... and never less than this (a loaded machine's steps vary)
+FIRST_SECONDS = 120.0  # before any round has been timed: the first steps' warm-up, a lazy compile
+SLOTS = 2  # the shared array: [computing since (wall clock, 0 when not computing), bound in seconds]
+
+_shared = None  # this replica's array from its launcher (None: not watched, e.g. under torchrun)
+
+
+def watch_this_replica(shared) -> None:
+    """In a launched replica: report progress into `shared` (a multiprocessing Array of SLOTS doubles)."""
+    global _shared
+    _shared = shared
+
+
+class ComputeClock:
+    """This replica's side: the loop says when it starts computing, when a step is done, and when it
+    waits. The bound is a few times the median step (data loading included)."""
+
+    def __init__(self):
+        self.shared = _shared
+        self.since = 0.0
+        self.durations: deque[float] = deque(maxlen=64)
+
+    def computing(self) -> None:
+        if not self.since:
+            self._publish(time.time())
+
+    def stepped(self) -> None:
+        now = time.time()
+        if self.since:
+            self.durations.append(now - self.since)
+        self._publish(now)
+
+    def waiting(self) -> None:
+        self._publish(0.0)
+
+    def bound(self) -> float:
+        if not self.durations:
+            return FIRST_SECONDS
+        return max(MIN_SECONDS, STEPS * statistics.median(self.durations))
+
+    def _publish(self, since: float) -> None:
+        self.since = since
+        if self.shared is not None:
+            self.shared[1] = self.bound()
+            self.shared[0] = since
+
+
+def overdue(shared, now: float) -> float | None:
+    """The launcher's side: how long the replica has computed, if past its bound; else None."""
+    since, bound = shared[0], shared[1]
+    return now - since if since and now - since > bound else None
