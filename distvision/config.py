@@ -267,11 +267,14 @@ class DebugSettings:
     debug_nan_at: str | None = setting(None, "make one worker's loss NaN at a global step", metavar="RANK:STEP")
     debug_hang_at: str | None = setting(None, "make one worker hang after a global step, its heartbeat still "
                                         "beating (once per run folder)", metavar="RANK:STEP", recovery="live")
+    debug_corrupt_at: str | None = setting(None, "change one worker's weights after a global step, silently "
+                                           "(once per run folder)", metavar="RANK:STEP", recovery="live")
 
     def check_debug(self) -> None:
         for flag, value, minimum in (("--debug-slowdown", self.debug_slowdown, 1.0),
                                      ("--debug-nan-at", self.debug_nan_at, 0.0),
-                                     ("--debug-hang-at", self.debug_hang_at, 0.0)):
+                                     ("--debug-hang-at", self.debug_hang_at, 0.0),
+                                     ("--debug-corrupt-at", self.debug_corrupt_at, 0.0)):
             if value is None:
                 continue
             parts = value.split(":")

@@ -129,7 +129,9 @@ def end_round(run: Run, before: Rollback | None, shares: list, progress: Progres
         checkpoint_due=run.checkpoints.due(),
         time_up=run.seat.rank == 0 and time_is_up(run.stop_rules, state.elapsed()),
         payload=run.sync.round_payload(before, run.exchange.room()))
-    if shared is None:  # not committed: a peer failed; whoever is there at the next quorum redoes it
+    if shared is None or not membership.agrees(shared.fingerprints):
+        # not committed (a peer failed), or a replica's weights differed: whoever is there at the next
+        # quorum redoes the round
         state.cursor, state.step = before.restore(unwrap(run.model), run.optimizer)
         membership.discarded()
         return None, True

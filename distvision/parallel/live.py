@@ -35,6 +35,7 @@ STARTED_AT_VARIABLE = "DISTVISION_STARTED_AT"  # time.time() when the launcher s
 SPAWNED_AT_VARIABLE = "DISTVISION_SPAWNED_AT"  # time.time() when the launcher started this worker
 FIRST_WORKERS_VARIABLE = "DISTVISION_FIRST_WORKERS"  # how many workers the launcher started at first
 HEAL_FAILED_EXIT = 3  # a replica that could not heal exits with this status, and its launcher respawns it
+DIVERGED_EXIT = 4  # a replica whose weights differ from its peers' exits with this, respawned to heal
 ATTEMPT_VARIABLE = "DISTVISION_LIVE_ATTEMPT"  # the launch's id: audit records of a resumed run supersede
 HEARTBEAT_INTERVAL = timedelta(milliseconds=100)  # each Manager's beat to the Lighthouse
 QUORUM_TICK_MS = 20

@@ -26,6 +26,7 @@ from distvision.metrics import rewrite_log, say
 from distvision.parallel.launch import USER_ERROR_EXIT
 from distvision.parallel.live import (
     ATTEMPT_VARIABLE,
+    DIVERGED_EXIT,
     FIRST_WORKERS_VARIABLE,
     HEAL_FAILED_EXIT,
     JOINING_VARIABLE,
@@ -37,7 +38,7 @@ from distvision.parallel.live import (
     LiveReplica,
     watch_lighthouse,
 )
-from distvision.parallel.membership import Seat
+from distvision.parallel.membership import Seat, weights_fingerprint
 from distvision.parallel.watchdog import ComputeClock
 
 STATE_SLACK_BYTES = 64 << 20  # the JSON part, the train state's log, counts: small beside the tensors
@@ -127,10 +128,13 @@ class LiveMembership:
         self.quorum_due, self.quorum_step = True, 0
         self.busy = threading.Lock()  # held while a round or an epoch's end changes the state
         self.clock = ComputeClock()  # what the launcher's watchdog sees: computing a step, or waiting
+        self.fingerprint = 0  # of the weights this round started from, at a quorum (0: not taken)
+        self.differs = False  # this replica's weights differed from its peers': it heals at the next quorum
 
     # -- the protocol --------------------------------------------------------------------------------------
     def begin_round(self) -> float:
         """Join a quorum when one is due (healing if behind) and re-seat; return the seconds it took."""
+        self.fingerprint = 0
         if not self.quorum_due:
             self.clock.computing()
             return 0.0
@@ -152,8 +156,27 @@ class LiveMembership:
         self.seat.rank, self.seat.participants = quorum.rank, quorum.participants
         self.log.observe(quorum.quorum_id, quorum.participants, quorum.seconds,
                          {"step": state.step, "epoch": state.epoch + 1, "cursor": state.cursor})
+        # At every quorum the replicas compare their weights in the round's exchange (agrees()).
+        self.fingerprint = weights_fingerprint(self.run.model)
         self.clock.computing()
         return quorum.seconds
+
+    def agrees(self, fingerprints) -> bool:
+        """Whether every participant started this round from the same weights (compared at quorums). If
+        not, the round is discarded by all alike (they read the same fingerprints), and a replica that
+        is not with the majority (on a tie: with rank 0's) heals from a peer at the next quorum."""
+        taken = [int(value) for value in fingerprints if value]
+        if len(set(taken)) <= 1:
+            return True
+        counts = {value: taken.count(value) for value in taken}
+        best = max(counts.values())
+        winners = [value for value, count in counts.items() if count == best]
+        right = int(fingerprints[0]) if len(winners) > 1 and int(fingerprints[0]) in winners else winners[0]
+        self.differs = self.fingerprint != right
+        if self.seat.rank == 0 or self.differs:
+            say(f"distvision: {'this replica' if self.differs else 'a replica'}'s weights differed from the "
+                f"others' at step {self.run.state.step}; it heals from them and the round is redone")
+        return False
 
     def stepped(self) -> None:
         """A step is done (the watchdog's sign of progress)."""
@@ -191,6 +214,13 @@ class LiveMembership:
     def discarded(self) -> None:
         self.log.discarded_rounds += 1
         self.quorum_due = True
+        # torchft counted a round the weights check discarded; a replica whose weights differed claims to
+        # be a step behind, so that the next quorum heals it from a peer.
+        step = self.run.state.step
+        if self.differs and step == 0:
+            os._exit(DIVERGED_EXIT)  # nothing to be behind of at step 0: respawned, it heals
+        self.replica.set_step(step - 1 if self.differs else step)
+        self.differs = False
 
     def epoch_ended(self) -> None:
         """A new epoch starts with a quorum (workers join there); evaluation is not a stall."""

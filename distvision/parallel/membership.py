@@ -17,6 +17,7 @@ rank and world size, so a new quorum re-seats them all at once.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class StaticMembership:
 
     live = False
     busy = nullcontext()  # live: held while a round or an epoch's end changes the state
+    fingerprint = 0  # live: of the weights this round started from; 0 here (DDP keeps replicas equal)
 
     def __init__(self, seat: Seat):
         self.seat = seat
@@ -72,6 +74,10 @@ class StaticMembership:
 
     def stepped(self) -> None:
         """A step is done (live membership's watchdog notes the progress)."""
+
+    def agrees(self, fingerprints) -> bool:
+        """Whether the replicas started the round from the same weights (a fixed group always does)."""
+        return True
 
     def committed(self, step: int) -> None:
         """A round committed at this optimizer step (live membership logs its events here)."""
@@ -111,6 +117,15 @@ class Rollback:
         if self.optimizer is not None:
             optimizer.load_state_dict(self.optimizer)
         return self.cursor, self.step
+
+
+def weights_fingerprint(model: nn.Module) -> int:
+    """A checksum of the replica's parameters and buffers, as an integer a float32 holds exactly
+    (1..2**24-1; 0 means "not taken"): replicas that should be identical compare it in the exchange."""
+    checksum = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        checksum = zlib.crc32(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy(), checksum)
+    return checksum % (2**24 - 1) + 1
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:

@@ -1,5 +1,6 @@
-"""The exchange that ends a round: the global loss, the decisions every rank must share, and the
-per-rank timings the throughput balancer needs, packed in one tensor and read by name.
+"""The exchange that ends a round: the global loss, the decisions every rank must share, the
+per-rank timings the throughput balancer needs and (live) each replica's weight fingerprint, packed in
+one tensor and read by name.
 
 On a fixed group gradients travel in the synchroniser's own collectives (DDP), and this exchange
 carries only what the loop needs to agree on (stop, checkpoint, diverged) and to report (loss), so
@@ -38,6 +39,7 @@ class ExchangeResult:
     seconds_since_last: float  # rank 0's wall time since the last exchange
     compute_seconds: np.ndarray  # per rank, since the last exchange
     samples_by_rank: np.ndarray
+    fingerprints: np.ndarray  # per rank, of the weights the round started from (0: not taken this round)
     steps: int  # since the last exchange, this one's included
     payload: torch.Tensor | None = None  # live: the participants' summed payload
 
@@ -83,7 +85,7 @@ class StepExchange:
 
     def room(self) -> int:
         """The values this exchange adds after a payload (training/exchange's votes and per-rank figures)."""
-        return len(SUMMED) + 2 * self.seat.participants
+        return len(SUMMED) + 3 * self.seat.participants
 
     def exchange(self, stop: bool, checkpoint_due: bool, time_up: bool,
                  payload: torch.Tensor | None = None) -> ExchangeResult | None:
@@ -101,6 +103,7 @@ class StepExchange:
         per_rank = len(SUMMED)
         shared[per_rank + self.seat.rank] = self.compute_seconds
         shared[per_rank + world + self.seat.rank] = self.samples
+        shared[per_rank + 2 * world + self.seat.rank] = self.membership.fingerprint
         steps = self.steps
         packed = shared
         if payload is not None:
@@ -117,6 +120,7 @@ class StepExchange:
         summed = dict(zip(SUMMED, shared[: len(SUMMED)].tolist()))
         result = ExchangeResult(**dict(summed, samples=int(summed["samples"])),
                                 compute_seconds=shared[per_rank : per_rank + world].numpy(),
-                                samples_by_rank=shared[per_rank + world :].numpy(), steps=steps, payload=payload)
+                                samples_by_rank=shared[per_rank + world : per_rank + 2 * world].numpy(),
+                                fingerprints=shared[per_rank + 2 * world :].numpy(), steps=steps, payload=payload)
         self.sync.pace_stats(result.seconds_since_last / steps)
         return result

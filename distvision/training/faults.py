@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from distvision.config import TrainConfig
 from distvision.parallel.membership import Seat
@@ -53,10 +54,15 @@ class StopSignal:
 
 
 class FaultInjector:
-    """--debug-slowdown, --debug-nan-at, --debug-hang-at, --debug-step-delay and --debug-stop-at-step."""
+    """--debug-slowdown, --debug-nan-at, --debug-hang-at, --debug-corrupt-at, --debug-step-delay and
+    --debug-stop-at-step."""
 
-    def __init__(self, config: TrainConfig, seat: Seat):
+    def __init__(self, config: TrainConfig, seat: Seat, model: nn.Module | None = None):
         self.seat = seat  # a rank setting names whoever holds that rank in the round
+        self.model = model
+        self.corrupt_rank, corrupt_step = parse_rank_setting(config.debug_corrupt_at, -1)
+        self.corrupt_step = int(corrupt_step)
+        self.corrupt_marker = Path(config.out or ".") / "debug-corrupted"  # once per run, as the hang
         self.slow_rank, self.slow_factor = parse_rank_setting(config.debug_slowdown, 1.0)
         self.nan_rank, nan_step = parse_rank_setting(config.debug_nan_at, -1)
         self.nan_step = int(nan_step)
@@ -80,6 +86,11 @@ class FaultInjector:
         return loss
 
     def after_step(self, step: int, compute_seconds: float) -> None:
+        if (self.seat.rank == self.corrupt_rank and step == self.corrupt_step and self.model is not None
+                and not self.corrupt_marker.exists()):
+            self.corrupt_marker.touch()
+            with torch.no_grad():
+                next(self.model.parameters()).add_(1.0)  # as a bit flip or a bad update would, silently
         if self.seat.rank == self.hang_rank and step == self.hang_step and not self.hang_marker.exists():
             self.hang_marker.touch()
             while True:  # stuck in Python; torchft's heartbeat thread beats on

@@ -274,7 +274,7 @@ def build_run(config: TrainConfig, started: float) -> Run:
         train_indices=train_indices, val_indices=val_indices, preprocess=preprocess, model=sync.model,
         optimizer=optimizer, lookahead=lookahead, sync=sync, balancer=balancer, batches=batches,
         exchange=StepExchange(seat, sync, membership), checkpoints=checkpoints,
-        faults=FaultInjector(config, seat), audit=audit, stop_signal=stop_signal,
+        faults=FaultInjector(config, seat, unwrap(model)), audit=audit, stop_signal=stop_signal,
         stop_rules=StopRules.from_config(config, recipe.epochs),
         reporter=Reporter(config, run_dir, seat, started), state=state,
     )

@@ -99,8 +99,11 @@ def test_a_frozen_worker_is_left_out_and_a_killed_one_respawned_without_restarti
         data: Path, reference: Path, tmp_path: Path):
     out = tmp_path / "run"
     # Hung (its Python stuck, its heartbeat beating) after step 33: the launcher's watchdog kills it.
+    # Weights changed silently after step 16: the next quorum's check heals them from the peer (a quorum
+    # every step, so that no gradient of the changed weights reaches the sum).
     run = _start(_train_args(data, out, "--workers", "2", *EPOCHS, *LIVE, "--debug-step-delay", "0.1",
-                             "--debug-hang-at", "1:33"), tmp_path)
+                             "--debug-hang-at", "1:33", "--debug-corrupt-at", "1:16", "--quorum-every", "1"),
+                 tmp_path)
     wait_for(lambda: _steps_done(out) >= 5, 120, "training to make progress")
     # Frozen (SIGSTOP): the other replica trains on alone, its heartbeat moving while the frozen one
     # cannot answer; woken, the frozen one heals from it and rejoins.
@@ -119,6 +122,7 @@ def test_a_frozen_worker_is_left_out_and_a_killed_one_respawned_without_restarti
     after = _workers(out)
     assert hung["replica1"] == frozen and hung["replica0"] != before["replica0"], (before, hung)
     assert "has been on one step for" in output, output[-2000:]
+    assert (out / "debug-corrupted").exists() and "this replica's weights differed" in output, output[-2000:]
     assert sum(after[name] != hung[name] for name in hung) == 1, (hung, after)  # the hung one, respawned
     summary = json.loads((out / "summary.json").read_text())
     # A step with the dead (or frozen) peer was discarded and redone: the audit below holds across it.
