@@ -182,13 +182,18 @@ def restart_world_sizes(run_dir: Path) -> list[tuple[int, int]]:
 
 def assert_each_epoch_covered_once(run_dir: Path, epochs: int, sample_count: int = ELASTIC_TRAIN_COUNT) -> None:
     """From the audit logs: per epoch, the steps that counted (the latest attempt of each) cover every
-    sample exactly once, whatever restarts and world-size changes happened."""
+    sample exactly once, whatever restarts and world-size changes happened.
+
+    An attempt is a start of the job: the restart path's attempt ids are the start's clock in ns, the
+    live path's the launch's clock in ms x 10**6 + the quorum's id (every record there is a committed
+    step). Both divided by 10**6 name the start, so within one start every record counts and a step
+    trained twice shows as a sample seen twice; a later start (a restart, a resume) supersedes."""
     attempts: dict[tuple[int, int], dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
     for path in (run_dir / "audit").glob("*.jsonl"):
         for line in path.read_text().splitlines():
             record = json.loads(line)
-            # A later attempt at the same step (after a restart) supersedes the one that was lost.
-            attempts[(record["epoch"], record["step"])][record["attempt"]].extend(record["indices"])
+            start = record["attempt"] // 1_000_000
+            attempts[(record["epoch"], record["step"])][start].extend(record["indices"])
     for epoch in range(epochs):
         seen = []
         for (record_epoch, _), by_attempt in attempts.items():

@@ -145,66 +145,6 @@ def flatten(tensors: list[torch.Tensor], room: int = 0) -> torch.Tensor:
     return torch.cat([*pieces, torch.zeros(room)]) if pieces or room else torch.zeros(0)
 
 
-class GradientBuffer:
-    """A gradient round's exchange without copies: the gradients are views of one persistent float32
-    vector, followed by the round's other values (batch-norm statistics) and room for the votes, so
-    backward writes straight into what the all-reduce sends, and the optimizer steps on the sum in place
-    (DDP's gradient_as_bucket_view, for the live exchange). Where the gradients cannot be views (not
-    float32 on the CPU), the vector is a copy."""
-
-    def __init__(self):
-        self.flat: torch.Tensor | None = None
-
-    def pack(self, parameters: list[nn.Parameter], others: list[torch.Tensor], room: int) -> torch.Tensor:
-        """The vector of the parameters' gradients, the others' values and `room` values to fill."""
-        gradients = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-        if not all(p.device.type == "cpu" and p.dtype == torch.float32 for p in parameters):
-            return flatten([*gradients, *others], room)
-        count = sum(p.numel() for p in parameters)
-        size = count + sum(t.numel() for t in others) + room
-        if self.flat is None or len(self.flat) != size or not self.holds(parameters):
-            flat = torch.zeros(size)
-            offset = 0
-            for parameter, gradient in zip(parameters, gradients, strict=True):
-                view = _view_like(flat[offset:offset + parameter.numel()], parameter)
-                view.copy_(gradient)
-                parameter.grad = view
-                offset += parameter.numel()
-            self.flat = flat
-        offset = count
-        for tensor in others:
-            self.flat[offset:offset + tensor.numel()].copy_(tensor.detach().reshape(-1))
-            offset += tensor.numel()
-        return self.flat
-
-    def holds(self, parameters: list[nn.Parameter]) -> bool:
-        """Whether every gradient is still its view of the vector (a rollback or zero_grad drops them)."""
-        if self.flat is None:
-            return False
-        address, offset = self.flat.data_ptr(), 0
-        for parameter in parameters:
-            if parameter.grad is None or parameter.grad.data_ptr() != address + 4 * offset:
-                return False
-            offset += parameter.numel()
-        return True
-
-    def clear(self, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
-        """After the optimizer's step: zero the gradients in place (the views stay for the next round's
-        backward to accumulate into), or drop them where they are not views."""
-        if self.holds(parameters):
-            self.flat[:sum(p.numel() for p in parameters)].zero_()
-        else:
-            optimizer.zero_grad(set_to_none=True)
-
-
-def _view_like(piece: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
-    """piece shaped as the parameter, with its memory layout (channels_last convolutions included), so that
-    backward accumulates into it without a strided copy (autograd warns otherwise)."""
-    dense = parameter.is_contiguous() or (parameter.ndim == 4 and parameter.is_contiguous(
-        memory_format=torch.channels_last))
-    return piece.as_strided(parameter.shape, parameter.stride()) if dense else piece.view(parameter.shape)
-
-
 def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor], as_grad: bool) -> None:
     """Write consecutive slices of `flat` into the tensors' gradients (as_grad) or their values."""
     offset = 0

@@ -37,7 +37,6 @@ from torch.nn.parallel import DistributedDataParallel
 from distvision.config import SYNC_MODES, ParallelSettings, TrainConfig
 from distvision.errors import UserError
 from distvision.parallel.membership import (
-    GradientBuffer,
     Rollback,
     flatten,
     statistics_buffers,
@@ -120,7 +119,6 @@ class Synchronizer:
         self.round_steps = 1  # live: steps in the round under way (1 averaging gradients, else the period)
         self.round_averages_gradients = True  # live: the round under way exchanges gradients
         self.outer = outer  # DiLoCo's outer optimizer (outer_optimizer), resumed before the wrapping
-        self.gradients = GradientBuffer()  # live gradient rounds: the exchange's vector, gradients its views
         if self.distributed:
             device_ids = [device.index] if device.type == "cuda" else None
             # Under local SGD, DDP must not broadcast rank 0's buffers at every forward: that would be a
@@ -212,15 +210,17 @@ class Synchronizer:
     # -- live: the round's payload and its committed sum -----------------------------------------------------
     def round_payload(self, before: Rollback | None, room: int) -> torch.Tensor | None:
         """Live: what this replica adds to the round's exchange, as one float32 vector with `room` values
-        left for the exchange's votes: the gradients (one step; the gradient buffer's own memory, no
-        copy), the parameters (local SGD) or the change since the round began (DiLoCo's pseudo-gradient),
-        then the batch-norm statistics, averaged too so that every replica evaluates and decides alike."""
+        left for the exchange's votes: the gradients (one step), the parameters (local SGD) or the change
+        since the round began (DiLoCo's pseudo-gradient), then the batch-norm statistics, averaged too so
+        that every replica evaluates and decides alike. One copy: gradients kept as views of the
+        exchanged vector made fastnet's steps 12% slower here (benchmarks/RESULTS.md, 2026-12-03)."""
         if not self.live:
             return None
         replica = unwrap(self.model)
         parameters, buffers = trainable(replica), statistics_buffers(replica)
         if self.round_averages_gradients:
-            return self.gradients.pack(parameters, buffers, room)
+            gradients = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+            return flatten([*gradients, *buffers], room)
         if self.settings.mode == "diloco":
             changes = [original - p.detach() for p, original in zip(parameters, before.weights, strict=True)]
             return flatten([*changes, *buffers], room)
@@ -235,10 +235,9 @@ class Synchronizer:
         count = sum(p.numel() for p in parameters)
         unflatten_into(summed[count:] / participants, buffers, as_grad=False)
         if self.round_averages_gradients:
-            if not self.gradients.holds(parameters):  # else the gradients are the sum already
-                unflatten_into(summed[:count], parameters, as_grad=True)
+            unflatten_into(summed[:count], parameters, as_grad=True)
             optimizer.step()
-            self.gradients.clear(parameters, optimizer)
+            optimizer.zero_grad(set_to_none=True)
         elif self.settings.mode == "diloco":
             with torch.no_grad():
                 for parameter, original in zip(parameters, before.weights, strict=True):

@@ -126,11 +126,14 @@ def test_a_frozen_worker_is_left_out_and_a_killed_one_respawned_without_restarti
     assert sum(after[name] != hung[name] for name in hung) == 1, (hung, after)  # the hung one, respawned
     summary = json.loads((out / "summary.json").read_text())
     # A step with the dead (or frozen) peer was discarded and redone: the audit below holds across it.
-    assert summary["restarts"] == 0 and summary["discarded_steps"] >= 1, summary
+    assert summary["restarts"] == 0 and summary["discarded_steps"] >= 3, summary  # freeze, kill, hang
     changes = _changes(out)
     assert any(e["new_participants"] == 1 for e in changes if e["step"] < 20), changes  # the freeze
-    assert any(e["step"] >= 20 for e in changes), changes  # the kill
-    assert all(e["stall_seconds"] < 30 for e in changes), changes
+    # The kill costs the survivor about the heartbeat timeout (0.5 s here; a margin for a loaded machine);
+    # the freeze and the hang, the collective timeout (4 s) or the watchdog's bound (5 s), plus as much.
+    killed = [e for e in changes if 20 <= e["step"] < 33 and e["new_participants"] == 1]
+    assert killed and all(e["stall_seconds"] < 3 for e in killed), changes
+    assert all(e["stall_seconds"] < 10 for e in changes), changes
     assert "workers 2 ->" in output
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
     assert_each_epoch_covered_once(out, 3)
@@ -187,9 +190,11 @@ def test_nodes_join_and_leave_a_running_job_through_torchrun(data: Path, tmp_pat
     joined = next(i for i, (_, new) in enumerate(counts) if new == 3)
     assert counts[0][0] == 1 and (3, 2) in counts[joined:], counts
     assert list_training_checkpoints(out) and not (out / "summary.json").exists()
-    epochs = len(read_metrics(out))
-    assert epochs >= 1
-    assert_each_epoch_covered_once(out, epochs)
+    records = read_metrics(out)
+    assert len(records) >= 1
+    assert_each_epoch_covered_once(out, len(records))
+    # Trained through joins and a death: the undisturbed run reaches 1.0 on these data in 2 epochs.
+    assert records[-1]["test_accuracy"] >= 0.9, records
 
 
 def test_a_lost_lighthouse_stops_the_job_resumably(data: Path, reference: Path, tmp_path: Path):

@@ -3,8 +3,6 @@ events, the shares of a round after a change of participants, and DiLoCo's outer
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
@@ -15,13 +13,11 @@ from distvision.data.sharding import rank_slice
 from distvision.evaluate import EVAL_CHUNK, evaluate_part, result_of
 from distvision.parallel.live_membership import MembershipLog
 from distvision.parallel.membership import (
-    GradientBuffer,
     Rollback,
     Seat,
     StaticMembership,
     clone,
     flatten,
-    trainable,
     unflatten_into,
 )
 from distvision.training.checkpoints import CheckpointManager
@@ -81,47 +77,6 @@ def test_flatten_then_unflatten_is_the_identity(shapes):
         assert torch.equal(tensor, target)
     with pytest.raises(ValueError):  # a payload of another layout is never silently truncated
         unflatten_into(torch.zeros(flatten(tensors).numel() + 1), targets, as_grad=False)
-
-
-def test_the_gradient_buffer_is_what_backward_writes_and_what_the_optimizer_reads():
-    """A gradient round's payload without copies: backward accumulates into views of the exchanged vector,
-    an in-place sum there is what the optimizer steps on, and clearing keeps the views for the next round."""
-    model = _model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    parameters, buffers = trainable(model), [model[1].running_mean, model[1].running_var]
-    gradients = GradientBuffer()
-    model(torch.randn(8, 4)).square().sum().backward()
-    expected = flatten([p.grad for p in parameters] + buffers, room=3)
-    first = gradients.pack(parameters, buffers, room=3)
-    assert torch.equal(first, expected) and gradients.holds(parameters)
-    first.mul_(2)  # what the all-reduce does in place: the gradients are the sum now
-    assert torch.equal(parameters[0].grad, 2 * expected[: parameters[0].numel()].view_as(parameters[0]))
-    gradients.clear(parameters, optimizer)
-    assert gradients.holds(parameters) and all(not p.grad.any() for p in parameters)
-    model(torch.randn(8, 4)).square().sum().backward()  # accumulates into the same memory
-    assert gradients.pack(parameters, buffers, room=3).data_ptr() == first.data_ptr()
-    optimizer.zero_grad(set_to_none=True)  # a rollback drops the gradients: the next pack binds again
-    assert not gradients.holds(parameters)
-    model(torch.randn(8, 4)).square().sum().backward()
-    again = gradients.pack(parameters, buffers, room=5)
-    assert gradients.holds(parameters) and torch.equal(again, flatten([p.grad for p in parameters] + buffers, 5))
-
-
-def test_gradient_views_keep_a_channels_last_layout():
-    """Backward accumulates into a view with the parameter's own strides, without autograd's stride warning."""
-    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
-    images = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(conv.parameters(), lr=0.1)
-    gradients = GradientBuffer()
-    conv(images).sum().backward()
-    expected = conv.weight.grad.clone()
-    gradients.pack(trainable(conv), [], room=0)
-    assert conv.weight.grad.stride() == conv.weight.stride() and torch.equal(conv.weight.grad, expected)
-    gradients.clear(trainable(conv), optimizer)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        conv(images).sum().backward()
-    assert gradients.holds(trainable(conv)) and torch.equal(conv.weight.grad, expected)
 
 
 @settings(max_examples=20, deadline=None)
