@@ -48,7 +48,7 @@ class LiveStopped(Exception):
         self.signal_number = signal_number
 
 
-def launch_live(work: Callable[[dict[str, str]], None], workers: int, max_restarts: int, heartbeat_timeout: float,
+def launch_live(work: Callable[[dict[str, str], object], None], workers: int, max_restarts: int, heartbeat_timeout: float,
                 join_timeout: float, pid_file: Path, warm_modules: list[str]) -> None:
     """Run `workers` replicas, each work(environment, progress) in a process of its own, around a loopback
     Lighthouse until they finish. `work` must be picklable (a module-level function or a partial of one).

@@ -38,7 +38,7 @@ from distvision.parallel.live import (
     LiveReplica,
     watch_lighthouse,
 )
-from distvision.parallel.membership import Seat, weights_fingerprint
+from distvision.parallel.membership import Seat, majority_fingerprint, weights_fingerprint
 from distvision.parallel.watchdog import ComputeClock
 
 STATE_SLACK_BYTES = 64 << 20  # the JSON part, the train state's log, counts: small beside the tensors
@@ -166,13 +166,9 @@ class LiveMembership:
         """Whether every participant started this round from the same weights (compared at quorums). If
         not, the round is discarded by all alike (they read the same fingerprints), and a replica that
         is not with the majority (on a tie: with rank 0's) heals from a peer at the next quorum."""
-        taken = [int(value) for value in fingerprints if value]
-        if len(set(taken)) <= 1:
+        right = majority_fingerprint(fingerprints)
+        if right is None:
             return True
-        counts = {value: taken.count(value) for value in taken}
-        best = max(counts.values())
-        winners = [value for value, count in counts.items() if count == best]
-        right = int(fingerprints[0]) if len(winners) > 1 and int(fingerprints[0]) in winners else winners[0]
         self.differs = self.fingerprint != right
         if self.seat.rank == 0 or self.differs:
             say(f"distvision: {'this replica' if self.differs else 'a replica'}'s weights differed from the "

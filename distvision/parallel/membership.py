@@ -128,6 +128,18 @@ def weights_fingerprint(model: nn.Module) -> int:
     return checksum % (2**24 - 1) + 1
 
 
+def majority_fingerprint(fingerprints) -> int | None:
+    """The weights fingerprint the replicas should have (the most common one; on a tie, rank 0's, or
+    else the first of the most common), or None when all that were taken (non-zero) agree."""
+    taken = [int(value) for value in fingerprints if value]
+    if len(set(taken)) <= 1:
+        return None
+    counts = {value: taken.count(value) for value in taken}
+    winners = [value for value, count in counts.items() if count == max(counts.values())]
+    first = int(fingerprints[0])
+    return first if len(winners) > 1 and first in winners else winners[0]
+
+
 def trainable(model: nn.Module) -> list[nn.Parameter]:
     """The parameters the optimizer updates (frozen ones never change, so never travel)."""
     return [p for p in model.parameters() if p.requires_grad]

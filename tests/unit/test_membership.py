@@ -18,7 +18,9 @@ from distvision.parallel.membership import (
     StaticMembership,
     clone,
     flatten,
+    majority_fingerprint,
     unflatten_into,
+    weights_fingerprint,
 )
 from distvision.training.checkpoints import CheckpointManager
 from distvision.training.state import TrainState
@@ -143,3 +145,50 @@ def test_diloco_outer_momentum_survives_a_checkpoint(tmp_path):
     CheckpointManager(tmp_path, Seat(0, 1), settings_, 3600).resume(model, inner, None, fresh)
     for parameter in model.parameters():
         assert torch.equal(fresh.state[parameter]["momentum_buffer"], outer.state[parameter]["momentum_buffer"])
+
+
+def test_the_replicas_weights_fingerprint_is_the_majoritys_and_rank_0s_on_a_tie():
+    assert majority_fingerprint([7, 7, 0]) is None  # agreed (a 0 is a replica that took none)
+    assert majority_fingerprint([7, 9, 7]) == 7 and majority_fingerprint([9, 7, 7]) == 7
+    assert majority_fingerprint([9, 7]) == 9 and majority_fingerprint([0, 7, 9]) == 7
+
+
+def test_a_fingerprint_changes_with_any_weight_and_fits_a_float32():
+    model = _model()
+    before = weights_fingerprint(model)
+    assert before == weights_fingerprint(clone_model(model))
+    with torch.no_grad():
+        model[2].bias[0] += 1e-7
+    after = weights_fingerprint(model)
+    assert after != before and all(0 < value < 2**24 and float(np.float32(value)) == value for value in (before, after))
+
+
+def clone_model(model: torch.nn.Module) -> torch.nn.Module:
+    copy = _model()
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
+def test_the_watchdog_bounds_a_step_by_the_recent_median_and_ignores_waiting():
+    from multiprocessing.sharedctypes import RawArray
+
+    from distvision.parallel import watchdog
+
+    shared = RawArray("d", watchdog.SLOTS)
+    watchdog.watch_this_replica(shared)
+    try:
+        clock = watchdog.ComputeClock()
+        clock.computing()
+        assert shared[1] == watchdog.FIRST_SECONDS and watchdog.overdue(shared, shared[0] + 60) is None
+        assert watchdog.overdue(shared, shared[0] + watchdog.FIRST_SECONDS + 1) is not None
+        clock.durations.extend([2.0, 2.0, 3.0])
+        clock.stepped()
+        assert shared[1] == watchdog.STEPS * 2.0 and shared[0] > 0  # the median of 2, 2, 3 and this short step
+        clock.waiting()  # waiting for peers is never overdue
+        assert shared[0] == 0 and watchdog.overdue(shared, 10**12) is None
+        clock.durations.clear()
+        clock.durations.extend([0.01] * 5)
+        clock.computing()
+        assert shared[1] == watchdog.MIN_SECONDS
+    finally:
+        watchdog.watch_this_replica(None)
