@@ -1,4 +1,4 @@
-"""Evaluation: exact global accuracy over a split, shared across ranks; `distvision evaluate`."""
+"""Evaluation: exact accuracy over a split, in parts that workers share; `distvision evaluate`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from distvision.data.batches import Images, Preprocessing, load_batch
@@ -27,7 +26,7 @@ class EvalResult:
     count: int
 
 
-def evaluate_split(
+def evaluate_part(
     model: nn.Module,
     images: Images,
     labels: np.ndarray,
@@ -37,32 +36,13 @@ def evaluate_split(
     test_time_flip: bool = False,
     test_time_shift: bool = False,
     indices: np.ndarray | None = None,
-) -> EvalResult:
-    """Loss and accuracy over images (or the given indices of it), shared by torch.distributed's ranks."""
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    totals = evaluate_part(model, images, labels, preprocess, precision, device, test_time_flip,
-                           test_time_shift, indices, rank, world_size)
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    return result_of(totals)
-
-
-def evaluate_part(
-    model: nn.Module,
-    images: Images,
-    labels: np.ndarray,
-    preprocess: Preprocessing,
-    precision: str,
-    device: torch.device,
-    test_time_flip: bool,
-    test_time_shift: bool,
-    indices: np.ndarray | None,
-    part: int,
-    parts: int,
+    part: int = 0,
+    parts: int = 1,
 ) -> torch.Tensor:
-    """Part `part` of `parts` of an evaluation: every parts-th chunk from the part-th; returns its loss sum,
-    correct count and count (float64), to be summed over the parts. A chunk gives the same numbers
-    whoever evaluates it, so the sum does not depend on the number of parts."""
+    """Part `part` of `parts` of an evaluation over images (or the given indices of it): every parts-th
+    chunk from the part-th; returns its loss sum, correct count and count (float64), to be summed over
+    the parts (result_of). A chunk gives the same numbers whoever evaluates it, so the sum does not
+    depend on the number of parts; the defaults evaluate the whole split."""
     indices = np.arange(len(images)) if indices is None else indices
     was_training = model.training
     model.eval()
@@ -95,8 +75,8 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, cache_dir: Path | None = N
     prepared = open_prepared(ensure_prepared(data, loaded.image_size, cache_dir))
     if prepared.classes != loaded.classes:
         raise UserError(f"{data} has classes {prepared.classes}, the checkpoint was trained on {loaded.classes}")
-    result = evaluate_split(
+    result = result_of(evaluate_part(
         loaded.model, prepared.test_images, prepared.test_labels, loaded.preprocess, loaded.precision,
         loaded.device, loaded.test_time_flip, loaded.test_time_shift,
-    )
+    ))
     return {"test_accuracy": result.accuracy, "test_loss": result.loss, "test_count": result.count}

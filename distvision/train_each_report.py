@@ -78,7 +78,7 @@ def add_global_accuracy(rows: list[dict], subsets: list[Subset], global_run: Pat
         part = parts[subset.name]
         among = [union_class[name] for name in subset.classes]
         correct = correct_among = 0
-        # The chunks evaluate_split uses, so all-classes accuracy is the number it would give.
+        # The chunks evaluate_part uses, so all-classes accuracy is the number it would give.
         for start in range(part.start, part.stop, EVAL_CHUNK):
             chunk = np.arange(start, min(start + EVAL_CHUNK, part.stop))
             logits = loaded.logits(union.test_images[chunk])

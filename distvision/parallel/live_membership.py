@@ -41,7 +41,11 @@ from distvision.parallel.live import (
 from distvision.parallel.membership import Seat, majority_fingerprint, weights_fingerprint
 from distvision.parallel.watchdog import ComputeClock
 
-STATE_SLACK_BYTES = 64 << 20  # the JSON part, the train state's log, counts: small beside the tensors
+# The most a healing peer's state may hold: the model and at most as many copies of its size again as
+# the optimizer (2 for Adam), the lookahead and DiLoCo's outer state keep, twice over; plus the JSON
+# part (the train state's log, counts), small beside the tensors.
+STATE_MODEL_COPIES = 10
+STATE_SLACK_BYTES = 64 << 20
 
 
 class LeftBehind(Exception):
@@ -250,8 +254,9 @@ class LiveMembership:
             share("lookahead", run.lookahead.state, lambda saved: run.lookahead.load(dict(saved), run.model))
         if run.sync.outer:
             share("outer_optimizer", run.sync.outer.state_dict, run.sync.outer.load_state_dict)
-        # A peer's state is ours in size; anything much larger is refused before it is read.
-        self.replica.transport.max_state_bytes = 2 * state_bytes(run) + STATE_SLACK_BYTES
+        # A peer's state is about ours in size; anything much larger is refused before it is read.
+        model_bytes = sum(t.numel() * t.element_size() for t in run.model.state_dict().values())
+        self.replica.transport.max_state_bytes = STATE_MODEL_COPIES * model_bytes + STATE_SLACK_BYTES
         watch_lighthouse(self.lighthouse, self._abandon)
         wait_for_first_peers(self.run_dir, self.number, join_timeout)
         self.replica.set_step(run.state.step)
@@ -304,25 +309,6 @@ class LiveMembership:
                   "seconds": round(first_commit - spawned_at, 3), "healed": self.healed}
         with open(self.run_dir / "joins.jsonl", "a") as joins:
             joins.write(json.dumps(record) + "\n")
-
-
-def state_bytes(run) -> int:
-    """The bytes of the tensors a healing peer would send us: model, optimizer, lookahead, outer state."""
-    parts = [run.model.state_dict(), run.optimizer.state_dict()]
-    parts += [run.lookahead.state()] if run.lookahead else []
-    parts += [run.sync.outer.state_dict()] if run.sync.outer else []
-
-    def size(tree) -> int:
-        if isinstance(tree, torch.Tensor):
-            return tree.numel() * tree.element_size()
-        if isinstance(tree, dict):
-            return sum(size(value) for value in tree.values())
-        if isinstance(tree, list | tuple):
-            return sum(size(value) for value in tree)
-        return 0
-
-    # The optimizer's momentum appears only after its first step: count it as one more model.
-    return size(parts) + size(run.model.state_dict())
 
 
 def wait_for_first_peers(run_dir: Path, number: int, timeout: float) -> None:

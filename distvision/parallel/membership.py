@@ -153,8 +153,7 @@ def statistics_buffers(model: nn.Module) -> list[torch.Tensor]:
 def flatten(tensors: list[torch.Tensor], room: int = 0) -> torch.Tensor:
     """One float32 vector on the CPU of the tensors' values, in order (the exchange's wire layout, for
     gloo), then `room` zeros; float32 CPU tensors are not copied before the one concatenation."""
-    pieces = [t.detach().reshape(-1).to("cpu", torch.float32) for t in tensors]
-    return torch.cat([*pieces, torch.zeros(room)]) if pieces or room else torch.zeros(0)
+    return torch.cat([*(t.detach().reshape(-1).to("cpu", torch.float32) for t in tensors), torch.zeros(room)])
 
 
 def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor], as_grad: bool) -> None:

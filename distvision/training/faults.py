@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,27 @@ class StopSignal:
         self.requested = True
 
 
+@dataclass
+class OneShot:
+    """A debug fault at RANK:STEP that fires once per run folder (a marker file there), so that the
+    worker respawned into the job, which may redo that step, does not fault again."""
+
+    rank: int
+    step: int
+    marker: Path
+
+    @classmethod
+    def parse(cls, setting: str | None, marker: Path) -> OneShot:
+        rank, step = parse_rank_setting(setting, -1)
+        return cls(rank, int(step), marker)
+
+    def fires(self, rank: int, step: int) -> bool:
+        if rank != self.rank or step != self.step or self.marker.exists():
+            return False
+        self.marker.touch()
+        return True
+
+
 class FaultInjector:
     """--debug-slowdown, --debug-nan-at, --debug-hang-at, --debug-corrupt-at, --debug-step-delay and
     --debug-stop-at-step."""
@@ -60,15 +82,12 @@ class FaultInjector:
     def __init__(self, config: TrainConfig, seat: Seat, model: nn.Module | None = None):
         self.seat = seat  # a rank setting names whoever holds that rank in the round
         self.model = model
-        self.corrupt_rank, corrupt_step = parse_rank_setting(config.debug_corrupt_at, -1)
-        self.corrupt_step = int(corrupt_step)
-        self.corrupt_marker = Path(config.out or ".") / "debug-corrupted"  # once per run, as the hang
+        run_dir = Path(config.out or ".")
+        self.corrupt = OneShot.parse(config.debug_corrupt_at, run_dir / "debug-corrupted")
+        self.hang = OneShot.parse(config.debug_hang_at, run_dir / "debug-hung")
         self.slow_rank, self.slow_factor = parse_rank_setting(config.debug_slowdown, 1.0)
         self.nan_rank, nan_step = parse_rank_setting(config.debug_nan_at, -1)
         self.nan_step = int(nan_step)
-        self.hang_rank, hang_step = parse_rank_setting(config.debug_hang_at, -1)
-        self.hang_step = int(hang_step)
-        self.hang_marker = Path(config.out or ".") / "debug-hung"  # once per run: a respawn must not hang again
         self.step_delay = config.debug_step_delay
         self.stop_at_step = config.debug_stop_at_step
         self.slowdown_seconds = 0.0  # the extra compute time the next step simulates
@@ -86,13 +105,10 @@ class FaultInjector:
         return loss
 
     def after_step(self, step: int, compute_seconds: float) -> None:
-        if (self.seat.rank == self.corrupt_rank and step == self.corrupt_step and self.model is not None
-                and not self.corrupt_marker.exists()):
-            self.corrupt_marker.touch()
+        if self.model is not None and self.corrupt.fires(self.seat.rank, step):
             with torch.no_grad():
                 next(self.model.parameters()).add_(1.0)  # as a bit flip or a bad update would, silently
-        if self.seat.rank == self.hang_rank and step == self.hang_step and not self.hang_marker.exists():
-            self.hang_marker.touch()
+        if self.hang.fires(self.seat.rank, step):
             while True:  # stuck in Python; torchft's heartbeat thread beats on
                 time.sleep(3600)
         if self.seat.rank == self.slow_rank:  # the next step sleeps (factor - 1) x this step's own compute time

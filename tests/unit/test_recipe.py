@@ -13,7 +13,7 @@ from torch import nn
 from distvision.cli import build_parser
 from distvision.config import TrainConfig
 from distvision.data.augment import AugmentSettings, augment_batch
-from distvision.evaluate import evaluate_split
+from distvision.evaluate import evaluate_part
 from distvision.inference import forward_logits
 from distvision.models import create
 from distvision.recipes import lr_multiplier
@@ -197,7 +197,7 @@ def test_trick_switches_reach_the_recipe():
     assert build_parser().parse_args(["train"]).disable == []
 
 
-def test_evaluate_split_reports_the_views_it_was_asked_for():
+def test_an_evaluation_reports_the_views_it_was_asked_for():
     """The per-epoch evaluation stays plain (one view); only the final one pays for six."""
     calls = []
 
@@ -211,8 +211,8 @@ def test_evaluate_split_reports_the_views_it_was_asked_for():
     from distvision.data.batches import Preprocessing
 
     preprocess = Preprocessing.build("standardize", [0.5] * 3, [0.25] * 3, None)
-    evaluate_split(Counting(), images, labels, preprocess, "fp32", CPU)
+    evaluate_part(Counting(), images, labels, preprocess, "fp32", CPU)
     assert sum(calls) == 10
     calls.clear()
-    evaluate_split(Counting(), images, labels, preprocess, "fp32", CPU, True, True)
+    evaluate_part(Counting(), images, labels, preprocess, "fp32", CPU, True, True)
     assert sum(calls) == 60
