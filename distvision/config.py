@@ -26,10 +26,13 @@ DEFAULT_SYNC_EVERY = "8"  # local SGD's period when --sync-every is not given
 
 
 def flag_options(help: str | None = None, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
-                 metavar: str | None = None, recovery: str | None = None) -> dict:
+                 metavar: str | None = None, recovery: str | dict[str, str] | None = None) -> dict:
     """A field's metadata for its command-line flag: help, choices, metavar, the flag itself where it is
-    not --FIELD-NAME, and the one recovery mode it works on ("live" or "restart"; None: both)."""
-    if recovery and help:
+    not --FIELD-NAME, and the one recovery mode it works on ("live" or "restart"; None: both; a dict:
+    the values that work on one mode only, each with its mode)."""
+    if isinstance(recovery, dict) and help:
+        help = help + "".join(f" [{value}: --recovery {only} only]" for value, only in recovery.items())
+    elif recovery and help:
         help = f"{help} [--recovery {recovery} only]"
     return {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "recovery": recovery}
 
@@ -126,8 +129,9 @@ class ParallelSettings:
                                      f"(local-sgd's default {DEFAULT_SYNC_EVERY}; diloco needs it)", metavar="K|epoch")
     sync_warmup: int = setting(0, "local-sgd: all-reduce every step for the first S steps (default %(default)s)",
                                metavar="S")  # post-local SGD
-    compress: str = setting("none", "allreduce: compress gradients through a DDP communication hook (default "
-                            "%(default)s)", choices=("none", "fp16", "bf16", "powersgd"), recovery="restart")
+    compress: str = setting("none", "allreduce: gradients exchanged in half precision or PowerSGD's low-rank "
+                            "approximation (default %(default)s)", choices=("none", "fp16", "bf16", "powersgd"),
+                            recovery={"powersgd": "restart"})
     powersgd_rank: int = setting(2, "--compress powersgd: the rank of its approximation (default %(default)s)",
                                  recovery="restart")
     lr_scaling: str = setting("none", "scale the lr given for --base-batch-size to the global batch (Goyal et al.)",
@@ -136,7 +140,7 @@ class ParallelSettings:
     # On top of the recipe's schedule.
     warmup_epochs: float = setting(0.0, "linear lr warmup over the first epochs (default %(default)s)")
     balance: str = setting("even", "throughput: split each global batch across workers in proportion to measured "
-                           "speed (default %(default)s)", choices=("even", "throughput"), recovery="restart")
+                           "speed (default %(default)s)", choices=("even", "throughput"))
     sync_bn: bool = setting(False, "batch-norm statistics over all workers (CUDA only; default: per worker)",
                             recovery="restart")
     # The DiLoCo paper's outer optimizer (Douillard et al. 2023): Nesterov SGD, lr 0.7, momentum 0.9.
@@ -326,8 +330,14 @@ class TrainConfig(DebugSettings, FaultToleranceSettings, StoppingSettings, Paral
 
     def mode_only_settings(self) -> dict[str, str]:
         """The settings given (not at their default) that work on one recovery mode only, with that mode."""
-        return {name: only for name, only in RECOVERY_ONLY.items()
-                if getattr(self, name) != CONFIG_FILE_FIELDS[name].default}
+        given = {}
+        for name, only in RECOVERY_ONLY.items():
+            value = getattr(self, name)
+            if isinstance(only, dict) and value in only:
+                given[name] = only[value]
+            elif isinstance(only, str) and value != CONFIG_FILE_FIELDS[name].default:
+                given[name] = only
+        return given
 
     def resolved_recovery(self, under_torchrun: bool, on_gpu: bool = False) -> str:
         """The recovery mode `auto` stands for here: live for several local workers (or a given

@@ -74,6 +74,7 @@ def train_epoch(run: Run) -> str | None:
         membership.begin_round()  # live: a quorum when due (healing a replica that is behind), a new seat
         if state.epoch != epoch:
             break  # healed from a peer already past this epoch's end
+        run.balancer.resize(run.seat.participants)
         sync.begin_round(state.step)
         before = (Rollback.take(unwrap(model), optimizer, state.cursor, state.step,
                                 keep_weights=not sync.round_averages_gradients) if membership.live else None)

@@ -77,6 +77,26 @@ class ThroughputBalancer:
         self._seconds = np.zeros(self.world_size)
         self._samples = np.zeros(self.world_size)
 
+    def resize(self, participants: int) -> None:
+        """Live: a quorum changed how many workers take part. Their speeds are measured again from even
+        shares (every replica sees the same quorum, so all start over alike)."""
+        if participants != self.world_size:
+            self.world_size = participants
+            self._steps, self._resplits, self._warmed_up = 0, 0, False
+            self.__post_init__()
+
+    def state_dict(self) -> dict:
+        """What a healing peer takes over, so that every replica cuts the same shares (JSON values)."""
+        return {"world_size": self.world_size, "shares": self.shares.tolist(), "seconds": self._seconds.tolist(),
+                "samples": self._samples.tolist(), "steps": self._steps, "resplits": self._resplits,
+                "warmed_up": self._warmed_up}
+
+    def load(self, saved: dict) -> None:
+        self.world_size, self._steps, self._resplits, self._warmed_up = (
+            int(saved["world_size"]), int(saved["steps"]), int(saved["resplits"]), bool(saved["warmed_up"]))
+        self.shares, self._seconds, self._samples = (np.asarray(saved[key], dtype=np.float64)
+                                                     for key in ("shares", "seconds", "samples"))
+
     def observe(self, compute_seconds: np.ndarray, samples: np.ndarray, steps: int = 1) -> bool:
         """Add the per-rank compute times and sample counts of the last `steps` steps; True when the
         shares changed."""

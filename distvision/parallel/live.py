@@ -132,13 +132,15 @@ class LiveReplica:
         return Quorum(rank if rank is not None else 0, max(participants, 1), self.manager._quorum_id,
                       time.perf_counter() - started)
 
-    def allreduce_sum(self, buffer: torch.Tensor, while_waiting: Callable[[], None] | None = None) -> bool:
-        """Sum the buffer over the round's participants in place; False when a peer failed (the round
-        will not commit, and the buffer is garbage). while_waiting runs while gloo's thread exchanges."""
-        work = self.manager.allreduce(buffer, reduce_op=ReduceOp.SUM)
+    def allreduce_sum(self, buffers: list[torch.Tensor], while_waiting: Callable[[], None] | None = None) -> bool:
+        """Sum each buffer over the round's participants in place (all in flight at once); False when a
+        peer failed (the round will not commit, and the buffers are garbage). while_waiting runs while
+        gloo's thread exchanges."""
+        works = [self.manager.allreduce(buffer, reduce_op=ReduceOp.SUM) for buffer in buffers]
         if while_waiting:
             while_waiting()
-        work.wait()
+        for work in works:
+            work.wait()
         return self.manager.errored() is None
 
     def commit(self) -> bool:

@@ -183,11 +183,13 @@ class LiveMembership:
         """A step is done (the watchdog's sign of progress)."""
         self.clock.stepped()
 
-    def allreduce(self, values: torch.Tensor, while_waiting: Callable[[], None] | None = None) -> bool:
-        """Sum over the round's participants in place; False when a peer failed (the round won't commit).
-        while_waiting (loading the next batch) runs while the exchange is in flight."""
+    def allreduce(self, values: torch.Tensor | list[torch.Tensor],
+                  while_waiting: Callable[[], None] | None = None) -> bool:
+        """Sum over the round's participants in place (a tensor, or several at once); False when a peer
+        failed (the round won't commit). while_waiting (loading the next batch) runs while the exchange
+        is in flight."""
         self.clock.waiting()  # waiting for the peers: whoever is late is the one watched
-        return self.replica.allreduce_sum(values, while_waiting)
+        return self.replica.allreduce_sum([values] if isinstance(values, torch.Tensor) else values, while_waiting)
 
     def commit(self) -> bool:
         """torchft's commit (a barrier over this replica's group, a single process, which also ends the
@@ -250,6 +252,7 @@ class LiveMembership:
         share("optimizer", run.optimizer.state_dict, run.optimizer.load_state_dict)
         share("train_state", run.state.state_dict, self._load_state)
         share("membership", self.log.state_dict, self.log.load)
+        share("balancer", run.balancer.state_dict, run.balancer.load)
         if run.lookahead:
             share("lookahead", run.lookahead.state, lambda saved: run.lookahead.load(dict(saved), run.model))
         if run.sync.outer:

@@ -62,11 +62,14 @@ class StaticMembership:
         """Nothing to agree on: the group is the membership. Returns the seconds waited (none)."""
         return 0.0
 
-    def allreduce(self, values: torch.Tensor, while_waiting: Callable[[], None] | None = None) -> bool:
-        """Sum `values` over the group in place (a failure raises: the elastic agent restarts us). The
-        exchange of votes is small here (gradients went in DDP's hook, which loads ahead): nothing waits."""
+    def allreduce(self, values: torch.Tensor | list[torch.Tensor],
+                  while_waiting: Callable[[], None] | None = None) -> bool:
+        """Sum `values` (a tensor, or several) over the group in place (a failure raises: the elastic
+        agent restarts us). The exchange of votes is small here (gradients went in DDP's hook, which
+        loads ahead): nothing waits."""
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(values)
+            for tensor in [values] if isinstance(values, torch.Tensor) else values:
+                dist.all_reduce(tensor)
         return True
 
     def commit(self) -> bool:

@@ -45,6 +45,7 @@ from distvision.parallel.membership import (
 )
 
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
+HALF_PRECISION = {"fp16": torch.float16, "bf16": torch.bfloat16}  # --compress: the gradients' wire dtype
 # The small all-reduce of losses and votes is a collective round-trip of its own, a noticeable share
 # of a short step on the CPU (figures in benchmarks/RESULTS.md). So it runs every few steps: about
 # once a STATS_SECONDS, so that a stop request (which has STOP_GRACE_SECONDS to reach a checkpoint)
@@ -118,6 +119,7 @@ class Synchronizer:
         self.model = model
         self.round_steps = 1  # live: steps in the round under way (1 averaging gradients, else the period)
         self.round_averages_gradients = True  # live: the round under way exchanges gradients
+        self.payload_gradients = 0  # live: how many of the round's payload values are gradients
         self.outer = outer  # DiLoCo's outer optimizer (outer_optimizer), resumed before the wrapping
         if self.distributed:
             device_ids = [device.index] if device.type == "cuda" else None
@@ -220,11 +222,22 @@ class Synchronizer:
         parameters, buffers = trainable(replica), statistics_buffers(replica)
         if self.round_averages_gradients:
             gradients = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+            self.payload_gradients = sum(g.numel() for g in gradients)
             return flatten([*gradients, *buffers], room)
         if self.settings.mode == "diloco":
             changes = [original - p.detach() for p, original in zip(parameters, before.weights, strict=True)]
             return flatten([*changes, *buffers], room)
         return flatten([*parameters, *buffers], room)
+
+    def wire(self, packed: torch.Tensor) -> list[torch.Tensor]:
+        """Live: the tensors the round's packed vector travels as. With --compress fp16 or bf16 a round
+        that averages gradients sends them in half precision (as DDP's fp16 and bf16 hooks do on a fixed
+        group) and the rest, batch-norm statistics and the exchange's votes, counts and fingerprints, in
+        float32, exactly; `unwire` puts the sums back into `packed`."""
+        dtype = HALF_PRECISION.get(self.settings.compress)
+        if not (self.live and dtype is not None and self.round_averages_gradients):
+            return [packed]
+        return half_precision_wire(packed, self.payload_gradients, dtype)
 
     def apply(self, summed: torch.Tensor, participants: int, before: Rollback,
               optimizer: torch.optim.Optimizer) -> None:
@@ -298,6 +311,19 @@ class Synchronizer:
         if self.distributed and not self.averages_gradients(step):
             return self.model.no_sync()
         return nullcontext()
+
+
+def half_precision_wire(packed: torch.Tensor, count: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The first `count` values of `packed` as a copy in `dtype`, and the rest as a view of `packed`
+    (summed in place); unwire() copies the first part's sums back."""
+    return [packed[:count].to(dtype), packed[count:]]
+
+
+def unwire(wire: list[torch.Tensor], packed: torch.Tensor) -> None:
+    """The sums of a half-precision wire back into `packed`, in its precision (a no-op for one tensor:
+    it was `packed`)."""
+    if len(wire) > 1:
+        packed[: wire[0].numel()].copy_(wire[0])
 
 
 def outer_optimizer(model: nn.Module, settings: SyncSettings) -> torch.optim.Optimizer | None:

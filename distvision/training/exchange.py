@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from distvision.parallel.membership import Seat, StaticMembership
-from distvision.parallel.sync import Synchronizer
+from distvision.parallel.sync import Synchronizer, unwire
 
 # Slots summed over ranks, in order. Decisions are votes: > 0 means at least one rank voted yes.
 SUMMED = ("loss_sum", "samples", "stop_votes", "diverged_votes", "checkpoint_due", "time_up",
@@ -109,8 +109,10 @@ class StepExchange:
         if payload is not None:
             packed = payload
             packed[-len(shared):] = shared
-        with self.sync.stats.timed(packed.numel() * packed.element_size() if world > 1 else 0):
-            reduced = self.membership.allreduce(packed, self.sync.work_while_exchanging)
+        wire = self.sync.wire(packed) if payload is not None else [packed]
+        with self.sync.stats.timed(sum(t.numel() * t.element_size() for t in wire) if world > 1 else 0):
+            reduced = self.membership.allreduce(wire, self.sync.work_while_exchanging)
+        unwire(wire, packed)
         committed = self.membership.commit() and reduced
         self.start()  # a discarded round's losses and counts go with it: its steps are redone
         if not committed:

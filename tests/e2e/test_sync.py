@@ -18,6 +18,7 @@ from distvision.parallel.balance import split_sizes, weighted_slice
 from distvision.parallel.group import leave_process_group
 from distvision.parallel.sync import Synchronizer, SyncSettings, unwrap
 from distvision.precision import choose_precision, precision_cache_file
+from distvision.training.exchange import SUMMED
 from tests.helpers import MLP_SETTINGS, MLP_TRICKS, assert_each_epoch_covered_once, run_cli, spawn_workers
 
 COMMON = MLP_SETTINGS  # the settings of the shared all-reduce run (this tier's conftest: mlp_run_two_workers)
@@ -231,7 +232,8 @@ def test_uneven_worker_batches_give_the_whole_batch_gradient(gloo_results: Path)
     assert json.loads((gloo_results / "grads.json").read_text()) == {"ok": True, "sizes": [9, 3]}
 
 
-def test_balance_throughput_with_a_slowed_worker(data: Path, tmp_path: Path):
+@pytest.mark.parametrize("recovery", ["live", "restart"])
+def test_balance_throughput_with_a_slowed_worker(data: Path, tmp_path: Path, recovery: str):
     out = tmp_path / "balanced"
     # 5 steps an epoch, losses and timings exchanged at each epoch's end once paced: the shares are
     # re-split after epoch 2 and the third epoch trains with them.
@@ -239,7 +241,8 @@ def test_balance_throughput_with_a_slowed_worker(data: Path, tmp_path: Path):
     # drown in the scheduler's noise (at 6x the unslowed share came to 0.589 once, with another test
     # file running beside it; 0.72-0.76 alone).
     summary = _train(data, out, "--workers", "2", "--balance", "throughput", "--debug-slowdown", "1:8",
-                     "--audit-samples", *COMMON, "--epochs", "3")
+                     "--audit-samples", *COMMON, "--epochs", "3", "--recovery", recovery)
+    assert summary["recovery"] == recovery
     shares = summary["batch_shares"]
     assert shares[0] > 0.6, shares  # the unslowed worker takes the larger share
     sizes = {}  # (epoch, step) -> [rank 0's samples, rank 1's]
@@ -277,6 +280,11 @@ def test_every_criterion_stops_all_workers_at_the_same_step(data: Path, tmp_path
     assert summary["stop_epoch"] < 4  # before the epoch budget ran out
     if reason == "max_time":
         assert summary["train_seconds"] >= 1.0  # not before the time was up
-    if "--compress" in flags:  # half-size (fp16) or low-rank (PowerSGD) gradients: fewer bytes than fp32
-        steps, parameters = summary["stop_step"], sum(p.numel() for p in create("mlp", num_classes=3).parameters())
+    steps, parameters = summary["stop_step"], sum(p.numel() for p in create("mlp", num_classes=3).parameters())
+    if "fp16" in flags:  # live (the default): fp16 gradients, then the exchange's float32 votes and figures
+        room = len(SUMMED) + 3 * 2
+        assert summary["recovery"] == "live"
+        assert summary["bytes_exchanged"] == 2 * steps * (parameters * 2 + room * 4)
+    if "powersgd" in flags:  # low-rank gradients, on the restart path (DDP's hook): fewer bytes than fp32
+        assert summary["recovery"] == "restart"
         assert 0 < summary["bytes_exchanged"] < 2 * steps * parameters * 4 * 0.55

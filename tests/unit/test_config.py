@@ -61,11 +61,15 @@ def test_live_recovery_settings_are_checked_before_anything_starts():
         TrainConfig(data=None, sync="diloco", recovery="live").validate()
     with pytest.raises(UserError, match="use --recovery live"):
         TrainConfig(data=None, sync="diloco", sync_every="32", recovery="restart").validate()
-    for flag, settings in (("--compress", {"compress": "fp16"}), ("--balance", {"balance": "throughput"}),
-                           ("--sync-bn", {"sync_bn": True, "device": "cuda"})):
+    for flag, settings in (("--compress", {"compress": "powersgd"}), ("--sync-bn", {"sync_bn": True, "device": "cuda"})):
         with pytest.raises(UserError, match=f"{flag} .* works with --recovery restart only"):
             TrainConfig(data=None, recovery="live", **settings).validate()
-        assert "[--recovery restart only]" in CONFIG_FILE_FIELDS[flag[2:].replace("-", "_")].metadata["help"]
+    assert "[--recovery restart only]" in CONFIG_FILE_FIELDS["sync_bn"].metadata["help"]
+    # A setting whose values differ: only PowerSGD is restart-only, half precision works on both paths.
+    assert "[powersgd: --recovery restart only]" in CONFIG_FILE_FIELDS["compress"].metadata["help"]
+    for settings in ({"compress": "fp16"}, {"compress": "bf16"}, {"balance": "throughput"}):
+        for recovery in ("live", "restart"):
+            TrainConfig(data=None, recovery=recovery, **settings).validate()
     with pytest.raises(UserError, match="--lighthouse host:29510 works with --recovery live only"):
         TrainConfig(data=None, lighthouse="host:29510", recovery="restart").validate()
     with pytest.raises(UserError, match="--recovery: invalid choice"):
@@ -82,8 +86,8 @@ def test_live_recovery_settings_are_checked_before_anything_starts():
     ({"workers": 1}, False, "restart"),  # one worker: no membership to keep
     ({}, True, "restart"),  # torchrun without a Lighthouse: torchrun's own restarts
     ({"lighthouse": "host:29510"}, True, "live"),
-    ({"compress": "fp16"}, False, "restart"),  # a restart-only setting
-    ({"balance": "throughput"}, False, "restart"),
+    ({"compress": "powersgd"}, False, "restart"),  # a restart-only setting
+    ({"compress": "fp16", "balance": "throughput"}, False, "live"),  # both paths: auto stays live
     ({"sync": "diloco", "sync_every": "8", "workers": 1}, False, "live"),  # DiLoCo runs on torchft only
     ({"recovery": "restart"}, False, "restart"),  # an explicit choice stands
     ({"recovery": "live", "workers": 1}, True, "live"),

@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from distvision.config import TrainConfig
 from distvision.data.sharding import global_batches
@@ -18,7 +23,13 @@ from distvision.parallel.balance import (
     weighted_slice,
 )
 from distvision.parallel.stopping import StopRules, stop_after_epoch, time_is_up
-from distvision.parallel.sync import LOCAL_SGD_STATS_SECONDS, STATS_EVERY, stats_interval
+from distvision.parallel.sync import (
+    LOCAL_SGD_STATS_SECONDS,
+    STATS_EVERY,
+    half_precision_wire,
+    stats_interval,
+    unwire,
+)
 from distvision.training.faults import STOP_GRACE_SECONDS
 
 
@@ -153,3 +164,44 @@ def test_throughput_balancer_sums_its_window_and_waits_between_resplits():
     assert not balancer.observe(np.array([0.3, 0.1]), np.array([8, 8]), steps=REBALANCE_EVERY - 1)
     assert balancer.observe(np.array([0.3, 0.1]), np.array([8, 8]), steps=1)
     assert balancer.shares[0] == pytest.approx(0.25)
+
+
+def test_throughput_balancer_starts_over_when_the_participants_change_and_heals_exactly():
+    """Live: a quorum of another size measures again from even shares; a healing peer takes over the
+    state (as JSON values) and then re-splits exactly as the replica it healed from."""
+    balancer = ThroughputBalancer(2, enabled=True)
+    for _ in range(6):
+        balancer.observe(np.array([0.1, 0.3]), np.array([8, 8]))
+    assert balancer.shares[0] == pytest.approx(0.75)
+    balancer.resize(2)  # the same number (a respawn replaced a replica): the shares stand
+    assert balancer.shares[0] == pytest.approx(0.75)
+    healed = ThroughputBalancer(2, enabled=True)
+    healed.load(json.loads(json.dumps(balancer.state_dict())))
+    feed = [(np.array([0.2, 0.2]), np.array([12, 4]))] * REBALANCE_EVERY
+    assert [balancer.observe(*step) for step in feed] == [healed.observe(*step) for step in feed]
+    assert healed.shares.tolist() == balancer.shares.tolist()
+    balancer.resize(3)
+    assert balancer.shares.tolist() == [1 / 3] * 3
+    assert not balancer.observe(np.array([0.1, 0.2, 0.4]), np.array([8, 8, 8]))  # a warm-up again
+    assert [balancer.observe(np.array([0.1, 0.2, 0.4]), np.array([8, 8, 8])) for _ in range(5)][-1]
+    assert balancer.shares == pytest.approx(np.array([4, 2, 1]) / 7)
+
+
+@settings(deadline=None, max_examples=50)
+@given(st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=1, max_size=60), st.data())
+def test_half_precision_wire_keeps_the_tail_exact_and_rounds_the_head(values, data):
+    """--compress fp16/bf16 on the live path: the gradients travel in half precision, the votes, counts
+    and fingerprints behind them in float32, unrounded (a fingerprint < 2**24 is not an fp16 number)."""
+    packed = torch.tensor(values + [float(2**24 - 1), 12345.0], dtype=torch.float32)
+    count = data.draw(st.integers(0, len(values)))
+    for dtype in (torch.float16, torch.bfloat16):
+        original = packed.clone()
+        wire = half_precision_wire(packed, count, dtype)
+        assert [t.dtype for t in wire] == [dtype, torch.float32]
+        assert wire[0].numel() + wire[1].numel() == packed.numel()
+        for tensor in wire:  # what the collective does to each part, summing over two identical replicas
+            tensor.mul_(2)
+        unwire(wire, packed)
+        assert torch.equal(packed[count:], original[count:] * 2)
+        torch.testing.assert_close(packed[:count], (original[:count].to(dtype) * 2).float())
+        packed = original
