@@ -22,6 +22,8 @@ from distvision.recipes import TRICK_SWITCHES
 RECIPE_NOTE = "(default: the model's recipe, see `distvision models`)"
 SYNC_MODES = ("allreduce", "local-sgd", "diloco")  # diloco runs under live membership only
 RECOVERY_MODES = ("auto", "live", "restart")
+FAULT_KINDS = ("kill", "term", "stop", "hang")  # --debug-fault's
+FAULT_PHASES = ("step", "exchange", "eval", "heal")
 DEFAULT_SYNC_EVERY = "8"  # local SGD's period when --sync-every is not given
 
 
@@ -269,15 +271,18 @@ class DebugSettings:
     debug_slowdown: str | None = setting(None, "make one worker FACTOR times slower (sleeps in proportion to its "
                                          "compute)", metavar="RANK:FACTOR")
     debug_nan_at: str | None = setting(None, "make one worker's loss NaN at a global step", metavar="RANK:STEP")
-    debug_hang_at: str | None = setting(None, "make one worker hang after a global step, its heartbeat still "
-                                        "beating (once per run folder)", metavar="RANK:STEP", recovery="live")
+    debug_faults: list[str] = field(default_factory=list, metadata=flag_options(
+        "a fault at a phase of a step, once per run folder (repeatable): KIND kill, term, stop (3 s) or hang "
+        "(its heartbeat beating) by whoever holds RANK, at the first PHASE from global step STEP on: step "
+        "(after it; the default), exchange (the round's all-reduce in flight), eval (the epoch's evaluation) "
+        "or heal (serving a healing peer)", flag="--debug-fault", metavar="KIND:RANK:STEP[:PHASE]",
+        recovery="live"))
     debug_corrupt_at: str | None = setting(None, "change one worker's weights after a global step, silently "
                                            "(once per run folder)", metavar="RANK:STEP", recovery="live")
 
     def check_debug(self) -> None:
         for flag, value, minimum in (("--debug-slowdown", self.debug_slowdown, 1.0),
                                      ("--debug-nan-at", self.debug_nan_at, 0.0),
-                                     ("--debug-hang-at", self.debug_hang_at, 0.0),
                                      ("--debug-corrupt-at", self.debug_corrupt_at, 0.0)):
             if value is None:
                 continue
@@ -288,6 +293,13 @@ class DebugSettings:
                 raise UserError(f"{flag} takes RANK:NUMBER, e.g. 1:2 (got {value!r})") from None
             if rank < 0 or number < minimum or len(parts) != 2:
                 raise UserError(f"{flag} needs RANK >= 0 and a number >= {minimum:g} (got {value!r})")
+        for value in self.debug_faults:
+            kind, *numbers = value.split(":")
+            phase = numbers.pop() if len(numbers) == 3 else "step"
+            if (kind not in FAULT_KINDS or phase not in FAULT_PHASES or len(numbers) != 2
+                    or not all(number.isdigit() for number in numbers)):
+                raise UserError(f"--debug-fault takes KIND:RANK:STEP[:PHASE], KIND one of {', '.join(FAULT_KINDS)}, "
+                                f"PHASE one of {', '.join(FAULT_PHASES)} (got {value!r})")
 
 
 SECTIONS = (DataSettings, RecipeSettings, ParallelSettings, StoppingSettings, FaultToleranceSettings, DebugSettings)
@@ -335,7 +347,7 @@ class TrainConfig(DebugSettings, FaultToleranceSettings, StoppingSettings, Paral
             value = getattr(self, name)
             if isinstance(only, dict) and value in only:
                 given[name] = only[value]
-            elif isinstance(only, str) and value != CONFIG_FILE_FIELDS[name].default:
+            elif isinstance(only, str) and value != _default(CONFIG_FILE_FIELDS[name]):
                 given[name] = only
         return given
 
@@ -394,6 +406,10 @@ def _flag(field_: Field) -> str:
 def _value_type(field_: Field) -> str:
     """The field's type as written, without "| None": int, float, str, bool or list[str]."""
     return str(field_.type).replace(" | None", "")
+
+
+def _default(field_: Field) -> object:
+    return field_.default_factory() if field_.default is MISSING else field_.default
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:

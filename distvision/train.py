@@ -82,7 +82,7 @@ def train_epoch(run: Run) -> str | None:
         with membership.busy:
             for batch in run.batches.load(epoch, run.batches.remaining(epoch, state.cursor)):
                 step_started, communication_before = time.perf_counter(), sync.stats.communication_seconds
-                shares.append((state.step, batch.local_indices))
+                shares.append((state.step, batch.local_indices, batch.global_indices))
                 run.faults.before_exchange_of_gradients()
                 progress_fraction = run.progress_fraction()
                 run.set_lr(progress_fraction)
@@ -129,7 +129,8 @@ def end_round(run: Run, before: Rollback | None, shares: list, progress: Progres
         stop=(run.stop_signal.requested and not membership.live) or run.faults.wants_stop(state.step),
         checkpoint_due=run.checkpoints.due(),
         time_up=run.seat.rank == 0 and time_is_up(run.stop_rules, state.elapsed()),
-        payload=run.sync.round_payload(before, run.exchange.room()))
+        payload=run.sync.round_payload(before, run.exchange.room()),
+        in_flight=(lambda: run.faults.strike("exchange", state.step)) if run.faults.phase_faults else None)
     if shared is None or not membership.agrees(shared.fingerprints):
         # not committed (a peer failed), or a replica's weights differed: whoever is there at the next
         # quorum redoes the round
@@ -144,9 +145,10 @@ def end_round(run: Run, before: Rollback | None, shares: list, progress: Progres
             if last_pull > before.step:
                 run.lookahead.maybe_update(unwrap(run.model), last_pull, run.progress_fraction())
     membership.committed(state.step)
-    if run.audit:
-        for step, local in shares:
-            run.audit.record(state.epoch, step, local, attempt=membership.attempt())
+    if run.audit:  # live: each committer records the whole batch too, which the committed sum holds
+        for step, local, whole in shares:
+            run.audit.record(state.epoch, step, local, attempt=membership.attempt(),
+                             batch=whole if membership.live else None)
     if run.balancer.observe(shared.compute_seconds, shared.samples_by_rank, shared.steps):
         say(f"distvision: batch shares re-split by measured speed: "
             f"{', '.join(f'{share:.2f}' for share in run.balancer.shares)}")
@@ -174,6 +176,7 @@ def evaluate(run: Run, test_time_augmentation: bool = False, validation: bool = 
              run.val_indices if validation else None)
     rank, parts = run.seat.rank, run.seat.participants
     totals = evaluate_part(*split, rank, parts)
+    run.faults.strike("eval", run.state.step)
     mine = totals.clone()
     if not run.membership.allreduce(totals):  # the sum is garbage: evaluate the others' parts too
         totals = mine + sum(evaluate_part(*split, part, parts) for part in range(parts) if part != rank)

@@ -187,13 +187,28 @@ def assert_each_epoch_covered_once(run_dir: Path, epochs: int, sample_count: int
     An attempt is a start of the job: the restart path's attempt ids are the start's clock in ns, the
     live path's the launch's clock in ms x 10**6 + the quorum's id (every record there is a committed
     step). Both divided by 10**6 name the start, so within one start every record counts and a step
-    trained twice shows as a sample seen twice; a later start (a restart, a resume) supersedes."""
+    trained twice shows as a sample seen twice; a later start (a restart, a resume) supersedes.
+
+    A live record also holds the step's whole global batch ("batch"), which the committed sum holds:
+    a round can commit on one replica and fail on another whose share then goes unrecorded. Every
+    committer of a step must name the same batch, and none may commit a step twice."""
     attempts: dict[tuple[int, int], dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+    committed: dict[tuple[int, int, int], list[int]] = {}  # live: (start, epoch, step) -> its batch
     for path in (run_dir / "audit").glob("*.jsonl"):
+        written = set()
         for line in path.read_text().splitlines():
             record = json.loads(line)
-            start = record["attempt"] // 1_000_000
-            attempts[(record["epoch"], record["step"])][start].extend(record["indices"])
+            start, key = record["attempt"] // 1_000_000, (record["epoch"], record["step"])
+            if "batch" not in record:
+                attempts[key][start].extend(record["indices"])
+                continue
+            assert (start, *key) not in written, f"{path.name} committed epoch {key[0]} step {key[1]} twice"
+            written.add((start, *key))
+            batch = committed.setdefault((start, *key), record["batch"])
+            assert batch == record["batch"], f"replicas committed different batches at {key}"
+            assert set(record["indices"]) <= set(batch), f"{path.name}: a share outside the batch at {key}"
+    for (start, *key), batch in committed.items():
+        attempts[tuple(key)][start] = batch
     for epoch in range(epochs):
         seen = []
         for (record_epoch, _), by_attempt in attempts.items():

@@ -248,7 +248,7 @@ class LiveMembership:
         in the quorum, while this replica's training thread waits for that quorum."""
         self.run = run
         share = self.replica.share_state
-        share("model", run.model.state_dict, run.model.load_state_dict)
+        share("model", self._serve_model, run.model.load_state_dict)
         share("optimizer", run.optimizer.state_dict, run.optimizer.load_state_dict)
         share("train_state", run.state.state_dict, self._load_state)
         share("membership", self.log.state_dict, self.log.load)
@@ -263,6 +263,11 @@ class LiveMembership:
         watch_lighthouse(self.lighthouse, self._abandon)
         wait_for_first_peers(self.run_dir, self.number, join_timeout)
         self.replica.set_step(run.state.step)
+
+    def _serve_model(self) -> dict:
+        """The model's state for a healing peer (--debug-fault's heal phase strikes here)."""
+        self.run.faults.strike("heal", self.run.state.step)
+        return self.run.model.state_dict()
 
     def _load_state(self, saved: dict) -> None:
         self.run.state.load(saved)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,12 +88,12 @@ class StepExchange:
         """The values this exchange adds after a payload (training/exchange's votes and per-rank figures)."""
         return len(SUMMED) + 3 * self.seat.participants
 
-    def exchange(self, stop: bool, checkpoint_due: bool, time_up: bool,
-                 payload: torch.Tensor | None = None) -> ExchangeResult | None:
+    def exchange(self, stop: bool, checkpoint_due: bool, time_up: bool, payload: torch.Tensor | None = None,
+                 in_flight: Callable[[], None] | None = None) -> ExchangeResult | None:
         """All-reduce what is pending and this rank's votes (live: in the last room() values of the
         payload vector, float32, which holds their sums closely enough: they are reported, and votes are
         counts); pace the next exchange by rank 0's clock. None when the membership did not commit the
-        round (redo it)."""
+        round (redo it). `in_flight` runs while the all-reduce is under way (a debug fault's moment)."""
         world = self.seat.participants
         mine = {"loss_sum": self.loss_sum, "samples": self.samples, "stop_votes": float(stop),
                 "diverged_votes": self.nonfinite_losses, "checkpoint_due": float(checkpoint_due),
@@ -111,7 +112,7 @@ class StepExchange:
             packed[-len(shared):] = shared
         wire = self.sync.wire(packed) if payload is not None else [packed]
         with self.sync.stats.timed(sum(t.numel() * t.element_size() for t in wire) if world > 1 else 0):
-            reduced = self.membership.allreduce(wire, self.sync.work_while_exchanging)
+            reduced = self.membership.allreduce(wire, _both(in_flight, self.sync.work_while_exchanging))
         unwire(wire, packed)
         committed = self.membership.commit() and reduced
         self.start()  # a discarded round's losses and counts go with it: its steps are redone
@@ -126,3 +127,10 @@ class StepExchange:
                                 fingerprints=shared[per_rank + 2 * world :].numpy(), steps=steps, payload=payload)
         self.sync.pace_stats(result.seconds_since_last / steps)
         return result
+
+
+def _both(first: Callable[[], None] | None, then: Callable[[], None] | None) -> Callable[[], None] | None:
+    """first(), then then(), skipping either where it is None."""
+    if first is None or then is None:
+        return first or then
+    return lambda: (first(), then())

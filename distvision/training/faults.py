@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distvision.config import TrainConfig
+from distvision.metrics import say
 from distvision.parallel.membership import Seat
 
 STOP_GRACE_SECONDS = 20.0  # after SIGTERM: time to finish the step and checkpoint before a hard exit
@@ -69,14 +72,50 @@ class OneShot:
         return cls(rank, int(step), marker)
 
     def fires(self, rank: int, step: int) -> bool:
-        if rank != self.rank or step != self.step or self.marker.exists():
+        if rank != self.rank or step < self.step or self.marker.exists():
             return False
         self.marker.touch()
         return True
 
 
+STOP_SECONDS = 3.0  # a "stop" fault freezes the worker (SIGSTOP) this long
+
+
+@dataclass
+class PhaseFault:
+    """--debug-fault KIND:RANK:STEP[:PHASE]: whoever holds RANK does KIND at the first PHASE at or after
+    global step STEP, once per run folder. Phases: after a step (step), while the round's all-reduce
+    is in flight (exchange), in the epoch's evaluation after its own part (eval), while serving its
+    state to a healing peer (heal). Kinds: SIGKILL itself (kill), SIGTERM itself, so that it leaves
+    alone (term), freeze for STOP_SECONDS (stop), hang in Python with its heartbeat alive (hang)."""
+
+    kind: str
+    phase: str
+    when: OneShot
+
+    @classmethod
+    def parse(cls, setting: str, marker: Path) -> PhaseFault:
+        kind, rank, step, *phase = setting.split(":")
+        return cls(kind, phase[0] if phase else "step", OneShot(int(rank), int(step), marker))
+
+    def strike(self) -> None:
+        say(f"distvision: debug fault: {self.kind} in the {self.phase} phase")
+        sys.stdout.flush()
+        if self.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif self.kind == "term":
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif self.kind == "stop":  # a process cannot wake itself: a child sends the SIGCONT
+            subprocess.Popen(["sh", "-c", f"sleep {STOP_SECONDS}; kill -CONT {os.getpid()}"],
+                             start_new_session=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        else:
+            while True:  # stuck in Python; torchft's heartbeat thread beats on
+                time.sleep(3600)
+
+
 class FaultInjector:
-    """--debug-slowdown, --debug-nan-at, --debug-hang-at, --debug-corrupt-at, --debug-step-delay and
+    """--debug-slowdown, --debug-nan-at, --debug-corrupt-at, --debug-fault, --debug-step-delay and
     --debug-stop-at-step."""
 
     def __init__(self, config: TrainConfig, seat: Seat, model: nn.Module | None = None):
@@ -84,7 +123,8 @@ class FaultInjector:
         self.model = model
         run_dir = Path(config.out or ".")
         self.corrupt = OneShot.parse(config.debug_corrupt_at, run_dir / "debug-corrupted")
-        self.hang = OneShot.parse(config.debug_hang_at, run_dir / "debug-hung")
+        self.phase_faults = [PhaseFault.parse(setting, run_dir / f"debug-fault-{number}")
+                             for number, setting in enumerate(config.debug_faults)]
         self.slow_rank, self.slow_factor = parse_rank_setting(config.debug_slowdown, 1.0)
         self.nan_rank, nan_step = parse_rank_setting(config.debug_nan_at, -1)
         self.nan_step = int(nan_step)
@@ -108,13 +148,18 @@ class FaultInjector:
         if self.model is not None and self.corrupt.fires(self.seat.rank, step):
             with torch.no_grad():
                 next(self.model.parameters()).add_(1.0)  # as a bit flip or a bad update would, silently
-        if self.hang.fires(self.seat.rank, step):
-            while True:  # stuck in Python; torchft's heartbeat thread beats on
-                time.sleep(3600)
+        self.strike("step", step)
         if self.seat.rank == self.slow_rank:  # the next step sleeps (factor - 1) x this step's own compute time
             self.slowdown_seconds = (self.slow_factor - 1) * (compute_seconds - self.slowdown_seconds)
         if self.step_delay:
             time.sleep(self.step_delay)
+
+    def strike(self, phase: str, step: int) -> None:
+        """--debug-fault: the faults due in this phase at this step (the loop and the membership call it
+        at each phase)."""
+        for fault in self.phase_faults:
+            if fault.phase == phase and fault.when.fires(self.seat.rank, step):
+                fault.strike()
 
     def wants_stop(self, step: int) -> bool:
         """--debug-stop-at-step: rank 0 asks for a resumable stop, as SIGTERM would."""
@@ -137,8 +182,14 @@ class SampleAudit:
         self.attempt, self.seat = attempt[0], seat
         self.file = open(folder / f"attempt{self.attempt}-rank{writer}.jsonl", "a", buffering=1)  # noqa: SIM115
 
-    def record(self, epoch: int, step: int, indices: np.ndarray, attempt: int | None = None) -> None:
-        """`attempt`: live membership gives the quorum's id (shared by the step's participants)."""
-        self.file.write(json.dumps({"attempt": self.attempt if attempt is None else attempt,
-                                    "epoch": epoch, "step": step,
-                                    "world_size": self.seat.participants, "indices": indices.tolist()}) + "\n")
+    def record(self, epoch: int, step: int, indices: np.ndarray, attempt: int | None = None,
+               batch: np.ndarray | None = None) -> None:
+        """`attempt`: live membership gives the quorum's id (shared by the step's participants). `batch`:
+        live, the whole global batch of a committed step. A round can commit on one replica and fail on
+        another (a peer died as the all-reduce ended): the committed sum holds every participant's share,
+        and only the committers write."""
+        record = {"attempt": self.attempt if attempt is None else attempt, "epoch": epoch, "step": step,
+                  "world_size": self.seat.participants, "indices": indices.tolist()}
+        if batch is not None:
+            record["batch"] = batch.tolist()
+        self.file.write(json.dumps(record) + "\n")

@@ -102,7 +102,7 @@ def test_a_frozen_worker_is_left_out_and_a_killed_one_respawned_without_restarti
     # Weights changed silently after step 16: the next quorum's check heals them from the peer (a quorum
     # every step, so that no gradient of the changed weights reaches the sum).
     run = _start(_train_args(data, out, "--workers", "2", *EPOCHS, *LIVE, "--debug-step-delay", "0.1",
-                             "--debug-hang-at", "1:33", "--debug-corrupt-at", "1:16", "--quorum-every", "1"),
+                             "--debug-fault", "hang:1:33", "--debug-corrupt-at", "1:16", "--quorum-every", "1"),
                  tmp_path)
     wait_for(lambda: _steps_done(out) >= 5, 120, "training to make progress")
     # Frozen (SIGSTOP): the other replica trains on alone, its heartbeat moving while the frozen one
@@ -116,7 +116,7 @@ def test_a_frozen_worker_is_left_out_and_a_killed_one_respawned_without_restarti
     wait_for(lambda: _steps_done(out) >= 20, 120, "training to go on")
     before = _workers(out)
     os.kill(before["replica0"], signal.SIGKILL)
-    wait_for(lambda: (out / "debug-hung").exists(), 120, "a worker to hang")
+    wait_for(lambda: (out / "debug-fault-0").exists(), 120, "a worker to hang")
     hung = _workers(out)
     output = _finish(run)
     after = _workers(out)
@@ -227,3 +227,26 @@ def test_a_nan_and_a_stop_in_the_same_live_round_is_a_divergence_not_a_checkpoin
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["recovery"], summary["stop_reason"], summary["stop_step"]) == ("live", "diverged", 4)
     assert all(len(summary[key]) == 2 for key in ("compute_seconds", "communication_seconds"))
+
+
+def test_three_replicas_survive_kills_mid_all_reduce_and_in_the_evaluation(data: Path, reference: Path,
+                                                                           tmp_path: Path):
+    """Phase-exact kills with 3 replicas: one dies while the round's all-reduce is in flight (the round
+    may commit on one survivor and fail on the other: the committed sum holds every share, and the one
+    that failed heals from it), one in the middle of an epoch's split evaluation. Every sample is still
+    trained once per epoch, and the run ends with the undisturbed run's weights."""
+    out = tmp_path / "run"
+    output = _finish(_start(_train_args(data, out, "--workers", "3", *EPOCHS, *LIVE, "--debug-step-delay", "0.05",
+                                        "--debug-fault", "kill:1:8:exchange", "--debug-fault", "kill:2:20:eval"),
+                            tmp_path))
+    assert output.count("distvision: debug fault: kill") == 2, output[-3000:]
+    assert (out / "debug-fault-0").exists() and (out / "debug-fault-1").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["restarts"] == 0, summary
+    # each kill a change (3 -> 2, or 3 -> 3 where the respawn was back by the next quorum); never a wait
+    # for the collective timeout (4 s)
+    changes = _changes(out)
+    assert len(changes) >= 2 and all(e["stall_seconds"] < 4 for e in changes), changes
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
+    assert_each_epoch_covered_once(out, 3)
+    _assert_same_weights(out, reference)

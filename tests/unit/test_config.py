@@ -52,7 +52,15 @@ def test_each_section_checks_its_own_settings():
         TrainConfig(data=None, monitor="val").validate()
     with pytest.raises(UserError, match="--debug-nan-at takes RANK:NUMBER"):
         TrainConfig(data=None, debug_nan_at="soon").validate()
+    for bad in ("kill", "kill:1", "explode:1:5", "kill:1:5:lunch", "kill:x:5", "kill:1:5:eval:now"):
+        with pytest.raises(UserError, match="--debug-fault takes KIND:RANK:STEP"):
+            TrainConfig(data=None, debug_faults=[bad]).validate()
+    faults = TrainConfig.from_argv(["--debug-fault", "kill:1:5", "--debug-fault", "stop:0:9:exchange"])
+    faults.validate()
+    assert faults.debug_faults == ["kill:1:5", "stop:0:9:exchange"]
+    assert faults.resolved_recovery(under_torchrun=False) == "live"
     TrainConfig(data=None).validate()
+    assert TrainConfig(data=None).mode_only_settings() == {}  # a list setting at its (factory) default
 
 
 def test_live_recovery_settings_are_checked_before_anything_starts():
