@@ -22,7 +22,7 @@ from distvision.recipes import TRICK_SWITCHES
 RECIPE_NOTE = "(default: the model's recipe, see `distvision models`)"
 SYNC_MODES = ("allreduce", "local-sgd", "diloco")  # diloco runs under live membership only
 RECOVERY_MODES = ("auto", "live", "restart")
-FAULT_KINDS = ("kill", "term", "stop", "hang")  # --debug-fault's
+FAULT_KINDS = ("kill", "term", "stop", "hang", "lighthouse")  # --debug-fault's
 FAULT_PHASES = ("step", "exchange", "eval", "heal")
 DEFAULT_SYNC_EVERY = "8"  # local SGD's period when --sync-every is not given
 
@@ -236,6 +236,10 @@ class FaultToleranceSettings:
                                        "machines: the Lighthouse's --heartbeat_timeout_ms)")
     quorum_every: int = setting(8, "live, averaging gradients: steps between quorums, where workers join "
                                 "(default %(default)s); a failure starts a new one at once")
+    lighthouse_grace: float = setting(60.0, "live: seconds the workers wait for a Lighthouse that stopped "
+                                      "answering (training on until a quorum is due; a restarted one is joined "
+                                      "again) before they stop resumably (default %(default)s)",
+                                      recovery="live")
     bind: str | None = setting(None, "live: the address this worker's servers listen on (default: loopback for a "
                                "local job; with --lighthouse, the interface that reaches the Lighthouse)",
                                metavar="HOST", recovery="live")
@@ -256,6 +260,8 @@ class FaultToleranceSettings:
             raise UserError(f"--quorum-every must be at least 1 (got {self.quorum_every})")
         if self.heartbeat_timeout <= 0:
             raise UserError(f"--heartbeat-timeout must be positive (got {self.heartbeat_timeout})")
+        if self.lighthouse_grace <= 0:
+            raise UserError(f"--lighthouse-grace must be positive (got {self.lighthouse_grace})")
 
 
 @dataclass
@@ -275,7 +281,8 @@ class DebugSettings:
         "a fault at a phase of a step, once per run folder (repeatable): KIND kill, term, stop (3 s) or hang "
         "(its heartbeat beating) by whoever holds RANK, at the first PHASE from global step STEP on: step "
         "(after it; the default), exchange (the round's all-reduce in flight), eval (the epoch's evaluation) "
-        "or heal (serving a healing peer)", flag="--debug-fault", metavar="KIND:RANK:STEP[:PHASE]",
+        "or heal (serving a healing peer); KIND lighthouse: the command restarts its Lighthouse once a "
+        "worker has reported step STEP (RANK 0, PHASE step)", flag="--debug-fault", metavar="KIND:RANK:STEP[:PHASE]",
         recovery="live"))
     debug_corrupt_at: str | None = setting(None, "change one worker's weights after a global step, silently "
                                            "(once per run folder)", metavar="RANK:STEP", recovery="live")

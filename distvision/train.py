@@ -53,10 +53,10 @@ def train(config: TrainConfig) -> dict | None:
             if stop_reason == "max_epochs":
                 stop_reason = None  # the loop's own condition ends the run
     except LeftBehind:
-        run.membership.shutdown()
+        run.membership.shutdown(run_ended=True)
         return None
     summary = finish(run, stop_reason, last_test)
-    run.membership.shutdown()
+    run.membership.shutdown(run_ended=stop_reason != "stopped")
     return summary
 
 
@@ -202,6 +202,8 @@ def end_epoch(run: Run) -> EvalResult:
 def finish(run: Run, stop_reason: str | None, last_test: tuple[int, EvalResult] | None) -> dict | None:
     """A stopped run leaves a checkpoint to resume; a finished one its final evaluation, model and summary."""
     state, recipe, config = run.state, run.recipe, run.config
+    if run.seat.rank == 0 and run.membership.finished_without_us():
+        return None  # a live replica respawned at the very end, whose peers have finished the run
     if stop_reason == "stopped":
         run.save_checkpoint()
         say(f"distvision: stopped at step {state.step} with a checkpoint; continue with --resume --out "

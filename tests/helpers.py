@@ -190,8 +190,10 @@ def assert_each_epoch_covered_once(run_dir: Path, epochs: int, sample_count: int
     trained twice shows as a sample seen twice; a later start (a restart, a resume) supersedes.
 
     A live record also holds the step's whole global batch ("batch"), which the committed sum holds:
-    a round can commit on one replica and fail on another whose share then goes unrecorded. Every
-    committer of a step must name the same batch, and none may commit a step twice."""
+    a round can commit on one replica and fail on another whose share then goes unrecorded, and a
+    replica that committed a round and then died or left before anyone took its state over leaves a
+    record of a round the others redo (under another quorum). Every committer of a step must name the
+    same batch, and none may commit a step twice; the test's weights check covers the rest."""
     attempts: dict[tuple[int, int], dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
     committed: dict[tuple[int, int, int], list[int]] = {}  # live: (start, epoch, step) -> its batch
     for path in (run_dir / "audit").glob("*.jsonl"):
@@ -206,7 +208,7 @@ def assert_each_epoch_covered_once(run_dir: Path, epochs: int, sample_count: int
             written.add((start, *key))
             batch = committed.setdefault((start, *key), record["batch"])
             assert batch == record["batch"], f"replicas committed different batches at {key}"
-            assert set(record["indices"]) <= set(batch), f"{path.name}: a share outside the batch at {key}"
+            assert set(record["indices"]) <= set(record["batch"]), f"{path.name}: a share outside the batch at {key}"
     for (start, *key), batch in committed.items():
         attempts[tuple(key)][start] = batch
     for epoch in range(epochs):

@@ -15,7 +15,8 @@ from distvision.parallel.launch import run_as_worker, start_workers, started_by_
 from distvision.parallel.worker import pick_device
 from distvision.recipes import Recipe
 from distvision.train import resolve_recipe, train
-from distvision.training.checkpoints import check_same_settings, lock_run_dir, resume_settings
+from distvision.training.checkpoints import check_same_settings, lock_run_dir, read_heartbeat, resume_settings
+from distvision.training.faults import lighthouse_restarts
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> None:
@@ -87,7 +88,9 @@ def start_live(config: TrainConfig, recipe: Recipe, cache_dir: Path, argv: list[
     decide_precision(config, recipe, cache_dir)
     try:
         launch_live(partial(run_replica, config), config.workers, config.max_restarts, config.heartbeat_timeout,
-                    config.join_timeout, run_dir / "workers.json", warm_modules=[__name__, "distvision.train"])
+                    config.join_timeout, run_dir / "workers.json", warm_modules=[__name__, "distvision.train"],
+                    lighthouse_restarts=lighthouse_restarts(config),
+                    current_step=lambda: (read_heartbeat(run_dir) or {}).get("step", -1))
     except LiveStopped as stop:
         stopped_exit(stop, f"continue with --resume --out {config.out}")
     finally:

@@ -38,8 +38,14 @@ HEAL_FAILED_EXIT = 3  # a replica that could not heal exits with this status, an
 DIVERGED_EXIT = 4  # a replica whose weights differ from its peers' exits with this, respawned to heal
 ATTEMPT_VARIABLE = "DISTVISION_LIVE_ATTEMPT"  # the launch's id: audit records of a resumed run supersede
 HEARTBEAT_INTERVAL = timedelta(milliseconds=100)  # each Manager's beat to the Lighthouse
-QUORUM_TICK_MS = 20
-LIGHTHOUSE_LOST_SECONDS = 5.0  # refused connections for this long: the Lighthouse is gone  # how often the Lighthouse checks whether a quorum can be issued
+QUORUM_TICK_MS = 20  # how often the Lighthouse checks whether a quorum can be issued
+QUORUM_RETRY_SECONDS = 0.5
+QUORUM_ATTEMPTS = 3
+# A restarted Lighthouse knows no replica until their heartbeats reach it, so its rule against split
+# brain (a quorum needs more than half of the heartbeating replicas) cannot hold at first: the first
+# replica to ask would get a quorum of its own. For this long after it is back, a replica does not
+# train on a quorum of at most half its last one, and asks again.
+LIGHTHOUSE_SETTLE_SECONDS = 3.0  # quorums that fail in a row while the Lighthouse answers: it cannot form one
 
 
 def start_lighthouse(bind: str, heartbeat_timeout: float, join_timeout: float, min_replicas: int = 1):
@@ -101,6 +107,10 @@ class LiveReplica:
                     use_async_quorum=False,
                     timeout=timedelta(seconds=timeout), quorum_timeout=timedelta(seconds=quorum_timeout),
                     connect_timeout=timedelta(seconds=min(timeout, 10.0)),
+                    # A Lighthouse that went away mid-quorum is asked again about every
+                    # QUORUM_RETRY_SECONDS (torchft sleeps quorum_timeout / (retries + 1) after a refused
+                    # call), until the quorum's timeout: a restarted one is joined again.
+                    quorum_retries=max(1, int(quorum_timeout / QUORUM_RETRY_SECONDS)),
                     rank=0, world_size=1, store_addr="127.0.0.1", store_port=self._store.port,
                     lighthouse_addr=f"http://{lighthouse}" if "://" not in lighthouse else lighthouse,
                     replica_id=replica_id, hostname=url_host(reachable_host(bind_host)),
@@ -143,6 +153,14 @@ class LiveReplica:
             work.wait()
         return self.manager.errored() is None
 
+    def forget_quorum(self) -> None:
+        """After a quorum failed here (the Lighthouse went away): the next one starts afresh and rebuilds
+        the group. torchft's start_quorum would re-raise the failed quorum's error, and it rebuilds its
+        group only when the quorum id changes, while a restarted Lighthouse counts ids from 1 again
+        (torchft has no public call for either)."""
+        self.manager._quorum_future = None
+        self.manager._quorum_id = -1
+
     def commit(self) -> bool:
         """Whether the round counts (every participant's all-reduces succeeded); else it is redone."""
         return self.manager.should_commit()
@@ -164,28 +182,47 @@ class LiveReplica:
         self.manager.shutdown(wait=False)
 
 
-def watch_lighthouse(address: str, on_lost: Callable[[str], None], lost_after: float = LIGHTHOUSE_LOST_SECONDS,
-                     every: float = 0.5) -> threading.Thread:
-    """Call on_lost(message), from a daemon thread, once the Lighthouse has refused connections for
-    lost_after seconds. A replica waiting for a quorum would otherwise wait for its full timeout."""
-    host, port = host_and_port(address)
+class LighthouseWatch:
+    """Whether the Lighthouse answers, polled from a daemon thread. The replicas need it only for a
+    quorum: between quorums they train on without it, and a quorum waits for it to come back (a
+    restarted Lighthouse at the same address is joined again). Once it has not answered for lost_after
+    seconds, on_lost(message) is called from the thread."""
 
-    def watch() -> None:
-        refused_since = None
-        while True:
-            time.sleep(every)
-            try:
-                socket.create_connection((host, port), timeout=every).close()
-                refused_since = None
-            except OSError:
-                refused_since = refused_since or time.monotonic()
-                if time.monotonic() - refused_since >= lost_after:
-                    on_lost(f"lost the torchft Lighthouse at {address}: no answer for {lost_after:.0f} s")
+    def __init__(self, address: str, on_lost: Callable[[str], None], lost_after: float, every: float = 0.5):
+        self.address, self.every = address, every
+        self.host, self.port = host_and_port(address)
+        self.down_since: float | None = None  # monotonic clock
+        self.back_since: float | None = None  # when it last answered again after not answering
+
+        def watch() -> None:
+            while True:
+                time.sleep(every)
+                if self.answers():
+                    if self.down_since is not None:
+                        self.down_since, self.back_since = None, time.monotonic()
+                    continue
+                self.down_since = self.down_since or time.monotonic()
+                if time.monotonic() - self.down_since >= lost_after:
+                    on_lost(f"lost the torchft Lighthouse at {address}: no answer for {lost_after:g} s")
                     return
 
-    thread = threading.Thread(target=watch, name="lighthouse-watch", daemon=True)
-    thread.start()
-    return thread
+        threading.Thread(target=watch, name="lighthouse-watch", daemon=True).start()
+
+    def answers(self) -> bool:
+        try:
+            socket.create_connection((self.host, self.port), timeout=self.every).close()
+            return True
+        except OSError:
+            return False
+
+    def restarted_within(self, seconds: float) -> bool:
+        """Whether it answered again, after not answering, less than `seconds` ago."""
+        return self.back_since is not None and time.monotonic() - self.back_since < seconds
+
+    def wait_until_back(self) -> None:
+        """Until the Lighthouse answers (the watch calls on_lost meanwhile if it never does)."""
+        while not self.answers():
+            time.sleep(0.1)
 
 
 def host_and_port(address: str) -> tuple[str, int]:

@@ -1,6 +1,6 @@
 """`--recovery live` on one machine: a Lighthouse, N replica processes, and a supervisor that respawns.
 
-The command starts a torchft Lighthouse on loopback in its own process and one worker process per
+The command starts a torchft Lighthouse on loopback in a process of its own and one worker process per
 replica; every server of the job listens on loopback only, and the workers heal from each other with
 a secret made for the job (DISTVISION_SECRET in their environment). A worker that dies is respawned
 (up to --max-restarts times per worker) into the running job, where it heals from a live peer; the
@@ -36,6 +36,8 @@ from distvision.parallel.live import (
     start_lighthouse,
 )
 
+LIGHTHOUSE_START_SECONDS = 30.0
+LIGHTHOUSE_DOWN_SECONDS = 1.0  # --debug-fault lighthouse: how long the restarted Lighthouse is away
 STOP_WAIT_SECONDS = 60.0  # after SIGTERM, the workers finish their round and write a checkpoint
 LOOPBACK = "127.0.0.1"
 
@@ -49,23 +51,27 @@ class LiveStopped(Exception):
 
 
 def launch_live(work: Callable[[dict[str, str], object], None], workers: int, max_restarts: int, heartbeat_timeout: float,
-                join_timeout: float, pid_file: Path, warm_modules: list[str]) -> None:
+                join_timeout: float, pid_file: Path, warm_modules: list[str],
+                lighthouse_restarts: list[int] | None = None, current_step: Callable[[], int] | None = None) -> None:
     """Run `workers` replicas, each work(environment, progress) in a process of its own, around a loopback
     Lighthouse until they finish. `work` must be picklable (a module-level function or a partial of one).
 
     warm_modules are imported once by the forkserver the workers are forked from; pid_file lists the
     live workers' process ids (to stop or kill one by hand, as the tests do). `progress` is the shared
     array through which the replica shows the watchdog that it is not stuck (watchdog.watch_this_replica).
+    lighthouse_restarts (--debug-fault lighthouse): restart the Lighthouse, at the same address, once
+    current_step() (the run's heartbeat) reaches each of these steps. A worker that exits cleanly before
+    the run's end (it left alone on a SIGTERM of its own) is respawned like a dead one.
     """
     pids: dict[int, int] = {}
     # Loopback only, here and in the workers (LiveReplica's bind_host): healing is signed with the job's
     # secret, but the Lighthouse, the Managers' gRPC and gloo are not authenticated, so anyone who can
     # reach them can join a quorum or kill a replica (the Lighthouse's POST /replica/<id>/kill).
-    lighthouse = start_lighthouse(f"{LOOPBACK}:0", heartbeat_timeout, join_timeout)
-    # Its address() names the machine's hostname, which need not resolve to loopback.
-    lighthouse_address = f"http://{LOOPBACK}:{lighthouse.address().rsplit(':', 1)[1]}"
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "torchft", *warm_modules])
+    lighthouse = LighthouseProcess(context, f"{LOOPBACK}:0", heartbeat_timeout, join_timeout)
+    lighthouse_address = lighthouse.address
+    restarts_due = list(lighthouse_restarts or [])
     # LOCAL_WORLD_SIZE: each worker takes its share of the cores (parallel/worker.py), as under torchrun.
     base = {LIGHTHOUSE_ADDRESS_VARIABLE: lighthouse_address, SECRET_VARIABLE: new_secret(),
             ATTEMPT_VARIABLE: str(time.time_ns() // 1_000_000), "LOCAL_WORLD_SIZE": str(workers),
@@ -92,11 +98,17 @@ def launch_live(work: Callable[[dict[str, str], object], None], workers: int, ma
             if stop.signal_number:
                 stop.forward(running.values())
             kill_stuck(running, progress)
+            if restarts_due and current_step() >= restarts_due[0]:
+                restarts_due.pop(0)
+                print("distvision: debug fault: restarting the Lighthouse", file=sys.stderr, flush=True)
+                lighthouse.shutdown()
+                time.sleep(LIGHTHOUSE_DOWN_SECONDS)
+                lighthouse = LighthouseProcess(context, lighthouse.bind, heartbeat_timeout, join_timeout)
             for number, process in list(running.items()):
                 if process.exitcode is None:
                     continue
                 del running[number]
-                if process.exitcode == 0:
+                if process.exitcode == 0 and (stop.signal_number or watchdog.run_ended(progress[number])):
                     finished.add(number)
                 elif process.exitcode == USER_ERROR_EXIT:
                     stop.forward(running.values())
@@ -114,6 +126,45 @@ def launch_live(work: Callable[[dict[str, str], object], None], workers: int, ma
     finally:
         stop.forward(running.values())
         lighthouse.shutdown()
+
+
+class LighthouseProcess:
+    """The job's torchft Lighthouse in a process of its own, so that it can be lost and restarted as a
+    real one would be: a Lighthouse shut down inside this process would go on serving the connections
+    it already has. It ignores the terminal's signals (the command stops it last, after the workers have
+    checkpointed) and exits when the command does."""
+
+    def __init__(self, context, bind: str, heartbeat_timeout: float, join_timeout: float):
+        receiver, sender = context.Pipe(duplex=False)
+        self.process = context.Process(target=serve_lighthouse, name="lighthouse", daemon=True,
+                                       args=(bind, heartbeat_timeout, join_timeout, sender, os.getpid()))
+        self.process.start()
+        sender.close()
+        if not receiver.poll(LIGHTHOUSE_START_SECONDS):
+            self.shutdown()
+            raise WorkerFailed(f"the torchft Lighthouse did not start on {bind} within {LIGHTHOUSE_START_SECONDS:.0f} s")
+        port = receiver.recv().rsplit(":", 1)[1]
+        # Its address() names the machine's hostname, which need not resolve to loopback.
+        self.bind, self.address = f"{LOOPBACK}:{port}", f"http://{LOOPBACK}:{port}"
+
+    def shutdown(self) -> None:
+        self.process.kill()
+        self.process.join()
+
+
+def serve_lighthouse(bind: str, heartbeat_timeout: float, join_timeout: float, ready, parent: int) -> None:
+    """The Lighthouse process: serve, say where, and live as long as the command."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
+    lighthouse = start_lighthouse(bind, heartbeat_timeout, join_timeout)
+    ready.send(lighthouse.address())
+    ready.close()
+    while True:  # forked by the forkserver: the command is not its parent, so ask whether it lives
+        time.sleep(0.5)
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            return
 
 
 def kill_stuck(running: dict, progress: dict) -> None:

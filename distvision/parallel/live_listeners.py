@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import socket
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -76,11 +77,17 @@ class BoundProcessGroupGloo(ProcessGroupGloo):
         self.host = host
 
     def get_reconfigure_handle(self) -> str:
-        """torchft's handle (peers rendezvous on the first one's store), with that store on our host."""
+        """torchft's handle (peers rendezvous on the first one's store), with that store on our host.
+
+        torchft namespaces a rendezvous by the quorum id alone, and a restarted Lighthouse counts ids
+        from 1 again: the same namespace on the same store would hand the new group the gloo addresses
+        of an old one (20 s connect timeouts each, seen after a kill and a Lighthouse restart). So each
+        quorum request's handle names a namespace of its own (torchft asks for a handle per request)."""
         if self._rendezvous_store is None:
             self._rendezvous_store = bound_store(self.host)
+        address = f"{url_host(reachable_host(self.host))}:{self._rendezvous_store.port}"
         return json.dumps({"id": self._handle_id(), "global_rank": self._global_rank,
-                           "store": f"{url_host(reachable_host(self.host))}:{self._rendezvous_store.port}"})
+                           "store": f"{address}/{uuid.uuid4().hex}"})
 
     def _create_pg(self, store: Store, rank: int, world_size: int):
         if self.host in WILDCARD_HOSTS:  # gloo listens on one address; torch's default picks the hostname's

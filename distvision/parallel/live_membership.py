@@ -30,13 +30,15 @@ from distvision.parallel.live import (
     FIRST_WORKERS_VARIABLE,
     HEAL_FAILED_EXIT,
     JOINING_VARIABLE,
+    LIGHTHOUSE_SETTLE_SECONDS,
+    QUORUM_ATTEMPTS,
     REPLICA_VARIABLE,
     SPAWNED_AT_VARIABLE,
     STARTED_AT_VARIABLE,
     HealFailed,
     LighthouseLost,
+    LighthouseWatch,
     LiveReplica,
-    watch_lighthouse,
 )
 from distvision.parallel.membership import Seat, majority_fingerprint, weights_fingerprint
 from distvision.parallel.watchdog import ComputeClock
@@ -116,9 +118,11 @@ class LiveMembership:
 
     live = True
 
-    def __init__(self, replica: LiveReplica, seat: Seat, run_dir: Path, quorum_every: int):
+    def __init__(self, replica: LiveReplica, seat: Seat, run_dir: Path, quorum_every: int, lighthouse_grace: float):
         self.replica, self.seat, self.run_dir = replica, seat, run_dir
-        self.lighthouse = replica.lighthouse
+        self.lighthouse, self.lighthouse_grace = replica.lighthouse, lighthouse_grace
+        self.watch: LighthouseWatch | None = None  # from start()
+        self.ids_restarted_at: float | None = None  # a quorum's id fell below the last: a new Lighthouse
         self.quorum_every = quorum_every
         self.run = None  # the training loop's Run, from start()
         self.number, self.joining = replica_number(), is_joining()
@@ -144,10 +148,7 @@ class LiveMembership:
             self.clock.computing()
             return 0.0
         try:
-            quorum = self.replica.begin_round()
-        except LighthouseLost:
-            self._save_for_resume()
-            raise
+            quorum = self._quorum()
         except HealFailed as error:  # respawned, this replica heals again (a peer may serve it then)
             say(f"distvision: replica {self.number} could not heal ({error}); exiting to be respawned")
             sys.stdout.flush()
@@ -165,6 +166,40 @@ class LiveMembership:
         self.fingerprint = weights_fingerprint(self.run.model)
         self.clock.computing()
         return quorum.seconds
+
+    def _quorum(self):
+        """torchft's quorum. torchft asks a Lighthouse that went away mid-quorum again until it answers
+        (LiveReplica's quorum_retries); where the quorum fails all the same, wait for the Lighthouse (up
+        to --lighthouse-grace, then the watch stops the job resumably) and ask again, a few times."""
+        attempt = 1
+        while True:
+            try:
+                quorum = self.replica.begin_round()
+            except LighthouseLost:
+                away = not self.watch.answers()
+                if not away and attempt == QUORUM_ATTEMPTS:
+                    self._save_for_resume()
+                    raise
+                if away:
+                    say(f"distvision: replica {self.number}: the Lighthouse does not answer; waiting for it "
+                        f"(at most {self.lighthouse_grace:g} s)")
+                    self.watch.wait_until_back()
+                self.replica.forget_quorum()
+                attempt += 1
+                continue
+            if self.first_round or not self._split_brain(quorum):
+                self.ids_restarted_at = None
+                return quorum
+            time.sleep(0.1)
+
+    def _split_brain(self, quorum) -> bool:
+        """A quorum of at most half the last one from a Lighthouse just restarted, which cannot yet tell
+        who else is alive (LIGHTHOUSE_SETTLE_SECONDS): the others may be forming a quorum of their own."""
+        if quorum.quorum_id < self.log.quorum_id and self.ids_restarted_at is None:  # ids count from 1 again
+            self.ids_restarted_at = time.monotonic()
+        restarted = (self.watch.restarted_within(LIGHTHOUSE_SETTLE_SECONDS) or self.ids_restarted_at is not None
+                     and time.monotonic() - self.ids_restarted_at < LIGHTHOUSE_SETTLE_SECONDS)
+        return restarted and 2 * quorum.participants <= self.log.participants
 
     def agrees(self, fingerprints) -> bool:
         """Whether every participant started this round from the same weights (compared at quorums). If
@@ -260,7 +295,7 @@ class LiveMembership:
         # A peer's state is about ours in size; anything much larger is refused before it is read.
         model_bytes = sum(t.numel() * t.element_size() for t in run.model.state_dict().values())
         self.replica.transport.max_state_bytes = STATE_MODEL_COPIES * model_bytes + STATE_SLACK_BYTES
-        watch_lighthouse(self.lighthouse, self._abandon)
+        self.watch = LighthouseWatch(self.lighthouse, self._abandon, self.lighthouse_grace)
         wait_for_first_peers(self.run_dir, self.number, join_timeout)
         self.replica.set_step(run.state.step)
 
@@ -277,6 +312,8 @@ class LiveMembership:
         """After the first quorum: unless a live peer was ahead (and healed us), the run goes on from
         this replica's state, and the log is rewritten to it (lines written after its checkpoint go)."""
         self.first_round = False
+        # summary.json's wall seconds count from the job's start, whichever replica writes it
+        self.run.reporter.started = self.log.started
         if self.healed:
             return
         run = self.run
@@ -291,8 +328,9 @@ class LiveMembership:
             self.run.save_checkpoint()
 
     def _abandon(self, message: str) -> None:
-        """The Lighthouse is gone: no quorum can form again. Once the round in hand is done, the round's
-        rank 0 saves the last committed state for --resume, and this replica exits (status 2)."""
+        """The Lighthouse has been gone for --lighthouse-grace: no quorum can form. Once the round in hand
+        is done, the round's rank 0 saves the last committed state for --resume, and this replica exits
+        (status 2)."""
         with self.busy:
             self._save_for_resume()
             print(f"distvision: error: {message}; continue with --resume --out {self.run_dir}",
@@ -307,7 +345,11 @@ class LiveMembership:
         say(f"distvision: replica {self.number} was left behind; the run has already finished")
         return True
 
-    def shutdown(self) -> None:
+    def shutdown(self, run_ended: bool) -> None:
+        """Leave the job; `run_ended`: it finished (or finished without this replica), rather than this
+        replica leaving it alone (the launcher respawns a replica that left)."""
+        if run_ended:
+            self.clock.run_ended()
         self.replica.shutdown()
 
     def _log_join(self, first_commit: float) -> None:

@@ -55,8 +55,12 @@ class StaticMembership:
         """The audit's attempt id of this round: the one the audit chose at start."""
         return None
 
-    def shutdown(self) -> None:
+    def shutdown(self, run_ended: bool) -> None:
         """Nothing to stop."""
+
+    def finished_without_us(self) -> bool:
+        """Live: whether the others finished the run while this replica was away (a fixed group never)."""
+        return False
 
     def begin_round(self) -> float:
         """Nothing to agree on: the group is the membership. Returns the seconds waited (none)."""

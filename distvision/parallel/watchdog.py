@@ -21,7 +21,10 @@ from collections import deque
 STEPS = 5.0  # a step may last this many times the recent median ...
 MIN_SECONDS = 5.0  # ... and never less than this (a loaded machine's steps vary)
 FIRST_SECONDS = 120.0  # before any round has been timed: the first steps' warm-up, a lazy compile
-SLOTS = 2  # the shared array: [computing since (wall clock, 0 when not computing), bound in seconds]
+# The shared array: [computing since (wall clock, 0 when not computing), bound in seconds, 1 once the
+# replica has seen the run to its end (0: a clean exit before it, e.g. on a SIGTERM of its own, is a
+# departure, and the launcher respawns it)]
+SLOTS = 3
 
 _shared = None  # this replica's array from its launcher (None: not watched, e.g. under torchrun)
 
@@ -59,6 +62,11 @@ class ComputeClock:
             return FIRST_SECONDS
         return max(MIN_SECONDS, STEPS * statistics.median(self.durations))
 
+    def run_ended(self) -> None:
+        """The run is over for this replica (it finished, or the others finished without it)."""
+        if self.shared is not None:
+            self.shared[2] = 1.0
+
     def _publish(self, since: float) -> None:
         self.since = since
         if self.shared is not None:
@@ -70,3 +78,8 @@ def overdue(shared, now: float) -> float | None:
     """The launcher's side: how long the replica has computed, if past its bound; else None."""
     since, bound = shared[0], shared[1]
     return now - since if since and now - since > bound else None
+
+
+def run_ended(shared) -> bool:
+    """The launcher's side: whether the replica saw the run to its end before it exited."""
+    return shared[2] == 1.0

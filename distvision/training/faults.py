@@ -98,8 +98,8 @@ class PhaseFault:
         kind, rank, step, *phase = setting.split(":")
         return cls(kind, phase[0] if phase else "step", OneShot(int(rank), int(step), marker))
 
-    def strike(self) -> None:
-        say(f"distvision: debug fault: {self.kind} in the {self.phase} phase")
+    def strike(self, step: int) -> None:
+        say(f"distvision: debug fault: {self.kind} in the {self.phase} phase at step {step} (rank {self.when.rank})")
         sys.stdout.flush()
         if self.kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -123,8 +123,9 @@ class FaultInjector:
         self.model = model
         run_dir = Path(config.out or ".")
         self.corrupt = OneShot.parse(config.debug_corrupt_at, run_dir / "debug-corrupted")
-        self.phase_faults = [PhaseFault.parse(setting, run_dir / f"debug-fault-{number}")
-                             for number, setting in enumerate(config.debug_faults)]
+        self.phase_faults = [fault for number, setting in enumerate(config.debug_faults)
+                             if (fault := PhaseFault.parse(setting, run_dir / f"debug-fault-{number}")).kind
+                             != "lighthouse"]  # the launcher's (lighthouse_restarts)
         self.slow_rank, self.slow_factor = parse_rank_setting(config.debug_slowdown, 1.0)
         self.nan_rank, nan_step = parse_rank_setting(config.debug_nan_at, -1)
         self.nan_step = int(nan_step)
@@ -159,7 +160,7 @@ class FaultInjector:
         at each phase)."""
         for fault in self.phase_faults:
             if fault.phase == phase and fault.when.fires(self.seat.rank, step):
-                fault.strike()
+                fault.strike(step)
 
     def wants_stop(self, step: int) -> bool:
         """--debug-stop-at-step: rank 0 asks for a resumable stop, as SIGTERM would."""
@@ -193,3 +194,8 @@ class SampleAudit:
         if batch is not None:
             record["batch"] = batch.tolist()
         self.file.write(json.dumps(record) + "\n")
+
+
+def lighthouse_restarts(config: TrainConfig) -> list[int]:
+    """--debug-fault lighthouse:0:STEP: the steps at which the live launcher restarts its Lighthouse."""
+    return sorted(int(setting.split(":")[2]) for setting in config.debug_faults if setting.startswith("lighthouse:"))

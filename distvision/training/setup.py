@@ -291,4 +291,4 @@ def live_membership(config: TrainConfig, seat: Seat, run_dir: Path) -> LiveMembe
     replica = LiveReplica(lighthouse, f"distvision{replica_number()}", timeout=config.collective_timeout,
                           quorum_timeout=max(config.collective_timeout, config.join_timeout),
                           secret=load_secret(config.secret_file), bind_host=config.bind or interface_towards(lighthouse))
-    return LiveMembership(replica, seat, run_dir, config.quorum_every)
+    return LiveMembership(replica, seat, run_dir, config.quorum_every, config.lighthouse_grace)
