@@ -46,10 +46,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
 def run_replica(config: TrainConfig, environment: dict[str, str], progress) -> None:
     """One live worker, forked by the launcher: its replica number, the Lighthouse and the job's secret
     come in `environment`; `progress` is what the launcher's watchdog reads."""
+    from distvision.parallel.live_launch import stop_with_launcher
     from distvision.parallel.watchdog import watch_this_replica
 
     os.environ.update(environment)
     watch_this_replica(progress)
+    stop_with_launcher()
     run_as_worker(train, config)
 
 

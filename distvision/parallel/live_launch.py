@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
@@ -36,6 +37,7 @@ from distvision.parallel.live import (
     start_lighthouse,
 )
 
+LAUNCHER_VARIABLE = "DISTVISION_LAUNCHER_PID"  # the command's pid, in its workers' environment
 LIGHTHOUSE_START_SECONDS = 30.0
 LIGHTHOUSE_DOWN_SECONDS = 1.0  # --debug-fault lighthouse: how long the restarted Lighthouse is away
 STOP_WAIT_SECONDS = 60.0  # after SIGTERM, the workers finish their round and write a checkpoint
@@ -74,6 +76,7 @@ def launch_live(work: Callable[[dict[str, str], object], None], workers: int, ma
     restarts_due = list(lighthouse_restarts or [])
     # LOCAL_WORLD_SIZE: each worker takes its share of the cores (parallel/worker.py), as under torchrun.
     base = {LIGHTHOUSE_ADDRESS_VARIABLE: lighthouse_address, SECRET_VARIABLE: new_secret(),
+            LAUNCHER_VARIABLE: str(os.getpid()),
             ATTEMPT_VARIABLE: str(time.time_ns() // 1_000_000), "LOCAL_WORLD_SIZE": str(workers),
             STARTED_AT_VARIABLE: repr(time.time())}
 
@@ -159,12 +162,31 @@ def serve_lighthouse(bind: str, heartbeat_timeout: float, join_timeout: float, r
     lighthouse = start_lighthouse(bind, heartbeat_timeout, join_timeout)
     ready.send(lighthouse.address())
     ready.close()
-    while True:  # forked by the forkserver: the command is not its parent, so ask whether it lives
+    while alive(parent):
         time.sleep(0.5)
-        try:
-            os.kill(parent, 0)
-        except ProcessLookupError:
-            return
+
+
+def alive(pid: int) -> bool:
+    """Whether the process lives. The forkserver, not the command, is the parent of what the command
+    starts, and it outlives a command that was killed: its children ask after the command itself."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_with_launcher() -> None:
+    """In a worker: a resumable stop (SIGTERM to itself) once the command that launched it is gone, so
+    that a killed command leaves no workers training on without it (and without its run-folder lock)."""
+    launcher = int(os.environ[LAUNCHER_VARIABLE])
+
+    def follow() -> None:
+        while alive(launcher):
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=follow, name="follow-launcher", daemon=True).start()
 
 
 def kill_stuck(running: dict, progress: dict) -> None:

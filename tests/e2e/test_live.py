@@ -5,6 +5,7 @@ undisturbed run (the same arithmetic, whoever took part in each step)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -266,3 +267,29 @@ def test_three_replicas_survive_faults_at_every_phase(data: Path, reference: Pat
     assert output.count("distvision: test accuracy") == 1, output[-3000:]  # one summary, one writer
     assert_each_epoch_covered_once(out, 3)
     _assert_same_weights(out, reference)
+
+
+def test_workers_stop_resumably_when_their_command_is_killed(data: Path, tmp_path: Path):
+    """SIGKILL to the command alone: its workers (children of the forkserver, not of the command) must
+    not train on without it and its run-folder lock; each stops as on SIGTERM, with a checkpoint."""
+    out = tmp_path / "run"
+    run = _start(_train_args(data, out, "--workers", "2", "--epochs", "100", *EPOCHS[2:], *LIVE,
+                             "--debug-step-delay", "0.1"), tmp_path)
+    try:
+        wait_for(lambda: _steps_done(out) >= 5, 120, "training to make progress")
+        workers = list(_workers(out).values())
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait()
+
+        def gone(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # a zombie: exited
+
+        wait_for(lambda: all(gone(pid) for pid in workers), 30, "the workers to stop")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    assert list_training_checkpoints(out)
