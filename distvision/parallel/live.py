@@ -14,6 +14,7 @@ healing.py and live_listeners.py are the only ones that import torchft; live_mem
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -22,11 +23,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from torch.distributed import ReduceOp
 
 from distvision.errors import UserError
+from distvision.fileio import write_json_atomic
 
 LIGHTHOUSE_ADDRESS_VARIABLE = "TORCHFT_LIGHTHOUSE"  # torchft's own name for the Lighthouse's address
 REPLICA_VARIABLE = "DISTVISION_REPLICA"  # this worker's replica number, set by the live launcher
@@ -209,11 +212,7 @@ class LighthouseWatch:
         threading.Thread(target=watch, name="lighthouse-watch", daemon=True).start()
 
     def answers(self) -> bool:
-        try:
-            socket.create_connection((self.host, self.port), timeout=self.every).close()
-            return True
-        except OSError:
-            return False
+        return lighthouse_answers(self.address, self.every)
 
     def restarted_within(self, seconds: float) -> bool:
         """Whether it answered again, after not answering, less than `seconds` ago."""
@@ -223,6 +222,33 @@ class LighthouseWatch:
         """Until the Lighthouse answers (the watch calls on_lost meanwhile if it never does)."""
         while not self.answers():
             time.sleep(0.1)
+
+
+def lighthouse_answers(address: str, timeout: float = 0.5) -> bool:
+    """Whether something accepts connections at the Lighthouse's address."""
+    try:
+        socket.create_connection(host_and_port(address), timeout=timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def claim_run_dir(run_dir: Path, lighthouse: str) -> None:
+    """A live job's nodes share their run folder (each under its own torchrun, where no lock can span
+    the machines), so the folder names the job's Lighthouse: a node of another job, whose Lighthouse
+    answers, is refused (a UserError); a folder whose Lighthouse is gone (a stopped or finished job)
+    is taken over, e.g. by its --resume."""
+    record = run_dir / "live" / "lighthouse.json"
+    try:
+        recorded = json.loads(record.read_text())["lighthouse"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    if recorded and recorded != lighthouse and lighthouse_answers(recorded):
+        raise UserError(f"--out {run_dir} belongs to another live job (its Lighthouse at {recorded} answers); "
+                        "give this one its own --out")
+    if recorded != lighthouse:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(record, {"lighthouse": lighthouse})
 
 
 def host_and_port(address: str) -> tuple[str, int]:

@@ -39,6 +39,7 @@ from distvision.parallel.live import (
     LighthouseLost,
     LighthouseWatch,
     LiveReplica,
+    claim_run_dir,
 )
 from distvision.parallel.membership import Seat, majority_fingerprint, weights_fingerprint
 from distvision.parallel.watchdog import ComputeClock
@@ -295,6 +296,7 @@ class LiveMembership:
         # A peer's state is about ours in size; anything much larger is refused before it is read.
         model_bytes = sum(t.numel() * t.element_size() for t in run.model.state_dict().values())
         self.replica.transport.max_state_bytes = STATE_MODEL_COPIES * model_bytes + STATE_SLACK_BYTES
+        claim_run_dir(self.run_dir, self.lighthouse)
         self.watch = LighthouseWatch(self.lighthouse, self._abandon, self.lighthouse_grace)
         wait_for_first_peers(self.run_dir, self.number, join_timeout)
         self.replica.set_step(run.state.step)

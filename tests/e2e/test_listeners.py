@@ -18,8 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from distvision.errors import UserError
 from distvision.parallel.healing import new_secret
-from distvision.parallel.live import HealFailed, LiveReplica, start_lighthouse
+from distvision.parallel.live import (
+    HealFailed,
+    LiveReplica,
+    claim_run_dir,
+    lighthouse_answers,
+    start_lighthouse,
+)
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads listening sockets in /proc")
 
@@ -135,3 +143,20 @@ def test_a_replica_behind_heals_from_its_peer_only_with_the_jobs_secret(same_sec
         ahead.shutdown()
         behind.shutdown()
         lighthouse.shutdown()
+
+
+def test_a_live_run_folder_belongs_to_the_job_whose_lighthouse_answers(tmp_path: Path):
+    """Nodes of one job (one Lighthouse) share the folder; a node of another job is refused while the
+    first job's Lighthouse answers, and takes the folder over once it is gone."""
+    first = start_lighthouse("127.0.0.1:0", 1.0, 5.0)
+    second = start_lighthouse("127.0.0.1:0", 1.0, 5.0)
+    first_address, second_address = (f"http://127.0.0.1:{server.address().rsplit(':', 1)[1]}"
+                                      for server in (first, second))
+    claim_run_dir(tmp_path, first_address)
+    claim_run_dir(tmp_path, first_address)  # another node of the same job
+    with pytest.raises(UserError, match="belongs to another live job"):
+        claim_run_dir(tmp_path, second_address)
+    first.shutdown()
+    wait_for(lambda: not lighthouse_answers(first_address), 10, "the first Lighthouse to stop")
+    claim_run_dir(tmp_path, second_address)  # the first job is gone: e.g. a --resume under a new one
+    second.shutdown()
