@@ -34,7 +34,7 @@ case "$RECOVERY" in
       (umask 077 && .venv/bin/python -c 'import secrets; print(secrets.token_hex(32))' > "$SECRET_FILE")
     fi
     # Supervised: the replicas rejoin a restarted Lighthouse within --lighthouse-grace (60 s).
-    (until .venv/bin/torchft_lighthouse --min_replicas 1 --bind "$HEAD_ADDR:29510" --heartbeat_timeout_ms 1000; do
+    (until .venv/bin/torchft_lighthouse --min_replicas 1 --bind "$HEAD_ADDR:29510" --heartbeat_timeout_ms 1000 --join_timeout_ms 5000; do
        sleep 1; done) &
     pbsdsh -u -- bash -lc "cd $PBS_O_WORKDIR && $NODE_ENV .venv/bin/torchrun --standalone --nproc-per-node=1 \
       -m distvision train --recovery live --lighthouse $HEAD_ADDR:29510 --secret-file $SECRET_FILE \

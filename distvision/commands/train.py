@@ -90,7 +90,7 @@ def start_live(config: TrainConfig, recipe: Recipe, cache_dir: Path, argv: list[
     decide_precision(config, recipe, cache_dir)
     try:
         launch_live(partial(run_replica, config), config.workers, config.max_restarts, config.heartbeat_timeout,
-                    config.join_timeout, run_dir / "workers.json", warm_modules=[__name__, "distvision.train"],
+                    run_dir / "workers.json", warm_modules=[__name__, "distvision.train"],
                     lighthouse_restarts=lighthouse_restarts(config),
                     current_step=lambda: (read_heartbeat(run_dir) or {}).get("step", -1))
     except LiveStopped as stop:

@@ -39,6 +39,13 @@ from distvision.parallel.live import (
 
 LAUNCHER_VARIABLE = "DISTVISION_LAUNCHER_PID"  # the command's pid, in its workers' environment
 LIGHTHOUSE_START_SECONDS = 30.0
+# How long a quorum waits for a replica that heartbeats but has not asked to join. Replicas ask at the
+# same moments (after the same committed round, after the same evaluation), so a few seconds is
+# generous; a replica that committed a round its peers discarded (a peer died as the all-reduce
+# ended) goes on with the old group and asks only when that fails: its peers' new quorum, formed
+# without it after this wait, closes the old group's connections, its all-reduce fails at once, and
+# it joins. With the rendezvous timeout here (600 s), that cost up to --collective-timeout instead.
+LIGHTHOUSE_JOIN_SECONDS = 3.0
 LIGHTHOUSE_DOWN_SECONDS = 1.0  # --debug-fault lighthouse: how long the restarted Lighthouse is away
 STOP_WAIT_SECONDS = 60.0  # after SIGTERM, the workers finish their round and write a checkpoint
 LOOPBACK = "127.0.0.1"
@@ -53,7 +60,7 @@ class LiveStopped(Exception):
 
 
 def launch_live(work: Callable[[dict[str, str], object], None], workers: int, max_restarts: int, heartbeat_timeout: float,
-                join_timeout: float, pid_file: Path, warm_modules: list[str],
+                pid_file: Path, warm_modules: list[str],
                 lighthouse_restarts: list[int] | None = None, current_step: Callable[[], int] | None = None) -> None:
     """Run `workers` replicas, each work(environment, progress) in a process of its own, around a loopback
     Lighthouse until they finish. `work` must be picklable (a module-level function or a partial of one).
@@ -71,7 +78,7 @@ def launch_live(work: Callable[[dict[str, str], object], None], workers: int, ma
     # reach them can join a quorum or kill a replica (the Lighthouse's POST /replica/<id>/kill).
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "torchft", *warm_modules])
-    lighthouse = LighthouseProcess(context, f"{LOOPBACK}:0", heartbeat_timeout, join_timeout)
+    lighthouse = LighthouseProcess(context, f"{LOOPBACK}:0", heartbeat_timeout, LIGHTHOUSE_JOIN_SECONDS)
     lighthouse_address = lighthouse.address
     restarts_due = list(lighthouse_restarts or [])
     # LOCAL_WORLD_SIZE: each worker takes its share of the cores (parallel/worker.py), as under torchrun.
@@ -106,7 +113,7 @@ def launch_live(work: Callable[[dict[str, str], object], None], workers: int, ma
                 print("distvision: debug fault: restarting the Lighthouse", file=sys.stderr, flush=True)
                 lighthouse.shutdown()
                 time.sleep(LIGHTHOUSE_DOWN_SECONDS)
-                lighthouse = LighthouseProcess(context, lighthouse.bind, heartbeat_timeout, join_timeout)
+                lighthouse = LighthouseProcess(context, lighthouse.bind, heartbeat_timeout, LIGHTHOUSE_JOIN_SECONDS)
             for number, process in list(running.items()):
                 if process.exitcode is None:
                     continue
