@@ -39,6 +39,7 @@ from distvision.parallel.live import (
 
 LAUNCHER_VARIABLE = "DISTVISION_LAUNCHER_PID"  # the command's pid, in its workers' environment
 LIGHTHOUSE_START_SECONDS = 30.0
+LIGHTHOUSE_AFTERLIFE_SECONDS = 25.0  # a worker's stop takes at most 20 s (training/faults.STOP_GRACE_SECONDS)
 # How long a quorum waits for a replica that heartbeats but has not asked to join. Replicas ask at the
 # same moments (after the same committed round, after the same evaluation), so a few seconds is
 # generous; a replica that committed a round its peers discarded (a peer died as the all-reduce
@@ -171,6 +172,9 @@ def serve_lighthouse(bind: str, heartbeat_timeout: float, join_timeout: float, r
     ready.close()
     while alive(parent):
         time.sleep(0.5)
+    # The command was killed: its workers stop (stop_with_launcher), each after a committed round, with
+    # a checkpoint; the one left alone needs a quorum for its last round.
+    time.sleep(LIGHTHOUSE_AFTERLIFE_SECONDS)
 
 
 def alive(pid: int) -> bool:
