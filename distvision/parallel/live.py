@@ -42,13 +42,13 @@ DIVERGED_EXIT = 4  # a replica whose weights differ from its peers' exits with t
 ATTEMPT_VARIABLE = "DISTVISION_LIVE_ATTEMPT"  # the launch's id: audit records of a resumed run supersede
 HEARTBEAT_INTERVAL = timedelta(milliseconds=100)  # each Manager's beat to the Lighthouse
 QUORUM_TICK_MS = 20  # how often the Lighthouse checks whether a quorum can be issued
-QUORUM_RETRY_SECONDS = 0.5
-QUORUM_ATTEMPTS = 3
+QUORUM_RETRY_SECONDS = 0.5  # torchft asks a Lighthouse that refused a quorum request again this often
+QUORUM_ATTEMPTS = 3  # quorums that fail in a row while the Lighthouse answers: it cannot form one
 # A restarted Lighthouse knows no replica until their heartbeats reach it, so its rule against split
 # brain (a quorum needs more than half of the heartbeating replicas) cannot hold at first: the first
 # replica to ask would get a quorum of its own. For this long after it is back, a replica does not
 # train on a quorum of at most half its last one, and asks again.
-LIGHTHOUSE_SETTLE_SECONDS = 3.0  # quorums that fail in a row while the Lighthouse answers: it cannot form one
+LIGHTHOUSE_SETTLE_SECONDS = 3.0
 
 
 def start_lighthouse(bind: str, heartbeat_timeout: float, join_timeout: float, min_replicas: int = 1):

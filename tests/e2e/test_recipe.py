@@ -14,7 +14,7 @@ from torch import nn
 
 from distvision.parallel.group import leave_process_group
 from distvision.tricks import Lookahead
-from tests.helpers import run_cli, spawn_workers, write_image_tree
+from tests.helpers import assert_each_epoch_covered_once, run_cli, spawn_workers, write_image_tree
 
 
 def _finish_lookahead_on_diverged_replicas(rank: int, init_file: str, results: str) -> None:
@@ -66,3 +66,26 @@ def test_fastnet_recipe_trains_on_two_workers_and_evaluate_agrees(tmp_path: Path
 def test_sync_bn_on_the_cpu_is_a_clear_error(tmp_path: Path):
     result = run_cli(["train", "--data", str(tmp_path), "--device", "cpu", "--sync-bn"], tmp_path / "cache")
     assert result.returncode == 2 and "SyncBatchNorm" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fastnet_under_live_membership_survives_kills(tmp_path: Path):
+    """Batch normalisation under live membership: two kills (one after a step, one while the round's
+    all-reduce is in flight) cost the run no restart and no sample, the rolled-back rounds leave the
+    running statistics sound, and the model learns as undisturbed (the same accuracy, not the same bits:
+    each replica normalises over its own share)."""
+    data = write_image_tree(tmp_path / "data", classes=3, train_per_class=24, test_per_class=6)
+    out = tmp_path / "run"
+    result = run_cli(["train", "--data", str(data), "--out", str(out), "--model", "fastnet", "--workers", "2",
+                      "--epochs", "4", "--batch-size", "24", "--lr-scaling", "linear", "--precision", "fp32",
+                      "--recovery", "live", "--heartbeat-timeout", "0.5", "--collective-timeout", "10",
+                      "--audit-samples", "--debug-fault", "kill:1:4", "--debug-fault", "kill:0:8:exchange"],
+                     tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["restarts"] == 0 and summary["membership_changes"] >= 1, summary
+    assert (out / "debug-fault-0").exists() and (out / "debug-fault-1").exists()
+    assert_each_epoch_covered_once(out, 4, sample_count=72)
+    weights = load_file(out / "checkpoint" / "model.safetensors")
+    statistics = [value for name, value in weights.items() if name.endswith(("running_mean", "running_var"))]
+    assert statistics and all(torch.isfinite(value).all() for value in statistics)
+    assert summary["test_accuracy"] >= 0.8, summary  # as undisturbed (chance is 1/3)
