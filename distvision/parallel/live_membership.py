@@ -154,12 +154,13 @@ class LiveMembership:
             say(f"distvision: replica {self.number} could not heal ({error}); exiting to be respawned")
             sys.stdout.flush()
             os._exit(HEAL_FAILED_EXIT)
+        self.quorum_due = False
         if self.first_round:
-            self._settle_first_round()
+            self._settle_first_round()  # may ask for another quorum at once
         elif quorum.quorum_id != self.log.quorum_id and self.finished_without_us():
             raise LeftBehind()
         state = self.run.state
-        self.quorum_due, self.quorum_step = False, state.step
+        self.quorum_step = state.step
         self.seat.rank, self.seat.participants = quorum.rank, quorum.participants
         self.log.observe(quorum.quorum_id, quorum.participants, quorum.seconds,
                          {"step": state.step, "epoch": state.epoch + 1, "cursor": state.cursor})
@@ -316,12 +317,16 @@ class LiveMembership:
         self.first_round = False
         # summary.json's wall seconds count from the job's start, whichever replica writes it
         self.run.reporter.started = self.log.started
-        if self.healed:
-            return
         run = self.run
-        if self.joining:  # respawned, but every peer is gone: the newest checkpoint instead
+        # Respawned, but every peer is gone too: each respawn reads the newest checkpoint (one that
+        # "healed" at step 0 took a fellow respawn's fresh state). Their first round then starts with a
+        # quorum of its own, whose weights check holds them together.
+        if self.joining and (not self.healed or run.state.step == 0):
             run.state.load(run.resume_from_checkpoint().state_dict())
             self.replica.set_step(run.state.step)
+            self.quorum_due = True
+        elif self.healed:
+            return
         rewrite_log(self.run_dir, run.state.log)
 
     def _save_for_resume(self) -> None:

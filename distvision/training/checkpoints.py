@@ -84,8 +84,9 @@ def check_same_settings(run_dir: Path, saved: dict, expected: dict) -> None:
 
 
 def agree_on_resume(run_dir: Path, rank: int) -> tuple[dict, dict, dict] | None:
-    """Every rank loads the checkpoint rank 0 picked (the newest intact one), or none."""
-    loaded = load_latest_training_checkpoint(run_dir, warn=say) if rank == 0 else None
+    """Every rank loads the checkpoint rank 0 picked (the newest intact one), or none. Without a process
+    group (a live replica), each loads the newest itself."""
+    loaded = load_latest_training_checkpoint(run_dir, warn=say) if rank == 0 or not dist.is_initialized() else None
     choice = [loaded[2]["step"] if loaded else None]
     if dist.is_initialized():
         dist.broadcast_object_list(choice, src=0)

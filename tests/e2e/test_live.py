@@ -221,8 +221,9 @@ def test_a_restarted_lighthouse_is_joined_again_and_a_lost_one_stops_the_job_res
     assert node.returncode == 2, output[-3000:]
     assert "lost the torchft Lighthouse" in output and "Traceback" not in output, output[-3000:]
     assert 4 <= time.monotonic() - started < 30
-    # Resumable by either path: here one worker on the restart path.
-    resumed = run_cli(_train_args(data, out, "--workers", "1", *EPOCHS, "--resume"), tmp_path / "cache")
+    # Resumable by either path: here a live job of two workers (the default), under a Lighthouse of its
+    # own (the folder's, gone, is taken over).
+    resumed = run_cli(_train_args(data, out, "--workers", "2", *EPOCHS, "--resume"), tmp_path / "cache")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_each_epoch_covered_once(out, 3)
     _assert_same_weights(out, reference)
@@ -313,3 +314,22 @@ def test_kills_under_local_steps_roll_the_period_back(data: Path, tmp_path: Path
     assert (out / "debug-fault-0").exists() and (out / "debug-fault-1").exists()
     assert_each_epoch_covered_once(out, 3)
     assert summary["test_accuracy"] >= 0.9, summary  # the undisturbed run reaches 1.0 on these data
+
+
+def test_respawns_with_no_live_peer_continue_from_the_newest_checkpoint(data: Path, reference: Path,
+                                                                         tmp_path: Path):
+    """Every worker killed at once: there is no peer to heal from, so the respawns read the newest
+    checkpoint (the end of epoch 1) and train on from there, as a resume would."""
+    out = tmp_path / "run"
+    run = _start(_train_args(data, out, "--workers", "2", *EPOCHS, *LIVE, "--debug-step-delay", "0.1"), tmp_path)
+    wait_for(lambda: _steps_done(out) >= 20, 120, "training past the first epoch's checkpoint")
+    for pid in _workers(out).values():
+        os.kill(pid, signal.SIGKILL)
+    _finish(run)
+    joins = [json.loads(line) for line in (out / "joins.jsonl").read_text().splitlines()]
+    # the first read the checkpoint; the other read it too, or healed from the first
+    assert len(joins) == 2 and not all(join["healed"] for join in joins), joins
+    assert json.loads((out / "summary.json").read_text())["restarts"] == 0
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
+    assert_each_epoch_covered_once(out, 3)
+    _assert_same_weights(out, reference)
