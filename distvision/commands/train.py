@@ -34,6 +34,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
         config.data = str(download_cifar10(cache_dir))
     config.out = str(config.run_dir())
     if config.recovery == "live":
+        from distvision.parallel.live import check_live_addresses
+
+        check_live_addresses(config.lighthouse, config.bind)
         start_live(config, recipe, cache_dir, argv)
         return
     # Under torchrun a run folder with checkpoints is always resumed: a node joining a running job

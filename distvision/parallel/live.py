@@ -233,6 +233,23 @@ def lighthouse_answers(address: str, timeout: float = 0.5) -> bool:
         return False
 
 
+def check_live_addresses(lighthouse: str | None, bind: str | None) -> None:
+    """Before any worker starts: --bind must be an address of this machine, and a given Lighthouse must
+    answer (a one-line UserError each, instead of a traceback from the first server or a connect
+    timeout in every worker)."""
+    if bind:
+        try:
+            family, kind, _, _, address = socket.getaddrinfo(bind, 0, type=socket.SOCK_STREAM)[0]
+            with socket.socket(family, kind) as probe:
+                probe.bind(address)
+        except (OSError, UnicodeError) as error:
+            raise UserError(f"cannot listen on --bind {bind}: {getattr(error, 'strerror', None) or error}; "
+                            "give an address of this machine") from None
+    if lighthouse and not lighthouse_answers(lighthouse, timeout=5.0):
+        raise UserError(f"the torchft Lighthouse at {lighthouse} does not answer: start it first, or check "
+                        "--lighthouse HOST:PORT")
+
+
 def claim_run_dir(run_dir: Path, lighthouse: str) -> None:
     """A live job's nodes share their run folder (each under its own torchrun, where no lock can span
     the machines), so the folder names the job's Lighthouse: a node of another job, whose Lighthouse

@@ -72,3 +72,12 @@ def test_no_network_for_the_default_download_is_one_line(tmp_path: Path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_requested_without_a_gpu(data: Path, tmp_path: Path):
     assert_fails_cleanly(["train", "--data", str(data), "--device", "cuda"], tmp_path, "no CUDA GPU")
+
+
+def test_a_bind_address_not_of_this_machine_and_a_silent_lighthouse(data: Path, tmp_path: Path):
+    """Live membership's addresses are checked before any worker starts (no traceback from the first
+    server, no connect timeout in every worker)."""
+    assert_fails_cleanly(["train", "--data", str(data), "--recovery", "live", "--bind", "10.255.255.1"],
+                         tmp_path, "cannot listen on --bind 10.255.255.1")
+    assert_fails_cleanly(["train", "--data", str(data), "--lighthouse", "127.0.0.1:1"], tmp_path,
+                         "the torchft Lighthouse at 127.0.0.1:1 does not answer")
