@@ -15,7 +15,7 @@ NODES=$(sort -u "$PBS_NODEFILE")
 NNODES=$(echo "$NODES" | wc -l)
 HEAD=$(echo "$NODES" | head -n 1)
 WORKERS_PER_NODE=${WORKERS_PER_NODE:-2}
-MAX_RESTARTS=${MAX_RESTARTS:-3}   # restart: torchrun's own default is 0, no restart at all
+MAX_RESTARTS=${MAX_RESTARTS:-3}   # torchrun restarts a dead (restart) or hung (live) worker; its default is 0
 COMMON="--data $DATA --model fastnet --out runs/pbs-$PBS_JOBID --cache-dir \${TMPDIR:-/tmp}/distvision-cache"
 # pbsdsh does not pass this script's environment on, so each node's command sets it. torch 2.13: the
 # workers must not share torchrun's rendezvous store (see the README).
@@ -36,7 +36,7 @@ case "$RECOVERY" in
     # Supervised: the replicas rejoin a restarted Lighthouse within --lighthouse-grace (60 s).
     (until .venv/bin/torchft_lighthouse --min_replicas 1 --bind "$HEAD_ADDR:29510" --heartbeat_timeout_ms 1000 --join_timeout_ms 5000; do
        sleep 1; done) &
-    pbsdsh -u -- bash -lc "cd $PBS_O_WORKDIR && $NODE_ENV .venv/bin/torchrun --standalone --nproc-per-node=1 \
+    pbsdsh -u -- bash -lc "cd $PBS_O_WORKDIR && $NODE_ENV .venv/bin/torchrun --standalone --nproc-per-node=1 --max-restarts=$MAX_RESTARTS \
       -m distvision train --recovery live --lighthouse $HEAD_ADDR:29510 --secret-file $SECRET_FILE \
       --threads-per-worker $NCPUS $COMMON"
     ;;

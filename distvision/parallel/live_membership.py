@@ -136,7 +136,8 @@ class LiveMembership:
         # discarded round or an epoch's end.
         self.quorum_due, self.quorum_step = True, 0
         self.busy = threading.Lock()  # held while a round or an epoch's end changes the state
-        self.clock = ComputeClock()  # what the launcher's watchdog sees: computing a step, or waiting
+        # What the launcher's watchdog sees (computing a step, or waiting); under torchrun, its own thread.
+        self.clock = ComputeClock(watch_itself=True)
         self.fingerprint = 0  # of the weights this round started from, at a quorum (0: not taken)
         self.quorum_round = False  # this round began with a quorum
         self.differs = False  # this replica's weights differed from its peers': it heals at the next quorum

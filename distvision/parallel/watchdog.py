@@ -1,4 +1,5 @@
-"""The live launcher's progress watchdog: a replica stuck in its own computing is killed and respawned.
+"""The live launcher's progress watchdog: a replica stuck in its own computing is killed and respawned
+(under torchrun, where no launcher watches, the replica's own thread ends it and torchrun restarts it).
 
 torchft's heartbeat comes from a Rust thread, so a replica whose Python is stuck (a hang in a library,
 a deadlock) still looks alive to the Lighthouse, and its peers wait for it in the all-reduce for the
@@ -14,13 +15,17 @@ one watched. Evaluation is not watched either (its length is not a round's).
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
+import threading
 import time
 from collections import deque
 
 STEPS = 5.0  # a step may last this many times the recent median ...
 MIN_SECONDS = 5.0  # ... and never less than this (a loaded machine's steps vary)
 FIRST_SECONDS = 120.0  # before any round has been timed: the first steps' warm-up, a lazy compile
+WATCHDOG_EXIT = 5  # a replica that watches itself exits with this past its bound
 # The shared array: [computing since (wall clock, 0 when not computing), bound in seconds, 1 once the
 # replica has seen the run to its end (0: a clean exit before it, e.g. on a SIGTERM of its own, is a
 # departure, and the launcher respawns it)]
@@ -37,12 +42,29 @@ def watch_this_replica(shared) -> None:
 
 class ComputeClock:
     """This replica's side: the loop says when it starts computing, when a step is done, and when it
-    waits. The bound is a few times the median step (data loading included)."""
+    waits. The bound is a few times the median step (data loading included).
 
-    def __init__(self):
+    With watch_itself (a replica no launcher watches: one node's under torchrun), a thread of its own
+    reads the clock instead, and ends the process past its bound; torchrun's agent restarts it
+    (--max-restarts) and it heals from a live peer. A thread cannot see a hang that holds the GIL, as
+    the launcher can; a hang in Python or in a call that releases it, it can."""
+
+    def __init__(self, watch_itself: bool = False):
         self.shared = _shared
         self.since = 0.0
         self.durations: deque[float] = deque(maxlen=64)
+        if watch_itself and self.shared is None:
+            self.shared = [0.0, FIRST_SECONDS, 0.0]
+            threading.Thread(target=self._watch, name="progress-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(1.0)
+            seconds = overdue(self.shared, time.time())
+            if seconds is not None:
+                print(f"distvision: this replica has been on one step for {seconds:.0f} s (its bound: "
+                      f"{self.shared[1]:.0f} s); exiting, to be restarted", file=sys.stderr, flush=True)
+                os._exit(WATCHDOG_EXIT)
 
     def computing(self) -> None:
         if not self.since:

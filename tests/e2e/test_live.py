@@ -333,3 +333,27 @@ def test_respawns_with_no_live_peer_continue_from_the_newest_checkpoint(data: Pa
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
     assert_each_epoch_covered_once(out, 3)
     _assert_same_weights(out, reference)
+
+
+def test_a_hung_node_under_torchrun_ends_itself_and_torchrun_restarts_it(data: Path, reference: Path,
+                                                                         tmp_path: Path):
+    """Under torchrun no launcher watches the replicas: a node whose Python hangs with its heartbeat
+    alive ends itself past its bound (its own watchdog thread), its torchrun restarts it, and it heals
+    from the other node; the job ends with the undisturbed run's weights."""
+    port, out = free_port(), tmp_path / "run"
+    lighthouse = _lighthouse(port)
+    args = _train_args(data, out, *EPOCHS, *LIVE, "--lighthouse", f"127.0.0.1:{port}",
+                       "--secret-file", str(_secret_file(tmp_path)), "--debug-step-delay", "0.1",
+                       "--debug-fault", "hang:1:12")
+    prefix = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "--max-restarts", "1",
+              "-m", "distvision"]
+    try:
+        nodes = [_start(args, tmp_path, prefix=prefix) for _ in range(2)]
+        outputs = [_finish(node, timeout=180) for node in nodes]
+    finally:
+        lighthouse.kill()
+    assert (out / "debug-fault-0").exists()
+    assert any("exiting, to be restarted" in output for output in outputs), outputs[0][-2000:]
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
+    assert_each_epoch_covered_once(out, 3)
+    _assert_same_weights(out, reference)
