@@ -43,6 +43,7 @@ ATTEMPT_VARIABLE = "DISTVISION_LIVE_ATTEMPT"  # the launch's id: audit records o
 HEARTBEAT_INTERVAL = timedelta(milliseconds=100)  # each Manager's beat to the Lighthouse
 QUORUM_TICK_MS = 20  # how often the Lighthouse checks whether a quorum can be issued
 QUORUM_RETRY_SECONDS = 0.5  # torchft asks a Lighthouse that refused a quorum request again this often
+LIGHTHOUSE_ANSWER_SECONDS = 10.0  # a node waits this long at its start for the Lighthouse to answer
 QUORUM_ATTEMPTS = 3  # quorums that fail in a row while the Lighthouse answers: it cannot form one
 # A restarted Lighthouse knows no replica until their heartbeats reach it, so its rule against split
 # brain (a quorum needs more than half of the heartbeating replicas) cannot hold at first: the first
@@ -245,9 +246,13 @@ def check_live_addresses(lighthouse: str | None, bind: str | None) -> None:
         except (OSError, UnicodeError) as error:
             raise UserError(f"cannot listen on --bind {bind}: {getattr(error, 'strerror', None) or error}; "
                             "give an address of this machine") from None
-    if lighthouse and not lighthouse_answers(lighthouse, timeout=5.0):
-        raise UserError(f"the torchft Lighthouse at {lighthouse} does not answer: start it first, or check "
-                        "--lighthouse HOST:PORT")
+    if lighthouse:  # it may be starting just now, as when a batch script starts it and the nodes at once
+        deadline = time.monotonic() + LIGHTHOUSE_ANSWER_SECONDS
+        while not lighthouse_answers(lighthouse):
+            if time.monotonic() > deadline:
+                raise UserError(f"the torchft Lighthouse at {lighthouse} does not answer (waited "
+                                f"{LIGHTHOUSE_ANSWER_SECONDS:g} s): start it first, or check --lighthouse HOST:PORT")
+            time.sleep(0.2)
 
 
 def claim_run_dir(run_dir: Path, lighthouse: str) -> None:

@@ -253,7 +253,7 @@ def test_three_replicas_survive_faults_at_every_phase(data: Path, reference: Pat
     out = tmp_path / "run"
     # Ranks 0 and 1 only: there are nearly always two participants, while a third may be a respawn that
     # is not back yet when its fault's phase comes.
-    faults = ["kill:0:0:heal", "kill:1:8:exchange", "term:1:12", "stop:0:20", "kill:1:25:eval", "lighthouse:0:34"]
+    faults = ["kill:0:0:heal", "kill:1:8:exchange", "term:1:12", "stop:0:20", "kill:1:25:eval", "lighthouse:0:16"]
     output = _finish(_start(_train_args(data, out, "--workers", "3", *EPOCHS, *LIVE, "--debug-step-delay", "0.05",
                                         *[arg for fault in faults for arg in ("--debug-fault", fault)]), tmp_path))
     for number, fault in enumerate(faults[:-1]):  # the Lighthouse's is the command's: it leaves no marker
