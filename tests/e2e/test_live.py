@@ -1,41 +1,38 @@
 """Live membership (`--recovery live`, torchft) with real processes: a killed worker, a frozen one, a node
-that joins a running job and one that leaves it, a lost Lighthouse. The survivors never restart, every
-sample is still trained once per epoch, and the run ends with the weights of the restart path's
-undisturbed run (the same arithmetic, whoever took part in each step)."""
+that joins a running job and one that leaves it, a Lighthouse lost and restarted, a hung node under
+torchrun. The survivors never restart, every sample is still trained once per epoch, and the run ends
+with the weights of the restart path's undisturbed run (the same arithmetic, whoever took part in each
+step). Faults at exact phases: test_live_faults.py (a file of its own, so that the suite's two workers
+share the live tests)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from distvision.checkpoint import list_training_checkpoints
-from distvision.metrics import read_events, read_metrics
-from distvision.parallel.healing import new_secret
+from distvision.metrics import read_metrics
 from distvision.procfs import local_worker_pids
-from tests.helpers import (
-    ELASTIC_REFERENCE,
-    REPO,
-    assert_each_epoch_covered_once,
-    elastic_train_args,
-    free_port,
-    run_cli,
-    wait_for,
+from tests.e2e.live_helpers import (
+    EPOCHS,
+    LIVE,
+    _assert_same_weights,
+    _changes,
+    _finish,
+    _lighthouse,
+    _secret_file,
+    _start,
+    _steps_done,
+    _torchrun_node,
+    _train_args,
+    _workers,
 )
-
-# Quick failure detection for tests: a peer silent for 0.5 s is left out of the next quorum, and a
-# collective waits at most 4 s for a frozen one.
-LIVE = ["--recovery", "live", "--heartbeat-timeout", "0.5", "--collective-timeout", "4"]
-EPOCHS = ELASTIC_REFERENCE
+from tests.helpers import assert_each_epoch_covered_once, free_port, run_cli, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -47,53 +44,6 @@ def data(elastic_data: Path) -> Path:
 def reference(undisturbed_run: Path) -> Path:
     """An undisturbed 2-worker run on the restart path (DDP): the weights every live run must end with."""
     return undisturbed_run
-
-
-def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return elastic_train_args(data, out, *extra)
-
-
-def _start(args: list[str], tmp_path: Path, prefix: list[str] | None = None) -> subprocess.Popen:
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, *(prefix or ["-m", "distvision"]), *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _finish(process: subprocess.Popen, timeout: float = 120) -> str:
-    try:
-        output = process.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output = process.communicate()[0]
-        raise AssertionError(f"still running after {timeout} s:\n{output[-3000:]}") from None
-    assert process.returncode == 0, output[-3000:]
-    return output
-
-
-def _workers(out: Path) -> dict[str, int]:
-    try:
-        return json.loads((out / "workers.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _steps_done(out: Path) -> int:
-    try:
-        return json.loads((out / "heartbeat.json").read_text())["step"]
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
-def _assert_same_weights(out: Path, reference: Path) -> None:
-    expected = load_file(reference / "checkpoint" / "model.safetensors")
-    actual = load_file(out / "checkpoint" / "model.safetensors")
-    assert expected.keys() == actual.keys()
-    for name, value in expected.items():
-        torch.testing.assert_close(actual[name], value, rtol=1e-4, atol=1e-5)
-
-
-def _changes(out: Path) -> list[dict]:
-    return [event for event in read_events(out) if event["event"] == "membership"]
 
 
 def test_a_frozen_worker_is_left_out_and_a_killed_one_respawned_without_restarting_the_other(
@@ -139,27 +89,6 @@ def test_a_frozen_worker_is_left_out_and_a_killed_one_respawned_without_restarti
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
     assert_each_epoch_covered_once(out, 3)
     _assert_same_weights(out, reference)
-
-
-def _lighthouse(port: int) -> subprocess.Popen:
-    """torchft's own Lighthouse binary, as a multi-machine job runs it (docs/fault-tolerance.md)."""
-    binary = Path(sys.executable).parent / "torchft_lighthouse"
-    return subprocess.Popen([str(binary), "--bind", f"127.0.0.1:{port}", "--min_replicas", "1",
-                             "--heartbeat_timeout_ms", "500"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _secret_file(tmp_path: Path) -> Path:
-    """The job's shared secret, which authenticates healing between nodes (readable by its owner only)."""
-    secret = tmp_path / "secret"
-    secret.write_text(new_secret())
-    secret.chmod(0o600)
-    return secret
-
-
-def _torchrun_node(args: list[str], tmp_path: Path) -> subprocess.Popen:
-    """One node of a multi-machine live job: torchrun with its own rendezvous, one worker."""
-    return _start(args, tmp_path, prefix=["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-                                          "-m", "distvision"])
 
 
 def test_nodes_join_and_leave_a_running_job_through_torchrun(data: Path, tmp_path: Path):
@@ -229,7 +158,6 @@ def test_a_restarted_lighthouse_is_joined_again_and_a_lost_one_stops_the_job_res
     _assert_same_weights(out, reference)
 
 
-
 def test_a_nan_and_a_stop_in_the_same_live_round_is_a_divergence_not_a_checkpoint(data: Path, tmp_path: Path):
     """One stop precedence for both modes: a diverged replica is never saved as a resumable stop."""
     out = tmp_path / "run"
@@ -242,97 +170,6 @@ def test_a_nan_and_a_stop_in_the_same_live_round_is_a_divergence_not_a_checkpoin
     assert all(len(summary[key]) == 2 for key in ("compute_seconds", "communication_seconds"))
 
 
-def test_three_replicas_survive_faults_at_every_phase(data: Path, reference: Path, tmp_path: Path):
-    """Phase-exact faults with 3 replicas, one of each kind: a kill while serving a heal (the newcomer's
-    heal fails, it is respawned), a kill while the round's all-reduce is in flight (the round may commit
-    on one survivor and fail on another: the committed sum holds every share, and the one that failed
-    heals from it), a replica that leaves on its own SIGTERM (respawned), one frozen for 3 s, a kill in
-    the middle of an epoch's split evaluation, and a Lighthouse restart (the command's own, at the same
-    address). Every sample is still trained once per epoch, and the run ends with the undisturbed run's
-    weights."""
-    out = tmp_path / "run"
-    # Ranks 0 and 1 only: there are nearly always two participants, while a third may be a respawn that
-    # is not back yet when its fault's phase comes.
-    faults = ["kill:0:0:heal", "kill:1:8:exchange", "term:1:12", "stop:0:20", "kill:1:25:eval", "lighthouse:0:16"]
-    output = _finish(_start(_train_args(data, out, "--workers", "3", *EPOCHS, *LIVE, "--debug-step-delay", "0.05",
-                                        *[arg for fault in faults for arg in ("--debug-fault", fault)]), tmp_path))
-    for number, fault in enumerate(faults[:-1]):  # the Lighthouse's is the command's: it leaves no marker
-        kind, _, _, *phase = fault.split(":")
-        assert (out / f"debug-fault-{number}").exists(), (fault, output[-3000:])
-        assert f"debug fault: {kind} in the {(phase or ['step'])[0]} phase" in output, output[-3000:]
-    assert "debug fault: restarting the Lighthouse" in output, output[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["restarts"] == 0, summary
-    # never a wait for the collective timeout (4 s) twice; the freeze costs its 3 s
-    changes = _changes(out)
-    assert len(changes) >= 4 and all(e["stall_seconds"] < 8 for e in changes), changes
-    assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
-    assert output.count("distvision: test accuracy") == 1, output[-3000:]  # one summary, one writer
-    assert_each_epoch_covered_once(out, 3)
-    _assert_same_weights(out, reference)
-
-
-def test_workers_stop_resumably_when_their_command_is_killed(data: Path, tmp_path: Path):
-    """SIGKILL to the command alone: its workers (children of the forkserver, not of the command) must
-    not train on without it and its run-folder lock; each stops as on SIGTERM, with a checkpoint."""
-    out = tmp_path / "run"
-    run = _start(_train_args(data, out, "--workers", "2", "--epochs", "100", *EPOCHS[2:], *LIVE,
-                             "--debug-step-delay", "0.1"), tmp_path)
-    try:
-        wait_for(lambda: _steps_done(out) >= 5, 120, "training to make progress")
-        workers = list(_workers(out).values())
-        os.kill(run.pid, signal.SIGKILL)
-        run.wait()
-
-        def gone(pid: int) -> bool:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return True
-            return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # a zombie: exited
-
-        wait_for(lambda: all(gone(pid) for pid in workers), 30, "the workers to stop")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(run.pid, signal.SIGKILL)
-    assert list_training_checkpoints(out)
-
-
-@pytest.mark.parametrize("sync", [["--sync", "local-sgd", "--sync-every", "4"],
-                                  ["--sync", "diloco", "--sync-every", "4"]], ids=["local-sgd", "diloco"])
-def test_kills_under_local_steps_roll_the_period_back(data: Path, tmp_path: Path, sync: list[str]):
-    """A kill in the middle of a period of local steps, and one while the period's average is in
-    flight: the round (weights, optimizer and DiLoCo's outer state) is rolled back and redone by the
-    survivors, every sample once per epoch, and the run learns as an undisturbed one does."""
-    out = tmp_path / "run"
-    # without the record recipe's tricks: DiLoCo's outer momentum diverges with them even undisturbed
-    _finish(_start(_train_args(data, out, "--workers", "2", *EPOCHS[:4], *LIVE, *sync, "--debug-step-delay", "0.05",
-                               "--debug-fault", "kill:1:6", "--debug-fault", "kill:1:34:exchange"), tmp_path))
-    summary = json.loads((out / "summary.json").read_text())
-    # the first kill discards its period (the one in flight may commit on the survivor first)
-    assert summary["restarts"] == 0 and summary["discarded_steps"] >= 1, summary
-    assert (out / "debug-fault-0").exists() and (out / "debug-fault-1").exists()
-    assert_each_epoch_covered_once(out, 3)
-    assert summary["test_accuracy"] >= 0.9, summary  # the undisturbed run reaches 1.0 on these data
-
-
-def test_respawns_with_no_live_peer_continue_from_the_newest_checkpoint(data: Path, reference: Path,
-                                                                         tmp_path: Path):
-    """Every worker killed at once: there is no peer to heal from, so the respawns read the newest
-    checkpoint (the end of epoch 1) and train on from there, as a resume would."""
-    out = tmp_path / "run"
-    run = _start(_train_args(data, out, "--workers", "2", *EPOCHS, *LIVE, "--debug-step-delay", "0.1"), tmp_path)
-    wait_for(lambda: _steps_done(out) >= 20, 120, "training past the first epoch's checkpoint")
-    for pid in _workers(out).values():
-        os.kill(pid, signal.SIGKILL)
-    _finish(run)
-    joins = [json.loads(line) for line in (out / "joins.jsonl").read_text().splitlines()]
-    # the first read the checkpoint; the other read it too, or healed from the first
-    assert len(joins) == 2 and not all(join["healed"] for join in joins), joins
-    assert json.loads((out / "summary.json").read_text())["restarts"] == 0
-    assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
-    assert_each_epoch_covered_once(out, 3)
-    _assert_same_weights(out, reference)
 
 
 def test_a_hung_node_under_torchrun_ends_itself_and_torchrun_restarts_it(data: Path, reference: Path,
