@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distvision.parallel import live
 from tests.helpers import assert_fails_cleanly, write_image_tree
 
 
@@ -74,9 +75,10 @@ def test_cuda_requested_without_a_gpu(data: Path, tmp_path: Path):
     assert_fails_cleanly(["train", "--data", str(data), "--device", "cuda"], tmp_path, "no CUDA GPU")
 
 
-def test_a_bind_address_not_of_this_machine_and_a_silent_lighthouse(data: Path, tmp_path: Path):
+def test_a_bind_address_not_of_this_machine_and_a_silent_lighthouse(data: Path, tmp_path: Path, monkeypatch):
     """Live membership's addresses are checked before any worker starts (no traceback from the first
     server, no connect timeout in every worker)."""
+    monkeypatch.setattr(live, "LIGHTHOUSE_ANSWER_SECONDS", 1.0)  # how long a node waits for it (10 s)
     assert_fails_cleanly(["train", "--data", str(data), "--recovery", "live", "--bind", "10.255.255.1"],
                          tmp_path, "cannot listen on --bind 10.255.255.1")
     assert_fails_cleanly(["train", "--data", str(data), "--lighthouse", "127.0.0.1:1"], tmp_path,
