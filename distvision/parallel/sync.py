@@ -119,7 +119,8 @@ class Synchronizer:
         self.model = model
         self.round_steps = 1  # live: steps in the round under way (1 averaging gradients, else the period)
         self.round_averages_gradients = True  # live: the round under way exchanges gradients
-        self.payload_gradients = 0  # live: how many of the round's payload values are gradients
+        # The payload's leading values, before the batch-norm statistics: one per trainable parameter.
+        self.parameter_count = sum(p.numel() for p in trainable(model))
         self.outer = outer  # DiLoCo's outer optimizer (outer_optimizer), resumed before the wrapping
         if self.distributed:
             device_ids = [device.index] if device.type == "cuda" else None
@@ -222,7 +223,6 @@ class Synchronizer:
         parameters, buffers = trainable(replica), statistics_buffers(replica)
         if self.round_averages_gradients:
             gradients = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-            self.payload_gradients = sum(g.numel() for g in gradients)
             return flatten([*gradients, *buffers], room)
         if self.settings.mode == "diloco":
             changes = [original - p.detach() for p, original in zip(parameters, before.weights, strict=True)]
@@ -237,7 +237,7 @@ class Synchronizer:
         dtype = HALF_PRECISION.get(self.settings.compress)
         if not (self.live and dtype is not None and self.round_averages_gradients):
             return [packed]
-        return half_precision_wire(packed, self.payload_gradients, dtype)
+        return half_precision_wire(packed, self.parameter_count, dtype)
 
     def apply(self, summed: torch.Tensor, participants: int, before: Rollback,
               optimizer: torch.optim.Optimizer) -> None:
@@ -245,7 +245,7 @@ class Synchronizer:
         (local SGD), or an outer Nesterov step on the average change (DiLoCo); buffers averaged."""
         replica = unwrap(self.model)
         parameters, buffers = trainable(replica), statistics_buffers(replica)
-        count = sum(p.numel() for p in parameters)
+        count = self.parameter_count
         unflatten_into(summed[count:] / participants, buffers, as_grad=False)
         if self.round_averages_gradients:
             unflatten_into(summed[:count], parameters, as_grad=True)

@@ -123,9 +123,9 @@ class FaultInjector:
         self.model = model
         run_dir = Path(config.out or ".")
         self.corrupt = OneShot.parse(config.debug_corrupt_at, run_dir / "debug-corrupted")
-        self.phase_faults = [fault for number, setting in enumerate(config.debug_faults)
-                             if (fault := PhaseFault.parse(setting, run_dir / f"debug-fault-{number}")).kind
-                             != "lighthouse"]  # the launcher's (lighthouse_restarts)
+        self.phase_faults = [PhaseFault.parse(setting, run_dir / f"debug-fault-{number}")
+                             for number, setting in enumerate(config.debug_faults)
+                             if not setting.startswith("lighthouse:")]  # the launcher's (lighthouse_restarts)
         self.slow_rank, self.slow_factor = parse_rank_setting(config.debug_slowdown, 1.0)
         self.nan_rank, nan_step = parse_rank_setting(config.debug_nan_at, -1)
         self.nan_step = int(nan_step)
