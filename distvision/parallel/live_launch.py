@@ -79,7 +79,7 @@ def launch_live(work: Callable[[dict[str, str], object], None], workers: int, ma
     # reach them can join a quorum or kill a replica (the Lighthouse's POST /replica/<id>/kill).
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "torchft", *warm_modules])
-    lighthouse = LighthouseProcess(context, f"{LOOPBACK}:0", heartbeat_timeout, LIGHTHOUSE_JOIN_SECONDS)
+    lighthouse = LighthouseProcess(context, f"{LOOPBACK}:0", heartbeat_timeout)
     lighthouse_address = lighthouse.address
     restarts_due = list(lighthouse_restarts or [])
     # LOCAL_WORLD_SIZE: each worker takes its share of the cores (parallel/worker.py), as under torchrun.
@@ -114,7 +114,7 @@ def launch_live(work: Callable[[dict[str, str], object], None], workers: int, ma
                 print("distvision: debug fault: restarting the Lighthouse", file=sys.stderr, flush=True)
                 lighthouse.shutdown()
                 time.sleep(LIGHTHOUSE_DOWN_SECONDS)
-                lighthouse = LighthouseProcess(context, lighthouse.bind, heartbeat_timeout, LIGHTHOUSE_JOIN_SECONDS)
+                lighthouse = LighthouseProcess(context, lighthouse.bind, heartbeat_timeout)
             for number, process in list(running.items()):
                 if process.exitcode is None:
                     continue
@@ -145,10 +145,10 @@ class LighthouseProcess:
     it already has. It ignores the terminal's signals (the command stops it last, after the workers have
     checkpointed) and exits when the command does."""
 
-    def __init__(self, context, bind: str, heartbeat_timeout: float, join_timeout: float):
+    def __init__(self, context, bind: str, heartbeat_timeout: float):
         receiver, sender = context.Pipe(duplex=False)
         self.process = context.Process(target=serve_lighthouse, name="lighthouse", daemon=True,
-                                       args=(bind, heartbeat_timeout, join_timeout, sender, os.getpid()))
+                                       args=(bind, heartbeat_timeout, sender, os.getpid()))
         self.process.start()
         sender.close()
         if not receiver.poll(LIGHTHOUSE_START_SECONDS):
@@ -163,11 +163,11 @@ class LighthouseProcess:
         self.process.join()
 
 
-def serve_lighthouse(bind: str, heartbeat_timeout: float, join_timeout: float, ready, parent: int) -> None:
+def serve_lighthouse(bind: str, heartbeat_timeout: float, ready, parent: int) -> None:
     """The Lighthouse process: serve, say where, and live as long as the command."""
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, signal.SIG_IGN)
-    lighthouse = start_lighthouse(bind, heartbeat_timeout, join_timeout)
+    lighthouse = start_lighthouse(bind, heartbeat_timeout, LIGHTHOUSE_JOIN_SECONDS)
     ready.send(lighthouse.address())
     ready.close()
     while alive(parent):
