@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,3 +222,14 @@ def assert_each_epoch_covered_once(run_dir: Path, epochs: int, sample_count: int
         expected = list(range(sample_count)) if whole_dataset else sorted(set(seen))
         assert len(seen) == sample_count and sorted(seen) == expected, (
             f"epoch {epoch}: {len(seen)} samples, not each of {sample_count} once")
+
+
+def assert_same_weights(run_dir: Path, reference: Path) -> None:
+    """The run's final weights are the reference run's, up to rounding (the live and elastic tests)."""
+    from safetensors.torch import load_file
+
+    expected = load_file(reference / "checkpoint" / "model.safetensors")
+    actual = load_file(run_dir / "checkpoint" / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=1e-4, atol=1e-5)

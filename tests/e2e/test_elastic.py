@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from distvision.checkpoint import list_training_checkpoints
 from distvision.metrics import read_events, read_metrics
@@ -25,6 +23,7 @@ from tests.helpers import (
     ELASTIC_REFERENCE,
     REPO,
     assert_each_epoch_covered_once,
+    assert_same_weights,
     elastic_train_args,
     free_port,
     run_cli,
@@ -47,14 +46,6 @@ UNINTERRUPTED = ELASTIC_REFERENCE
 def uninterrupted(undisturbed_run: Path) -> Path:
     """The run folder of an undisturbed 2-worker run that the interrupted runs must end like."""
     return undisturbed_run
-
-
-def _assert_same_weights(run_dir: Path, reference: Path) -> None:
-    expected = load_file(reference / "checkpoint" / "model.safetensors")
-    actual = load_file(run_dir / "checkpoint" / "model.safetensors")
-    assert expected.keys() == actual.keys()
-    for name, value in expected.items():
-        torch.testing.assert_close(actual[name], value, rtol=1e-4, atol=1e-5)
 
 
 def _env(tmp_path: Path) -> dict:
@@ -104,7 +95,7 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_undisturbed(data: P
     assert summary["restarts"] == 1 and summary["epochs"] == 3
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
     assert_each_epoch_covered_once(out, 3)
-    _assert_same_weights(out, uninterrupted)
+    assert_same_weights(out, uninterrupted)
 
 
 def test_resume_at_other_world_sizes_matches_an_uninterrupted_run(data: Path, uninterrupted: Path, tmp_path: Path):
@@ -127,7 +118,7 @@ def test_resume_at_other_world_sizes_matches_an_uninterrupted_run(data: Path, un
                                        tmp_path / "cache")
             assert other.returncode == 2 and "recipe.lr=0.05, not 0.1 (--lr)" in other.stderr, other.stderr[-2000:]
             assert list_training_checkpoints(out) == saved
-    _assert_same_weights(out, uninterrupted)
+    assert_same_weights(out, uninterrupted)
     events = read_events(out)
     assert [(e["event"], e["old_world_size"], e["new_world_size"]) for e in events] == [
         ("resume", 2, 1), ("resume", 1, 2)]

@@ -21,7 +21,6 @@ from distvision.procfs import local_worker_pids
 from tests.e2e.live_helpers import (
     EPOCHS,
     LIVE,
-    _assert_same_weights,
     _changes,
     _finish,
     _lighthouse,
@@ -32,7 +31,7 @@ from tests.e2e.live_helpers import (
     _train_args,
     _workers,
 )
-from tests.helpers import assert_each_epoch_covered_once, free_port, run_cli, wait_for
+from tests.helpers import assert_each_epoch_covered_once, assert_same_weights, free_port, run_cli, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +87,7 @@ def test_a_frozen_worker_is_left_out_and_a_killed_one_respawned_without_restarti
     assert "workers 2 ->" in output
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
     assert_each_epoch_covered_once(out, 3)
-    _assert_same_weights(out, reference)
+    assert_same_weights(out, reference)
 
 
 def test_nodes_join_and_leave_a_running_job_through_torchrun(data: Path, tmp_path: Path):
@@ -155,7 +154,7 @@ def test_a_restarted_lighthouse_is_joined_again_and_a_lost_one_stops_the_job_res
     resumed = run_cli(_train_args(data, out, "--workers", "2", *EPOCHS, "--resume"), tmp_path / "cache")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_each_epoch_covered_once(out, 3)
-    _assert_same_weights(out, reference)
+    assert_same_weights(out, reference)
 
 
 def test_a_nan_and_a_stop_in_the_same_live_round_is_a_divergence_not_a_checkpoint(data: Path, tmp_path: Path):
@@ -193,4 +192,4 @@ def test_a_hung_node_under_torchrun_ends_itself_and_torchrun_restarts_it(data: P
     assert any("exiting, to be restarted" in output for output in outputs), outputs[0][-2000:]
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
     assert_each_epoch_covered_once(out, 3)
-    _assert_same_weights(out, reference)
+    assert_same_weights(out, reference)

@@ -18,7 +18,6 @@ from distvision.metrics import read_metrics
 from tests.e2e.live_helpers import (
     EPOCHS,
     LIVE,
-    _assert_same_weights,
     _changes,
     _finish,
     _start,
@@ -26,7 +25,7 @@ from tests.e2e.live_helpers import (
     _train_args,
     _workers,
 )
-from tests.helpers import assert_each_epoch_covered_once, wait_for
+from tests.helpers import assert_each_epoch_covered_once, assert_same_weights, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +66,7 @@ def test_three_replicas_survive_faults_at_every_phase(data: Path, reference: Pat
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
     assert output.count("distvision: test accuracy") == 1, output[-3000:]  # one summary, one writer
     assert_each_epoch_covered_once(out, 3)
-    _assert_same_weights(out, reference)
+    assert_same_weights(out, reference)
 
 
 def test_workers_stop_resumably_when_their_command_is_killed(data: Path, tmp_path: Path):
@@ -130,4 +129,4 @@ def test_respawns_with_no_live_peer_continue_from_the_newest_checkpoint(data: Pa
     assert json.loads((out / "summary.json").read_text())["restarts"] == 0
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
     assert_each_epoch_covered_once(out, 3)
-    _assert_same_weights(out, reference)
+    assert_same_weights(out, reference)
