@@ -7,7 +7,9 @@ fields one by one, and the recipe actually used is recorded in summary.json.
 from __future__ import annotations
 
 import json
+import tomllib
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 from distvision.errors import UserError
 
@@ -84,6 +86,25 @@ class Recipe:
         return cls(**values)
 
 
+def read_recipe_file(path: Path, base: Recipe) -> Recipe:
+    """A TOML file of recipe fields (dashes or underscores) laid over base; unknown fields are errors."""
+    try:
+        values = tomllib.loads(path.read_text())
+    except OSError as error:
+        raise UserError(f"--recipe {path}: cannot read it ({error.strerror})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"--recipe {path}: not valid TOML: {error}") from None
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    known = {f.name for f in fields(Recipe)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"--recipe {path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    try:
+        return Recipe.from_dict({**base.to_dict(), **values})
+    except (TypeError, ValueError) as error:
+        raise UserError(f"--recipe {path}: {error}") from None
+
+
 # What `--no-NAME` switches off, as the recipe fields it sets: the ablation switches.
 TRICK_SWITCHES: dict[str, dict] = {
     "whiten": {"whiten": False},
@@ -131,4 +152,4 @@ def step_down(at: float, factor: float) -> tuple[tuple[float, float], ...]:
     return ((0.0, 1.0), (at, 1.0), (at, factor), (1.0, factor))
 
 
-__all__ = ["TRICK_SWITCHES", "Recipe", "lr_multiplier", "one_cycle", "step_down", "without_tricks"]
+__all__ = ["TRICK_SWITCHES", "Recipe", "lr_multiplier", "one_cycle", "read_recipe_file", "step_down", "without_tricks"]

@@ -24,6 +24,7 @@ from torch import nn
 from distvision.config import TrainConfig
 from distvision.evaluate import EVAL_CHUNK, EvalResult, evaluate_part, result_of
 from distvision.metrics import Progress, say
+from distvision.models.registry import recorded_name
 from distvision.parallel.group import leave_process_group
 from distvision.parallel.live_membership import LeftBehind
 from distvision.parallel.membership import Rollback
@@ -224,7 +225,7 @@ def finish(run: Run, stop_reason: str | None, last_test: tuple[int, EvalResult] 
     weights = dict(replica.state_dict())
     weights.update({"preprocess.mean": run.preprocess.mean, "preprocess.scale": run.preprocess.scale})
     run.checkpoints.save_model(weights, {
-        "model": config.model, "classes": run.prepared.classes, "image_size": config.image_size,
+        "model": recorded_name(config.model), "classes": run.prepared.classes, "image_size": config.image_size,
         "preprocessing": recipe.preprocessing, "precision": run.precision,
         "test_time_flip": recipe.test_time_flip, "test_time_shift": recipe.test_time_shift,
         "eval_chunk": EVAL_CHUNK, "test_accuracy": final.accuracy, "epochs": recipe.epochs,
