@@ -32,8 +32,6 @@ def train(config: TrainConfig | None = None, /, **options) -> dict:
     if callable(options.get("model")):
         options["model"] = model_path(options["model"])
     base = config.to_argv() if config is not None else []
-    if config is not None and config.data is not None:
-        base = ["--data", config.data, *base]
     argv = ["train", *base, *_flags("train", options)]
     settings = TrainConfig.from_namespace(_parse(argv))
     # The run folder is settled here (a default one is named after the time), to find its summary.
