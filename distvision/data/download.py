@@ -39,10 +39,10 @@ def download_cifar10(cache_dir: Path, url: str = CIFAR10_URL, timeout: float = 3
         partial.unlink(missing_ok=True)
         raise UserError(
             f"cannot download CIFAR-10 from {url} ({getattr(error, 'reason', error)}); "
-            "without network, pass a local copy: make train DATA=/path/to/cifar10"
+            "without network, pass a local copy: --data /path/to/cifar10 (make train DATA=/path/to/cifar10)"
         ) from None
     if _md5(partial) != CIFAR10_MD5:
         partial.unlink(missing_ok=True)
-        raise UserError(f"the CIFAR-10 download from {url} failed its checksum; try again or pass DATA=")
+        raise UserError(f"the CIFAR-10 download from {url} failed its checksum; try again or pass a local copy with --data")
     os.replace(partial, target)
     return target
