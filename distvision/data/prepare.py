@@ -16,14 +16,25 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from distvision.data.sources import ArraySplit, FileSplit, Source, decode_image, open_source
+from distvision.data.sources import (
+    FLAT_SPLIT_SEED,
+    ArraySplit,
+    FileSplit,
+    Source,
+    decode_image,
+    is_data_file,
+    open_source,
+    resize_image,
+)
 from distvision.errors import UserError
 from distvision.fileio import sha256_file, write_json_atomic
 
@@ -71,9 +82,8 @@ def _write_split(split: ArraySplit | FileSplit, out: Path, name: str, image_size
     if isinstance(split, ArraySplit):
         images = split.images
         if images.shape[1:3] != (image_size, image_size):
-            from PIL import Image  # resize the rare non-32 request on the CIFAR arrays
-
-            images = np.stack([np.asarray(Image.fromarray(a).resize((image_size, image_size))) for a in images])
+            # Arrays of another size than requested are resized as decoded files are.
+            images = np.stack([resize_image(Image.fromarray(a), image_size) for a in images])
         images.tofile(out / f"{name}_images.u8")
         np.save(out / f"{name}_labels.npy", split.labels.astype(np.int64))
         return len(images), []
@@ -102,8 +112,13 @@ def _write_split(split: ArraySplit | FileSplit, out: Path, name: str, image_size
 
 
 def prepare(data_path: Path, out: Path, image_size: int = 32, processes: int | None = None) -> dict:
-    """Decode the source at data_path into out; return the manifest."""
-    return prepare_source(open_source(Path(data_path)), out, str(Path(data_path).resolve()), image_size, processes)
+    """Decode the source at data_path into out; return the manifest. Says so when the test split was held out."""
+    manifest = prepare_source(open_source(Path(data_path)), out, str(Path(data_path).resolve()), image_size,
+                              processes)
+    if manifest["held_out"]:  # on stderr: `distvision evaluate` prints its result as JSON on stdout
+        print(f"distvision: {data_path} has no test split: a seeded {manifest['held_out']['fraction']:.0%} "
+              f"({manifest['test_count']} images) is held out as the test set", file=sys.stderr, flush=True)
+    return manifest
 
 
 def prepare_source(source: Source, out: Path, origin: str, image_size: int = 32,
@@ -150,6 +165,8 @@ def prepare_source(source: Source, out: Path, origin: str, image_size: int = 32,
         "std": (std / 255).tolist(),
         "checksums": {name: sha256_file(build / name) for name in files},
         "skipped_files": skipped,
+        # The source had no test split: this seeded share of its training data is the test split.
+        "held_out": {"fraction": source.held_out, "seed": FLAT_SPLIT_SEED} if source.held_out else None,
         "prepare_seconds": round(time.time() - started, 2),
     }
     write_json_atomic(build / "manifest.json", manifest)
@@ -202,9 +219,14 @@ def file_lock(path: Path):
 
 
 def cache_key(data_path: Path, image_size: int) -> str:
-    """Cache folder name: the source's real path and the image size."""
+    """Cache folder name: the source's real path and the image size; for a list or .npz file also its
+    size and modification time, so an edited file is prepared again."""
     real = os.path.realpath(data_path)
-    digest = hashlib.sha256(f"{real}|{image_size}|v{FORMAT_VERSION}".encode()).hexdigest()[:16]
+    key = f"{real}|{image_size}|v{FORMAT_VERSION}"
+    if is_data_file(Path(real)):
+        stat = os.stat(real)
+        key += f"|{stat.st_size}|{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return f"{Path(real).name or 'data'}-{image_size}px-{digest}"
 
 

@@ -1,15 +1,18 @@
-"""Read the supported data sources: CIFAR-10 python batches and image folder trees.
+"""Read the supported data sources: CIFAR-10 python batches, image folder trees, CSV/TSV lists of
+image files and NumPy .npz arrays.
 
-Sources produce either decoded arrays (CIFAR batches) or lists of files to decode (image
-folders); `prepare.py` turns both into the one cached format training reads.
+Sources produce either decoded arrays (CIFAR batches, .npz) or lists of files to decode (image
+folders, lists); `prepare.py` turns both into the one cached format training reads.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import pickle
 import tarfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +26,8 @@ CIFAR_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 # A flat ROOT/<class>/* tree has no test split of its own: hold out this seeded share.
 FLAT_TEST_FRACTION = 0.2
 FLAT_SPLIT_SEED = 0
+LIST_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+LIST_COLUMNS = ("path", "label")  # and optionally "split": train | test
 
 
 @dataclass
@@ -45,11 +50,12 @@ class FileSplit:
 class Source:
     """What a data path holds: class names and a train and a test split."""
 
-    kind: str  # "cifar-python" | "image-folder"
+    kind: str  # "cifar-python" | "image-folder" | "image-list" | "npz"
     classes: list[str]
     train: ArraySplit | FileSplit
     test: ArraySplit | FileSplit
-    skipped: list[str] = field(default_factory=list)  # files seen but not images
+    skipped: list[str] = field(default_factory=list)  # files seen but not images, list rows not usable
+    held_out: float | None = None  # the share of the training data held out as the test split, if it was
 
 
 # ---------------------------------------------------------------- CIFAR-10 python batches
@@ -176,16 +182,23 @@ def _scan_split(root: Path, classes: list[str]) -> tuple[FileSplit, list[str]]:
     return FileSplit(paths, labels), skipped
 
 
-def hold_out(split: FileSplit, fraction: float, seed: int) -> tuple[FileSplit, FileSplit]:
-    order = np.random.default_rng(seed).permutation(len(split.paths))
+def _take(split: ArraySplit | FileSplit, indices: np.ndarray) -> ArraySplit | FileSplit:
+    if isinstance(split, ArraySplit):
+        return ArraySplit(split.images[indices], split.labels[indices])
+    return FileSplit([split.paths[i] for i in indices], [split.labels[i] for i in indices])
+
+
+def hold_out(split: ArraySplit | FileSplit, fraction: float, seed: int) -> tuple[ArraySplit | FileSplit, ...]:
+    """(train, test): a seeded share of split's items as the test split, both in their original order."""
+    order = np.random.default_rng(seed).permutation(len(split.labels))
     test_count = round(len(order) * fraction)
     test_idx, train_idx = np.sort(order[:test_count]), np.sort(order[test_count:])
-    pick = lambda idx: FileSplit([split.paths[i] for i in idx], [split.labels[i] for i in idx])
-    return pick(train_idx), pick(test_idx)
+    return _take(split, train_idx), _take(split, test_idx)
 
 
 def scan_image_folder(root: Path) -> Source:
     """ROOT/train/<class>/* + ROOT/test/<class>/*, or flat ROOT/<class>/* with a seeded test split."""
+    held_out = None
     if (root / "train").is_dir():
         classes = _class_folders(root / "train")
         train, skipped = _scan_split(root / "train", classes)
@@ -194,15 +207,17 @@ def scan_image_folder(root: Path) -> Source:
             skipped += skipped_test
         else:
             train, test = hold_out(train, FLAT_TEST_FRACTION, FLAT_SPLIT_SEED)
+            held_out = FLAT_TEST_FRACTION
     else:
         classes = _class_folders(root)
         everything, skipped = _scan_split(root, classes)
         train, test = hold_out(everything, FLAT_TEST_FRACTION, FLAT_SPLIT_SEED)
+        held_out = FLAT_TEST_FRACTION
     if not classes:
         raise UserError(f"{root} holds no class folders: expected ROOT/<class>/* or ROOT/train/<class>/*")
     if not train.paths:
         raise UserError(f"{root} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return Source(kind="image-folder", classes=classes, train=train, test=test, skipped=skipped)
+    return Source(kind="image-folder", classes=classes, train=train, test=test, skipped=skipped, held_out=held_out)
 
 
 def read_image(path: str, image_size: int) -> np.ndarray:
@@ -214,9 +229,14 @@ def read_image(path: str, image_size: int) -> np.ndarray:
             image = image.convert("RGBA").convert("RGB") if "A" in image.mode or image.mode == "P" else (
                 image.convert("RGB")
             )
-        if image.size != (image_size, image_size):
-            image = image.resize((image_size, image_size), Image.BILINEAR)
-        return np.asarray(image, dtype=np.uint8)
+        return resize_image(image, image_size)
+
+
+def resize_image(image: Image.Image, image_size: int) -> np.ndarray:
+    """An RGB image as (size, size, 3) uint8, resized bilinearly when it is not that size already."""
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
 
 
 def decode_image(path: str, image_size: int) -> np.ndarray | None:
@@ -227,14 +247,175 @@ def decode_image(path: str, image_size: int) -> np.ndarray | None:
         return None
 
 
+# ---------------------------------------------------------------- CSV/TSV lists of image files
+
+
+def is_data_file(path: Path) -> bool:
+    """True for a single file that holds (or lists) a whole data set: a .csv/.tsv list or an .npz."""
+    return path.is_file() and path.suffix.lower() in {*LIST_DELIMITERS, ".npz"}
+
+
+def _cell(row: dict, column: str) -> str:
+    return (row.get(column) or "").strip()  # a short row leaves its missing cells None
+
+
+def _read_list_rows(path: Path) -> tuple[list[tuple[int, str, str, str]], bool]:
+    """(line, path cell, label, split) of every non-blank row, and whether the list has a split column."""
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: the BOM spreadsheets write
+            reader = csv.DictReader(handle, delimiter=LIST_DELIMITERS[path.suffix.lower()])
+            try:
+                header = [name.strip().lower() for name in reader.fieldnames or []]
+                reader.fieldnames = header
+                for column in LIST_COLUMNS:
+                    if column not in header:
+                        raise UserError(f"{path} has no {column!r} column (header row: {', '.join(header) or 'none'}):"
+                                        " the first row must name the columns path, label and optionally split")
+                for row in reader:
+                    cells = (_cell(row, "path"), _cell(row, "label"), _cell(row, "split").lower())
+                    if any(cells):
+                        rows.append((reader.line_num, *cells))
+            except csv.Error as error:
+                raise UserError(f"{path} line {reader.line_num}: {error}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} cannot be read as UTF-8 text: {error}") from None
+    return rows, "split" in header
+
+
+def load_image_list(path: Path) -> Source:
+    """A CSV/TSV list of `path,label[,split]` rows, paths relative to the list's folder.
+
+    Rows without an existing file or without a label are skipped and reported with the unreadable images.
+    """
+    rows, has_split = _read_list_rows(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    for line, _, _, split in rows:
+        if has_split and split not in ("train", "test"):
+            raise UserError(f"{path} line {line}: split {split!r} is neither train nor test")
+    # The classes are the training rows' labels, whether or not their files turn out readable.
+    classes = sorted({label for _, _, label, split in rows if label and split != "test"})
+    if not classes:
+        raise UserError(f"{path} has no training row with a label")
+    index = {name: i for i, name in enumerate(classes)}
+    splits = {"train": FileSplit([], []), "test": FileSplit([], [])}
+    skipped = []
+    for line, cell, label, split in rows:
+        file = os.path.join(folder, cell)  # an absolute cell stays as it is
+        if not cell or not label or not os.path.isfile(file):
+            skipped.append(file if cell else f"{path} line {line}")
+            continue
+        if label not in index:
+            raise UserError(f"{path} line {line}: label {label!r} of a test row is on no training row "
+                            f"(the training labels: {', '.join(classes)})")
+        splits[split or "train"].paths.append(file)
+        splits[split or "train"].labels.append(index[label])
+    train, test, held_out = splits["train"], splits["test"], None
+    if not test.paths:  # no split column, or no usable test row
+        train, test = hold_out(train, FLAT_TEST_FRACTION, FLAT_SPLIT_SEED)
+        held_out = FLAT_TEST_FRACTION
+    return Source(kind="image-list", classes=classes, train=train, test=test, skipped=skipped, held_out=held_out)
+
+
+# ---------------------------------------------------------------- NumPy .npz arrays
+
+NPZ_ARRAYS = ("images", "labels", "test_images", "test_labels", "classes")
+
+
+def _npz_images(images: np.ndarray, name: str, path: Path) -> np.ndarray:
+    """N x H x W x 3 uint8 as is; N x H x W (or x 1) grayscale replicated to 3 channels."""
+    if images.dtype != np.uint8:
+        raise UserError(f"{path}: {name} is {images.dtype}, expected uint8 pixels (0-255)")
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim == 3:
+        images = np.repeat(images[..., None], 3, axis=-1)
+    if images.ndim != 4 or images.shape[-1] != 3 or 0 in images.shape[1:]:
+        raise UserError(f"{path}: {name} has the shape {images.shape}, expected N x H x W x 3 "
+                        "(or N x H x W grayscale)")
+    return np.ascontiguousarray(images)
+
+
+def _npz_labels(labels: np.ndarray, name: str, count: int, path: Path) -> np.ndarray:
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: {name} must be one integer per image, not {labels.dtype} of shape {labels.shape}")
+    if len(labels) != count:
+        raise UserError(f"{path}: {name} has {len(labels)} entries but there are {count} images")
+    return labels.astype(np.int64)
+
+
+def load_npz(path: Path) -> Source:
+    """An .npz of `images` and `labels`, optionally `test_images`/`test_labels` and `classes` (strings).
+
+    Read with allow_pickle=False: an object array is refused, never unpickled.
+    """
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        raise UserError(f"{path} is not a readable .npz archive (as np.savez writes)") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise UserError(f"{path} holds a single array, not an .npz archive of images and labels (np.savez)")
+    with archive:
+        present = [name for name in NPZ_ARRAYS if name in archive.files]
+        for name in ("images", "labels"):
+            if name not in present:
+                raise UserError(f"{path} has no {name!r} array (it holds: {', '.join(archive.files) or 'nothing'})")
+        if ("test_images" in present) != ("test_labels" in present):
+            missing = "test_labels" if "test_images" in present else "test_images"
+            raise UserError(f"{path} has only one of test_images and test_labels (no {missing}): give both or neither")
+        arrays = {}
+        for name in present:
+            try:
+                arrays[name] = archive[name]
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+                raise UserError(f"{path}: the array {name} is unreadable: {error}") from None
+    images = _npz_images(arrays["images"], "images", path)
+    if len(images) == 0:
+        raise UserError(f"{path}: images holds no image")
+    train = ArraySplit(images, _npz_labels(arrays["labels"], "labels", len(images), path))
+    test = ArraySplit(np.zeros((0, *images.shape[1:]), np.uint8), np.zeros(0, np.int64))
+    if "test_images" in arrays:
+        test_images = _npz_images(arrays["test_images"], "test_images", path)
+        test = ArraySplit(test_images, _npz_labels(arrays["test_labels"], "test_labels", len(test_images), path))
+    classes = _npz_classes(arrays.get("classes"), train, test, path)
+    held_out = None
+    if len(test.labels) == 0:
+        train, test = hold_out(train, FLAT_TEST_FRACTION, FLAT_SPLIT_SEED)
+        held_out = FLAT_TEST_FRACTION
+    return Source(kind="npz", classes=classes, train=train, test=test, held_out=held_out)
+
+
+def _npz_classes(classes: np.ndarray | None, train: ArraySplit, test: ArraySplit, path: Path) -> list[str]:
+    """The `classes` strings, or "0".."K-1" from the training labels' range; every label must name one."""
+    if classes is None:
+        names = [str(i) for i in range(max(int(train.labels.max()), 0) + 1)]
+    elif classes.ndim != 1 or classes.dtype.kind not in "US" or len(classes) == 0:
+        raise UserError(f"{path}: classes must be a non-empty array of strings, not {classes.dtype} of shape "
+                        f"{classes.shape}")
+    else:
+        names = [c.decode() if isinstance(c, bytes) else str(c) for c in classes.tolist()]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise UserError(f"{path}: classes names {twice[0]!r} more than once")
+    for name, split in (("labels", train), ("test_labels", test)):
+        outside = split.labels[(split.labels < 0) | (split.labels >= len(names))]
+        if len(outside):
+            raise UserError(f"{path}: {name} holds {int(outside[0])}, outside 0..{len(names) - 1} "
+                            f"({len(names)} classes)")
+    return names
+
+
 def open_source(path: Path) -> Source:
     """Detect the kind of source at path and open it."""
     if not path.exists():
         raise UserError(f"data path {path} does not exist")
+    if is_data_file(path):
+        return load_npz(path) if path.suffix.lower() == ".npz" else load_image_list(path)
     if is_cifar_python(path):
         return load_cifar_python(path)
     if path.is_dir():
         if not any(path.iterdir()):
             raise UserError(f"data path {path} is empty")
         return scan_image_folder(path)
-    raise UserError(f"{path} is neither a folder of images, a CIFAR-10 batch folder nor a .tar.gz")
+    raise UserError(f"{path} is neither a folder of images, a CIFAR-10 batch folder or .tar.gz, "
+                    "a .csv/.tsv list of images nor an .npz of arrays")
