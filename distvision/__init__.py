@@ -4,6 +4,7 @@ From Python: `distvision.train(data=..., model=..., workers=2, epochs=1, out=...
 summary; `distvision.evaluate(...)` and `distvision.classify(...)` likewise (distvision/api.py).
 """
 
+import importlib
 import sys
 import types
 
@@ -15,23 +16,23 @@ __all__ = ["TrainConfig", "UserError", "__version__", "classify", "evaluate", "t
 
 def train(config=None, /, **options) -> dict:
     """Train as `distvision train` does (the flags' long names as keywords); the run's summary."""
-    from distvision import api
-
-    return api.train(config, **options)
+    return _api().train(config, **options)
 
 
 def evaluate(**options) -> dict:
     """A checkpoint's accuracy on a data set's test split, as `distvision evaluate` measures it."""
-    from distvision import api
-
-    return api.evaluate(**options)
+    return _api().evaluate(**options)
 
 
 def classify(**options) -> dict:
     """Classify images as `distvision classify` does; its summary."""
-    from distvision import api
+    return _api().classify(**options)
 
-    return api.classify(**options)
+
+def _api():
+    # Imported by name on first use: the command line and the workers read __version__ from this package
+    # and need none of the API (which sits above them in the layers, pyproject.toml).
+    return importlib.import_module("distvision.api")
 
 
 def __getattr__(name: str):
