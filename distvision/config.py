@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 
 from distvision.errors import UserError
+from distvision.fileio import write_text_atomic
 from distvision.recipes import TRICK_SWITCHES
 
 RECIPE_NOTE = "(default: the model's recipe, see `distvision models`)"
@@ -28,20 +31,46 @@ DEFAULT_SYNC_EVERY = "8"  # local SGD's period when --sync-every is not given
 
 
 def flag_options(help: str | None = None, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
-                 metavar: str | None = None, recovery: str | dict[str, str] | None = None) -> dict:
+                 metavar: str | None = None, recovery: str | dict[str, str] | None = None,
+                 parse: Callable[[str], object] | None = None) -> dict:
     """A field's metadata for its command-line flag: help, choices, metavar, the flag itself where it is
-    not --FIELD-NAME, and the one recovery mode it works on ("live" or "restart"; None: both; a dict:
-    the values that work on one mode only, each with its mode)."""
+    not --FIELD-NAME, the one recovery mode it works on ("live" or "restart"; None: both; a dict:
+    the values that work on one mode only, each with its mode), and `parse`, the flag's argument
+    type where the field's own type does not say it (e.g. a count or 'auto')."""
     if isinstance(recovery, dict) and help:
         help = help + "".join(f" [{value}: --recovery {only} only]" for value, only in recovery.items())
     elif recovery and help:
         help = f"{help} [--recovery {recovery} only]"
-    return {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "recovery": recovery}
+    return {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "recovery": recovery,
+            "parse": parse}
 
 
 def setting(default, help: str | None = None, **options) -> Field:
     """A TrainConfig field: its default and its command-line flag (options as for flag_options)."""
     return field(default=default, metadata=flag_options(help, **options))
+
+
+def workers_count(text: str) -> int | str:
+    """--workers: a count, or 'auto' (resolved by the train command, TrainConfig.resolved_workers)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'auto' (got {text!r})") from None
+
+
+# A help text that already says its default (in words or with %(default)s) is left as it is.
+_STATES_DEFAULT = re.compile(r"\(default|\bdefault[:)]|\bdefault \S|%\(default\)")
+
+
+def help_with_default(help: str | None, default: object) -> str | None:
+    """The help text with "(default X)" added, unless there is no default to show or it says it already."""
+    if default is None or default is False or default == [] or default is argparse.SUPPRESS:
+        return help
+    if help and _STATES_DEFAULT.search(help):
+        return help
+    return f"{help} (default %(default)s)" if help else "default %(default)s"
 
 
 def check_sync_every(value: str) -> None:
@@ -63,7 +92,7 @@ class DataSettings:
     val_fraction: float = setting(0.0, "seeded share of the training set held out for validation (default 0)")
     # A seeded share of the training set (after the validation split): `distvision scale` varies it.
     train_fraction: float = setting(1.0, "train on this seeded share of the training set (default 1: all of it)")
-    image_size: int = setting(32)
+    image_size: int = setting(32, "side in pixels the images are resized to (square)")
     cache_dir: str | None = setting(None, "where prepared data is cached (default ~/.cache/distvision)")
     data_on_device: str = setting("auto", "keep the images on the training device and gather and augment batches "
                                   "there (auto: on a GPU, when they fit)", choices=("auto", "on", "off"))
@@ -84,7 +113,8 @@ class RecipeSettings:
     TITLE = "model and recipe"
 
     model: str = setting("caffe-quick", "registered model name (default %(default)s)")
-    recipe: str = setting("default", "'default' or a model's named recipe, e.g. 'caffe' for Caffe's exact solver")
+    recipe: str = setting("default", "the model's recipe: 'default' or a named one, e.g. 'caffe' for Caffe's "
+                          "exact solver")
     epochs: int | None = setting(None, f"epochs {RECIPE_NOTE}")  # the most: stopping may end a run earlier
     batch_size: int | None = setting(None, f"global batch size, split across workers {RECIPE_NOTE}")
     lr: float | None = setting(None, f"learning rate for the global batch {RECIPE_NOTE}")
@@ -96,11 +126,12 @@ class RecipeSettings:
         metavar="FIELD=VALUE"))
     # Tricks switched off (recipes.TRICK_SWITCHES), one --no-TRICK flag each.
     disable: list[str] = field(default_factory=list, metadata=flag_options(flag="--no-TRICK"))
-    precision: str = setting("auto", "auto measures which is faster here (default)", choices=("auto", "bf16", "fp32"))
+    precision: str = setting("auto", "auto: measure once which is faster here (cached)",
+                             choices=("auto", "bf16", "fp32"))
     # Off by default: measured once faster on one CPU, no gain on another (benchmarks/RESULTS.md).
     compile: str = setting("off", "torch.compile the model (in place: checkpoints keep their names)",
                            choices=("on", "off"))
-    seed: int = setting(0)
+    seed: int = setting(0, "seed of the initial weights, the data order, the augmentation and the splits")
 
     def check_recipe(self) -> None:
         if self.epochs is not None and self.epochs < 1:
@@ -117,12 +148,15 @@ class ParallelSettings:
 
     TITLE = "workers, synchronisation and batch balancing"
 
-    workers: int = setting(2, "local worker processes (default %(default)s); ignored under torchrun")
+    # 'auto' is resolved by the train command before anything else reads it (resolved_workers).
+    workers: int = setting(2, "local worker processes, or auto: one per GPU on a CUDA machine, else one per "
+                           "--threads-per-worker cores (one per core when that is not given) (default "
+                           "%(default)s); ignored under torchrun", metavar="N|auto", parse=workers_count)
     # None: the machine's cores split over the local workers. Fixed by `distvision scale`, so that
     # every worker count gets the same resources per worker.
     threads_per_worker: int | None = setting(None, "threads of each worker (default: the cores split over the "
                                              "local workers)")
-    device: str = setting("auto", choices=("auto", "cpu", "cuda"))
+    device: str = setting("auto", "auto: CUDA when a GPU is visible, else the CPU", choices=("auto", "cpu", "cuda"))
     sync: str = setting("allreduce", "allreduce: gradients averaged every step (default); local-sgd: local steps, "
                         "replicas averaged every --sync-every steps (Dahl et al.'s Pattern Parallel Training); "
                         "diloco: local steps, then an outer Nesterov step on the averaged change (--recovery live)",
@@ -155,7 +189,7 @@ class ParallelSettings:
         return self.sync_every or DEFAULT_SYNC_EVERY
 
     def check_parallel(self) -> None:
-        if self.workers < 1:
+        if self.workers != "auto" and self.workers < 1:
             raise UserError(f"--workers must be at least 1 (got {self.workers})")
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
             raise UserError(f"--threads-per-worker must be at least 1 (got {self.threads_per_worker})")
@@ -358,6 +392,15 @@ class TrainConfig(DebugSettings, FaultToleranceSettings, StoppingSettings, Paral
                 given[name] = only
         return given
 
+    def resolved_workers(self, gpu_count: int, cores: int) -> int:
+        """The worker count `auto` stands for here: one per GPU on a CUDA machine (unless --device cpu),
+        else one per --threads-per-worker cores (one per core when that is not given)."""
+        if self.workers != "auto":
+            return self.workers
+        if self.device != "cpu" and gpu_count > 0:
+            return gpu_count
+        return max(1, cores // (self.threads_per_worker or 1))
+
     def resolved_recovery(self, under_torchrun: bool, on_gpu: bool = False) -> str:
         """The recovery mode `auto` stands for here: live for several local workers (or a given
         Lighthouse, or DiLoCo), restart for one worker (no membership to keep), under torchrun without a
@@ -429,15 +472,17 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict | None =
                 _add_trick_switches(parser)
                 continue
             meta = field_.metadata
-            options = {"dest": field_.name, "help": meta["help"]}
             default = [] if field_.default is MISSING else field_.default  # lists are new on every parse
             if field_.name == "data":
                 default = None  # required by the dataclass, optional on the command line
+            options = {"dest": field_.name, "help": help_with_default(meta["help"], default)}
             kind = _value_type(field_)
             if kind == "bool":
                 options["action"] = "store_true"
             elif kind == "list[str]":
                 options["action"] = "append"
+            elif meta.get("parse"):
+                options["type"] = meta["parse"]
             elif kind != "str":
                 options["type"] = {"int": int, "float": float}[kind]
             for key in ("choices", "metavar"):
@@ -455,11 +500,24 @@ def _add_trick_switches(parser: argparse.ArgumentParser) -> None:
                             help=f"recipe fields: {', '.join(f'{k}={v}' for k, v in fields_set.items())}")
 
 
-# --- Config files (`distvision train --config FILE`, written by `distvision tune` as best.toml) ---
+# --- Config files (`distvision train --config FILE`; RUN_DIR/config.toml; a tune's best.toml) ---
 CONFIG_FILE_FIELDS = {f.name: f for f in fields(TrainConfig)}
 # The settings that work on one recovery mode only, from the table (checks and help text read it).
 RECOVERY_ONLY = {name: f.metadata["recovery"] for name, f in CONFIG_FILE_FIELDS.items() if f.metadata.get("recovery")}
 _FIELD_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "list[str]": list}
+# Where a run goes and whether it continues: a config file reproduces a run in a new folder.
+RUN_FOLDER_SETTINGS = ("out", "resume")
+
+
+def config_key(field_: Field) -> str:
+    """A setting's key in a config file: its flag without the dashes (batch-size, set, debug-fault); the
+    --no-TRICK switches are one list, `disable`."""
+    return "disable" if field_.name == "disable" else _flag(field_).removeprefix("--")
+
+
+# Keys read: the flag names, and the older spellings (field names, and field names with dashes).
+_FILE_KEYS = {key: f for f in CONFIG_FILE_FIELDS.values()
+              for key in (config_key(f), f.name, f.name.replace("_", "-"))}
 
 
 def read_toml(path: Path, flag: str) -> dict:
@@ -473,27 +531,53 @@ def read_toml(path: Path, flag: str) -> dict:
 
 
 def read_config_file(path: Path) -> dict:
-    """TrainConfig values from a TOML file; unknown keys or wrong types are a UserError."""
-    values = read_toml(path, "--config")
-    for key, value in values.items():
-        field_ = CONFIG_FILE_FIELDS.get(key)
+    """TrainConfig values (by field name) from a TOML file keyed by flag names (batch-size) or by the
+    older field names (batch_size); unknown keys, a setting given twice or a wrong type is a UserError."""
+    values: dict = {}
+    for key, value in read_toml(path, "--config").items():
+        field_ = _FILE_KEYS.get(key)
         if field_ is None:
-            raise UserError(f"--config {path}: unknown setting {key!r}; known: {', '.join(CONFIG_FILE_FIELDS)}")
-        expected = _FIELD_TYPES[_value_type(field_)]
-        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
-            raise UserError(f"--config {path}: {key} = {value!r} has the wrong type ({field_.type})")
-        if expected is list and not all(isinstance(item, str) for item in value):
-            raise UserError(f"--config {path}: {key} must be a list of \"FIELD=VALUE\" strings")
+            known = ", ".join(config_key(f) for f in CONFIG_FILE_FIELDS.values())
+            raise UserError(f"--config {path}: unknown setting {key!r}; known: {known}")
+        if field_.name in values:
+            raise UserError(f"--config {path}: {key} is given twice (as {config_key(field_)} and {field_.name})")
+        values[field_.name] = _checked_file_value(path, key, value, field_)
     return values
 
 
-def write_config_file(path: Path, values: dict, comment: str = "") -> None:
-    """Write TrainConfig values as TOML (flat scalars and lists of strings), readable by read_config_file."""
-    lines = [f"# {line}" for line in comment.splitlines()]
-    for key, value in values.items():
+def _checked_file_value(path: Path, key: str, value: object, field_: Field) -> object:
+    parse = field_.metadata.get("parse")
+    if parse and isinstance(value, str):  # e.g. workers = "auto"
+        try:
+            return parse(value)
+        except argparse.ArgumentTypeError as error:
+            raise UserError(f"--config {path}: {key}: {error}") from None
+    expected = _FIELD_TYPES[_value_type(field_)]
+    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+        raise UserError(f"--config {path}: {key} = {value!r} has the wrong type ({field_.type})")
+    if expected is list and not all(isinstance(item, str) for item in value):
+        raise UserError(f"--config {path}: {key} must be a list of strings")
+    return value
+
+
+def config_file_values(config: TrainConfig) -> dict:
+    """The settings a config file keeps to reproduce a run: all of them but the run folder's (out, resume)."""
+    return {name: value for name, value in config.to_dict().items() if name not in RUN_FOLDER_SETTINGS}
+
+
+def config_toml(values: dict, comment: str = "") -> str:
+    """TrainConfig values (by field name) as TOML keyed by flag names, readable by read_config_file;
+    unset (None) values are left out."""
+    lines = [f"# {line}".rstrip() for line in comment.splitlines()]
+    for name, value in values.items():
         if value is not None:
-            lines.append(f"{key} = {_toml_value(value)}")
-    Path(path).write_text("\n".join(lines) + "\n")
+            lines.append(f"{config_key(_FILE_KEYS[name])} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_config_file(path: Path, values: dict, comment: str = "") -> None:
+    """Write TrainConfig values as a TOML config file (config_toml), atomically."""
+    write_text_atomic(Path(path), config_toml(values, comment))
 
 
 def _toml_value(value) -> str:

@@ -26,6 +26,16 @@ def write_json_atomic(path: Path, data: dict, durable: bool = True) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temp file, fsync, rename, as write_json_atomic, for text (e.g. a run's config.toml)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def hold_exclusive_lock(path: Path):
     """An open handle holding an exclusive lock on path (kept while the handle lives), or None if taken."""
     handle = open(path, "a")  # noqa: SIM115 - the caller keeps it open as long as it needs the lock

@@ -29,7 +29,7 @@ class BenchConfig:
     cifar_data: str | None = None
     precision: str = "fp32"
     seed: int = 0
-    out: str = "bench-report"
+    out: str = "runs/bench"
     cache_dir: str | None = None
 
 

@@ -13,7 +13,7 @@ from distvision.errors import UserError
 class ClassifyConfig:
     checkpoint: str
     input: str
-    out: str = "predictions.csv"  # the CSV; the other outputs and parts/ go into the same folder
+    out: str = "runs/classify/predictions.csv"  # the CSV; the other outputs and parts/ go into the same folder
     workers: int = 2  # local worker processes when not started by torchrun
     top_k: int = 5
     # Images per forward pass: 128 ran ~15% faster than 500 for fastnet on one thread here (its

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from functools import partial
 from pathlib import Path
 
+import torch
+
+from distvision import __version__
 from distvision.checkpoint import list_training_checkpoints, newest_checkpoint_settings
-from distvision.config import TrainConfig
+from distvision.config import TrainConfig, config_file_values, config_toml, write_config_file
 from distvision.data.prepare import default_cache_dir, ensure_prepared
 from distvision.errors import UserError
 from distvision.parallel.launch import run_as_worker, start_workers, started_by_torchrun
@@ -22,17 +26,27 @@ from distvision.training.faults import lighthouse_restarts
 def run(args: argparse.Namespace, argv: list[str]) -> None:
     """Train with the parsed settings; argv (the user's train flags) is passed on to local workers."""
     config = TrainConfig.from_namespace(args)
+    if config.workers == "auto":  # everything from here on sees a count
+        config.workers = config.resolved_workers(torch.cuda.device_count(), len(os.sched_getaffinity(0)))
     config.validate()
-    config.recovery = config.resolved_recovery(under_torchrun=started_by_torchrun(),
-                                               on_gpu=pick_device(config.device, 1).type == "cuda")
+    device = pick_device(config.device, 1).type
+    config.recovery = config.resolved_recovery(under_torchrun=started_by_torchrun(), on_gpu=device == "cuda")
     config.check_recovery()
     recipe = resolve_recipe(config)  # unknown model, recipe or setting fails here, before any launch
+    if getattr(args, "print_config", False):
+        print(resolved_settings(config, recipe, device), end="")
+        return
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     if config.data is None:
         from distvision.data.download import download_cifar10
 
         config.data = str(download_cifar10(cache_dir))
     config.out = str(config.run_dir())
+    if (started_by_torchrun() or config.lighthouse) and os.environ.get("RANK", "0") == "0":
+        # No launching command here (check_before_launch records them there): rank 0 records the
+        # settings, once they are known to fit the folder's checkpoints.
+        check_checkpoint_settings(config, recipe)
+        write_run_config(config)
     if config.recovery == "live":
         from distvision.parallel.live import check_live_addresses
 
@@ -70,12 +84,53 @@ def check_before_launch(config: TrainConfig, recipe: Recipe, cache_dir: Path, ar
                         "or choose another folder")
     if config.resume and not has_checkpoints:
         raise UserError(f"--resume: {config.out} holds no checkpoint to continue from")
-    saved = newest_checkpoint_settings(Path(config.out)) if has_checkpoints else None
-    if saved is not None:  # other settings fail here, before any worker starts (the workers check again)
-        check_same_settings(Path(config.out), saved, resume_settings(config, recipe))
+    check_checkpoint_settings(config, recipe)  # other settings fail here, before any worker starts
     ensure_prepared(Path(config.data), config.image_size, cache_dir)  # bad data fails before any worker starts
-    # The workers get the user's arguments, with the data path, run folder and recovery settled here.
-    return [*argv, "--data", config.data, "--out", config.out, "--recovery", config.recovery]
+    write_run_config(config)
+    # The workers get the user's arguments, with the data path, run folder, worker count and recovery
+    # settled here.
+    return [*argv, "--data", config.data, "--out", config.out, "--workers", str(config.workers),
+            "--recovery", config.recovery]
+
+
+def check_checkpoint_settings(config: TrainConfig, recipe: Recipe) -> None:
+    """A run folder whose checkpoints were written with other settings is refused (the workers check again)."""
+    saved = newest_checkpoint_settings(Path(config.out))
+    if saved is not None:
+        check_same_settings(Path(config.out), saved, resume_settings(config, recipe))
+
+
+def write_run_config(config: TrainConfig) -> None:
+    """RUN_DIR/config.toml: the run's settings, which `distvision train --config` reads back to train it
+    again (in a new folder: the run folder's own settings, --out and --resume, are left out)."""
+    run_dir = Path(config.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config_file(run_dir / "config.toml", config_file_values(config),
+                      f"distvision {__version__}: the settings of the run in {run_dir}\n"
+                      f"train again: distvision train --config {run_dir / 'config.toml'} "
+                      "(a new run folder; flags override this file)")
+
+
+def resolved_settings(config: TrainConfig, recipe: Recipe, device: str) -> str:
+    """--print-config: the settings as a --config file, then, as comments, what they come to here."""
+    world_size = (f"{os.environ.get('WORLD_SIZE', '?')} (torchrun's)" if started_by_torchrun()
+                  else f"{config.workers} (local workers)")
+    precision = "auto (measured once when training starts)" if config.precision == "auto" else config.precision
+    resolved = [
+        "",
+        "Resolved here (comments: what the settings above come to on this machine)",
+        f"data: {config.data or 'the official CIFAR-10, downloaded into the cache'}",
+        f"run folder: {config.out or f'runs/{config.model}-<time the run starts>'}",
+        f"device: {device}",
+        f"world size: {world_size}",
+        f"precision: {precision}",
+        f"recovery: {config.recovery}",
+        f"recipe {config.recipe!r} of {config.model}, as it trains (overrides applied):",
+        *(f"  {name} = {json.dumps(value)}" for name, value in recipe.to_dict().items()),
+    ]
+    header = (f"distvision {__version__} train settings\n"
+              "train with them: distvision train --config FILE (flags override the file)")
+    return config_toml(config_file_values(config), header) + "".join(f"# {line}".rstrip() + "\n" for line in resolved)
 
 
 def start_live(config: TrainConfig, recipe: Recipe, cache_dir: Path, argv: list[str]) -> None:

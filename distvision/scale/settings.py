@@ -11,7 +11,7 @@ from distvision.errors import UserError
 class ScaleConfig:
     data: str | None
     model: str = "caffe-quick"
-    out: str = "scale-report"
+    out: str = "runs/scale"
     workers: list[int] = field(default_factory=lambda: [1, 2])
     fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
     batch_sizes: list[int] = field(default_factory=lambda: [512])

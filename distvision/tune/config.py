@@ -29,7 +29,7 @@ class TuneConfig:
     heartbeat_seconds: float = 10.0
     heartbeat_grace: float = 60.0
     study: str = "distvision"
-    out: str = "tune"
+    out: str = "runs/tune"
     seed: int = 0  # the training seed of every trial (the sampler is not seeded: parallel workers differ)
     val_fraction: float = 0.1  # trials are scored on this held-out share of the training set
     precision: str = "auto"
