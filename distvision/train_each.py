@@ -18,6 +18,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from distvision.errors import UserError
 from distvision.fileio import write_json_atomic
 from distvision.leases import Claim, try_claim
 from distvision.metrics import say
-from distvision.parallel.child import core_share, start_training
+from distvision.parallel.child import core_share, gpu_share, local_gpu_count, start_training
 from distvision.train_each_report import add_global_accuracy, collect_rows, plot_comparison, write_outputs
 
 WAIT_POLL_SECONDS = 2.0  # how often a process with nothing to claim looks again
@@ -42,6 +43,7 @@ class PoolSettings:
     lease_seconds: float
     train_config: TrainConfig  # every subset's `distvision train` settings, but its data, run folder and workers
     cores: list[int] = field(default_factory=lambda: sorted(os.sched_getaffinity(0)))
+    gpu_count: int = field(default_factory=local_gpu_count)  # each slot's jobs get GPUs of their own
 
 
 @dataclass
@@ -144,7 +146,8 @@ def run_pool(jobs: list[Job], settings: PoolSettings, out: Path) -> list[str]:
         while (taken := next_job(slot)) is not None:
             job, claim = taken
             try:
-                if not run_job(job, claim, slot_cores(slot), settings, out):
+                gpus = gpu_share(slot, settings.gpu_count, settings.workers_per_job)
+                if not run_job(job, claim, slot_cores(slot), settings, out, gpus):
                     failed.append(job.name)
             finally:
                 claim.release()
@@ -159,14 +162,16 @@ def run_pool(jobs: list[Job], settings: PoolSettings, out: Path) -> list[str]:
     return failed
 
 
-def run_job(job: Job, claim: Claim, cores: list[int], settings: PoolSettings, out: Path) -> bool:
-    """Train one subset in a child `distvision train`, renewing the claim; True when it finished."""
+def run_job(job: Job, claim: Claim, cores: list[int], settings: PoolSettings, out: Path,
+            gpus: Sequence[int] = ()) -> bool:
+    """Train one subset in a child `distvision train` (on `cores`, and `gpus` on a CUDA machine), renewing
+    the claim; True when it finished."""
     config = replace(settings.train_config, data=str(job.subset.data), out=str(job.run_dir),
                      workers=settings.workers_per_job,
                      # A run someone began (perhaps a process that died): continue it.
                      resume=bool(list_training_checkpoints(job.run_dir)))
     started = time.time()
-    child = start_training(config, out / ".logs" / f"{job.name}.log", cores)
+    child = start_training(config, out / ".logs" / f"{job.name}.log", cores, gpus=gpus)
     last_renewal = time.time()
     while child.poll() is None:
         time.sleep(0.5)

@@ -20,6 +20,7 @@ import torch
 
 from distvision.data.prepare import open_prepared
 from distvision.data.subsets import GLOBAL_NAME, Subset, union_test_slices
+from distvision.extras import missing
 from distvision.fileio import write_json_atomic
 from distvision.metrics import say
 
@@ -91,7 +92,11 @@ def add_global_accuracy(rows: list[dict], subsets: list[Subset], global_run: Pat
 
 
 def plot_comparison(rows: list[dict], path: Path) -> None:
-    """Bars per subset: its own model, and the global model with all classes and with the subset's."""
+    """Bars per subset: its own model, and the global model with all classes and with the subset's; skipped,
+    with a note, without matplotlib (subsets.csv holds the same numbers)."""
+    if reason := missing("matplotlib", "plots"):
+        say(f"train-each: no {path.name}: {reason}")
+        return
     import matplotlib
 
     matplotlib.use("Agg")

@@ -16,6 +16,8 @@ from distvision.classify.inputs import UNLABELLED
 from distvision.classify.settings import Outputs
 from distvision.classify.work import Plan, finished_chunks, read_part
 from distvision.errors import UserError
+from distvision.extras import missing
+from distvision.metrics import say
 
 PREDICTION_COLUMNS = ["path", "predicted_class", "probability", "top_classes", "top_probabilities"]
 LIST_SEPARATOR = ";"  # between the top-k classes (and probabilities) inside one CSV field
@@ -114,7 +116,11 @@ def _format(value: float | None) -> str:
 
 
 def plot_confusion(confusion: np.ndarray, classes: list[str], accuracy: float, path: Path) -> None:
-    """The confusion matrix as a PNG, rows normalised to recall, counts written in the cells."""
+    """The confusion matrix as a PNG, rows normalised to recall, counts written in the cells; skipped, with a
+    note, without matplotlib (the CSV holds the same counts)."""
+    if reason := missing("matplotlib", "plots"):
+        say(f"distvision: no {path.name}: {reason}")
+        return
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

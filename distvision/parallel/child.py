@@ -3,8 +3,9 @@
 The child is started exactly as a user would start it (`python -m distvision train FLAGS`, the
 flags from TrainConfig.to_argv), so it runs the local elastic launcher and real worker processes.
 It writes everything it prints to a log file, stops resumably (SIGTERM) if its parent dies, and
-may be pinned to a share of the cores; a non-zero exit status becomes a TrainingFailed that
-carries the status and the log's last line.
+may be pinned to a share of the cores and, on a CUDA machine, given GPUs of its own (CUDA_VISIBLE_DEVICES,
+so that parallel children do not all land on GPU 0); a non-zero exit status becomes a TrainingFailed
+that carries the status and the log's last line.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from distvision.config import TrainConfig
 from distvision.parallel.launch import FOLLOW_PARENT_VARIABLE
 
 STOP_WAIT_SECONDS = 60.0  # after SIGTERM: time the child gets to checkpoint and stop before it is killed
+GPU_VARIABLE = "CUDA_VISIBLE_DEVICES"
 
 
 class TrainingFailed(Exception):
@@ -82,15 +85,16 @@ def training_command(config: TrainConfig) -> list[str]:
 
 
 def start_training(config: TrainConfig, log_path: Path, cores: list[int] | None = None,
-                   append_log: bool = True) -> TrainingChild:
-    """Start `distvision train` with these settings, its output into log_path, on `cores` if given.
+                   append_log: bool = True, gpus: Sequence[int] = ()) -> TrainingChild:
+    """Start `distvision train` with these settings, its output into log_path, on `cores` and `gpus` if given
+    (GPU indices as this process sees them, from gpu_share; ignored under --device cpu).
 
     No preexec_fn (unsafe in a process with threads): the affinity is set right after the start,
     long before the child counts its cores, and the child asks for SIGTERM on our death itself
     (distvision's main() reads FOLLOW_PARENT_VARIABLE).
     """
     command = training_command(config)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{FOLLOW_PARENT_VARIABLE: str(os.getpid())})
+    env = child_environment(os.environ, gpus if config.device != "cpu" else ())
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab" if append_log else "wb") as log:
@@ -104,9 +108,9 @@ def start_training(config: TrainConfig, log_path: Path, cores: list[int] | None 
 
 
 def run_training(config: TrainConfig, log_path: Path, cores: list[int] | None = None,
-                 timeout: float | None = None, append_log: bool = True) -> None:
+                 timeout: float | None = None, append_log: bool = True, gpus: Sequence[int] = ()) -> None:
     """Run `distvision train` with these settings to its end; TrainingFailed if it fails."""
-    child = start_training(config, log_path, cores, append_log)
+    child = start_training(config, log_path, cores, append_log, gpus)
     child.wait(timeout)
     child.check()
 
@@ -115,3 +119,32 @@ def core_share(cores: list[int], slot: int, slots: int) -> list[int]:
     """Slot `slot` of `slots`' share of these cores (a whole core at least, shared when too few)."""
     share = cores[slot * len(cores) // slots:(slot + 1) * len(cores) // slots]
     return share or [cores[slot % len(cores)]]
+
+
+def gpu_share(child: int, device_count: int, gpus_per_child: int) -> list[int]:
+    """GPUs for child number `child` (0, 1, ...): gpus_per_child of the device_count, round robin; none
+    without GPUs. A child that needs more GPUs than there are gets all of them."""
+    if device_count <= 0:
+        return []
+    per_child = max(1, min(gpus_per_child, device_count))
+    return [(child * per_child + k) % device_count for k in range(per_child)]
+
+
+def local_gpu_count() -> int:
+    """The CUDA devices this process sees (0 on a machine without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def child_environment(parent: Mapping[str, str], gpus: Sequence[int] = ()) -> dict[str, str]:
+    """A training child's environment: the parent's, unbuffered, told to follow the parent, and limited
+    to `gpus` (indices among the devices the parent sees) when any are given."""
+    env = dict(parent, PYTHONUNBUFFERED="1", **{FOLLOW_PARENT_VARIABLE: str(os.getpid())})
+    if gpus:
+        # Indices count the parent's visible devices: under CUDA_VISIBLE_DEVICES=4,5 (a scheduler's
+        # choice), index 1 is device 5.
+        visible = parent.get(GPU_VARIABLE)
+        names = [name.strip() for name in visible.split(",")] if visible else [str(i) for i in range(max(gpus) + 1)]
+        env[GPU_VARIABLE] = ",".join(names[i] for i in gpus)
+    return env

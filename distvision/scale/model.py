@@ -23,6 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from distvision.errors import UserError
+from distvision.extras import require_extra
+
+with require_extra("scale", "distvision scale"):
+    from scipy.optimize import nnls
+
 from distvision.scale.network import Network, wire_bytes
 
 TERM_NAMES = {
@@ -130,20 +135,32 @@ def fit_model(points: list[Point], network: Network) -> PerformanceModel:
         raise UserError(
             f"the grid cannot separate the model's terms ({', '.join(columns)}): measure at least two "
             "--fractions and at least two --workers counts (more points than terms give uncertainties)")
-    names = list(columns)
-    while True:  # no term is a negative time: one that fits negative is fixed at 0 and the rest refitted
-        solution, uncertainty = _weighted_fit(design[:, [list(columns).index(n) for n in names]],
-                                              measured - known, 1.0 / measured, names)
-        negative = [name for name, value in zip(names, solution, strict=True) if value < 0]
-        if not negative or len(names) == 1:
-            break
-        names.remove(min(negative, key=lambda name: solution[names.index(name)]))
+    # No term is a negative time: non-negative least squares decides which terms are 0. The others are
+    # then the plain least squares on their own columns (the same values), which gives their standard errors.
+    weights = 1.0 / measured
+    names = [name for name, value in zip(columns, _nonnegative_fit(design, measured - known, weights), strict=True)
+             if value > 0]
+    solution, uncertainty = _weighted_fit(design[:, [list(columns).index(n) for n in names]],
+                                          measured - known, weights, names)
     terms = dict.fromkeys(TERM_NAMES, 0.0)
     terms["seconds_per_byte"] = network.seconds_per_byte
     terms.update({name: float(value) for name, value in zip(names, solution, strict=True)})
     for name in TERM_NAMES:
         uncertainty.setdefault(name, None)
     return PerformanceModel(terms, uncertainty, network, names)
+
+
+def _nonnegative_fit(design: np.ndarray, target: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Non-negative least squares of target on design's columns, rows weighted (scipy's NNLS).
+
+    The columns differ by many orders of magnitude (samples, bytes, ones): each is scaled to unit norm
+    for the solver, whose tolerance is absolute, and the solution scaled back.
+    """
+    weighted = design * weights[:, None]
+    norms = np.linalg.norm(weighted, axis=0)
+    norms[norms == 0] = 1.0
+    solution, _ = nnls(weighted / norms, target * weights)
+    return solution / norms
 
 
 def _weighted_fit(design: np.ndarray, target: np.ndarray, weights: np.ndarray,

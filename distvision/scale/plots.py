@@ -1,4 +1,4 @@
-"""The scale report's PNG plots (matplotlib, no display needed)."""
+"""The scale report's PNG plots (matplotlib, no display needed; without it, none)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from distvision.extras import missing
+from distvision.metrics import say
 from distvision.scale.model import PerformanceModel, Point
 from distvision.scale.predict import Prediction
 
@@ -21,7 +23,10 @@ def _pyplot():
 
 def write_plots(out: Path, model: PerformanceModel, points: list[Point], predictions: list[Prediction],
                 samples: int, sync_every: str) -> list[str]:
-    """Four plots into out; returns their file names."""
+    """Four plots into out; returns their file names (none, after a note, without matplotlib)."""
+    if reason := missing("matplotlib", "plots"):
+        say(f"distvision scale: no plots: {reason}")
+        return []
     plt = _pyplot()
     names = []
     configurations = sorted({(p.sync, p.batch_size) for p in points})

@@ -17,7 +17,13 @@ from distvision.config import TrainConfig
 from distvision.errors import UserError
 from distvision.fileio import write_json_atomic
 from distvision.metrics import read_metrics
-from distvision.parallel.child import TrainingFailed, run_training, training_command
+from distvision.parallel.child import (
+    TrainingFailed,
+    gpu_share,
+    local_gpu_count,
+    run_training,
+    training_command,
+)
 
 RUN_TIMEOUT_SECONDS = 6 * 3600  # a run that takes longer than this is stuck, not slow
 
@@ -52,7 +58,10 @@ def run_train(config: TrainConfig, run_dir: Path) -> TrainRun:
     (run_dir.parent / f"{run_dir.name}.command").write_text(" ".join(training_command(config)) + "\n")
     started = time.perf_counter()
     try:
-        run_training(config, run_dir.parent / f"{run_dir.name}.log", timeout=RUN_TIMEOUT_SECONDS, append_log=False)
+        # One run at a time; on a CUDA machine on GPUs 0.. (one per worker), the same for every run.
+        gpus = gpu_share(0, local_gpu_count(), config.workers if isinstance(config.workers, int) else 1)
+        run_training(config, run_dir.parent / f"{run_dir.name}.log", timeout=RUN_TIMEOUT_SECONDS, append_log=False,
+                     gpus=gpus)
     except TrainingFailed as failure:
         raise UserError(f"training run {run_dir.name} failed (exit {failure.status}): "
                         f"{failure.last_line or '(no output)'}") from None

@@ -7,8 +7,11 @@ import json
 import warnings
 from pathlib import Path
 
-import optuna
-from optuna.trial import FrozenTrial, TrialState
+from distvision.extras import missing, require_extra
+
+with require_extra("tune", "distvision tune"):
+    import optuna
+    from optuna.trial import FrozenTrial, TrialState
 
 from distvision.config import read_config_file, write_config_file
 from distvision.fileio import write_json_atomic
@@ -93,7 +96,10 @@ def write_summary(study: optuna.Study, path: Path, extra: dict) -> dict:
 
 
 def write_plots(study: optuna.Study, out: Path) -> list[str]:
-    """optimization_history.png, param_importances.png, accuracy_vs_epoch.png; returns what was skipped, and why."""
+    """optimization_history.png, param_importances.png, accuracy_vs_epoch.png; returns what was skipped, and why
+    (all of them without matplotlib)."""
+    if reason := missing("matplotlib", "plots"):
+        return [f"plots: {reason}"]
     import matplotlib
 
     matplotlib.use("Agg")

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from distvision.errors import UserError
+from distvision.parallel.child import gpu_share, local_gpu_count
 from distvision.tune.config import TuneConfig
 from distvision.tune.report import (
     best_test_accuracy,
@@ -65,7 +66,7 @@ def run_tune(config: TuneConfig) -> dict:
 
     cores = sorted(os.sched_getaffinity(0))
     if config.parallel == 1:
-        work_on_study(config, space, epochs, cores)
+        work_on_study(config, space, epochs, cores, gpu_share(0, local_gpu_count(), config.workers_per_trial))
     else:
         run_parallel(config, space, epochs, cores)
 
@@ -74,12 +75,15 @@ def run_tune(config: TuneConfig) -> dict:
 
 
 def run_parallel(config: TuneConfig, space, epochs: int, cores: list[int]) -> None:
-    """config.parallel worker processes on one study, each trial on its worker's share of the cores."""
+    """config.parallel worker processes on one study, each trial on its worker's share of the cores and,
+    on a CUDA machine, on its worker's GPUs."""
     from distvision.parallel.child import core_share
 
+    gpu_count = local_gpu_count()
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=worker_process, name=f"tune-worker-{i}",
-                               args=(config, space, epochs, core_share(cores, i, config.parallel)))
+                               args=(config, space, epochs, core_share(cores, i, config.parallel),
+                                     gpu_share(i, gpu_count, config.workers_per_trial)))
                for i in range(config.parallel)]
     for worker in workers:
         worker.start()
@@ -109,6 +113,8 @@ def write_outputs(study, config: TuneConfig, epochs: int, wall_seconds: float) -
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     skipped_plots = write_plots(study, out)
+    for skipped in skipped_plots:
+        print(f"tune: skipped {skipped}")
     summary = write_summary(study, out / "summary.json", {
         "trials_wanted": config.trials,
         "max_epochs_per_trial": epochs,

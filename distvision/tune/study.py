@@ -12,13 +12,17 @@ import random
 import socket
 import time
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.trial import TrialState
+from distvision.extras import install_hint, require_extra
+
+with require_extra("tune", "distvision tune"):
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
 
 from distvision.errors import UserError
 from distvision.tune.config import TuneConfig
@@ -62,6 +66,9 @@ def open_storage(config: TuneConfig) -> optuna.storages.BaseStorage:
                                 f"({_first_line(error)})") from None
             time.sleep(0.5 + random.random())
         except ImportError as error:
+            if config.storage.startswith("postgresql"):
+                raise UserError(f"distvision tune --storage {redact(config.storage)} needs psycopg2: "
+                                f"{install_hint('postgres')}") from None
             raise UserError(f"--storage {redact(config.storage)}: missing database driver ({error})") from None
         except SQLAlchemyError as error:  # a bad URL, an unreachable server, a bad login
             raise UserError(f"--storage {redact(config.storage)}: cannot open it ({_first_line(error)})") from None
@@ -172,8 +179,10 @@ def count_states(study: optuna.Study) -> dict[str, int]:
     return counts
 
 
-def work_on_study(config: TuneConfig, space: list[Dimension], epochs: int, cores: list[int]) -> None:
-    """One trial worker: run trials until the study holds config.trials finished or running ones.
+def work_on_study(config: TuneConfig, space: list[Dimension], epochs: int, cores: list[int],
+                  gpus: Sequence[int] = ()) -> None:
+    """One trial worker: run trials until the study holds config.trials finished or running ones, each on
+    `cores` and `gpus` (on a CUDA machine).
 
     A worker gives up after config.trials failed trials of its own (a setting that always fails).
     """
@@ -197,19 +206,20 @@ def work_on_study(config: TuneConfig, space: list[Dimension], epochs: int, cores
                 return
             if isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study):
                 return
-            objective = make_objective(config, space, epochs, cores, on_start=release)
+            objective = make_objective(config, space, epochs, cores, on_start=release, gpus=gpus)
             study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=[after_trial])
         if full:
             return
 
 
-def worker_process(config: TuneConfig, space: list[Dimension], epochs: int, cores: list[int]) -> None:
+def worker_process(config: TuneConfig, space: list[Dimension], epochs: int, cores: list[int],
+                   gpus: Sequence[int] = ()) -> None:
     """Entry point of each `--parallel` worker process; it ends when the command does."""
     from distvision.parallel.launch import stop_when_parent_dies
 
     stop_when_parent_dies()
     try:
-        work_on_study(config, space, epochs, cores)
+        work_on_study(config, space, epochs, cores, gpus)
     except UserError as error:
         print(f"distvision: error: {error}", flush=True)
         raise SystemExit(2) from None

@@ -12,10 +12,14 @@ import json
 import os
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-import optuna
-from optuna.trial import TrialState
+from distvision.extras import require_extra
+
+with require_extra("tune", "distvision tune"):
+    import optuna
+    from optuna.trial import TrialState
 
 from distvision.config import TrainConfig, write_config_file
 from distvision.parallel.child import TrainingChild, TrainingFailed, start_training
@@ -52,8 +56,10 @@ def trial_config(config: TuneConfig, epochs: int, params: dict) -> dict:
     return values | train_settings(params)
 
 
-def make_objective(config: TuneConfig, space: list[Dimension], epochs: int, cores: list[int], on_start=None):
-    """The Optuna objective: suggest a configuration, train it, report validation accuracy per epoch."""
+def make_objective(config: TuneConfig, space: list[Dimension], epochs: int, cores: list[int], on_start=None,
+                   gpus: Sequence[int] = ()):
+    """The Optuna objective: suggest a configuration, train it (on `cores`, and `gpus` on a CUDA machine),
+    report validation accuracy per epoch."""
 
     def objective(trial: optuna.Trial) -> float:
         if on_start:
@@ -68,9 +74,10 @@ def make_objective(config: TuneConfig, space: list[Dimension], epochs: int, core
         values = trial_config(config, epochs, params)
         write_config_file(run_dir / "config.toml", values, f"trial {trial.number}")
         trial.set_user_attr("run_dir", str(run_dir))
-        # On this worker's share of the cores (train gives its workers cores/workers threads each);
-        # SIGTERM, a clean stop, if this worker dies, so no training outlives its trial.
-        child = start_training(TrainConfig(**values, out=str(run_dir)), run_dir / "train.log", cores)
+        # On this worker's share of the cores (train gives its workers cores/workers threads each) and
+        # GPUs; SIGTERM, a clean stop, if this worker dies, so no training outlives its trial.
+        child = start_training(TrainConfig(**values, out=str(run_dir)), run_dir / "train.log", cores,
+                               gpus=gpus)
         try:
             return _follow(trial, child, run_dir, epochs)
         finally:

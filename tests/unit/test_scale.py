@@ -57,6 +57,18 @@ def test_one_payload_size_takes_beta_from_the_network_and_one_batch_drops_the_st
     assert max(relative_errors(model, points)) < 0.02  # the step term folds into the per-sample one
 
 
+def test_a_term_the_timings_make_negative_is_zero_and_not_fitted():
+    # Timings no machine gives (a negative serial part): the fit keeps every term a time, >= 0.
+    truth = PerformanceModel(dict(TRUE_TERMS, serial=-0.5), {}, LOCAL, list(TRUE_TERMS))
+    points = [Point(p.workers, p.samples, p.batch_size, p.sync, p.sync_every, p.payload_bytes,
+                    truth.epoch_seconds(p)) for p in synthetic_points(noise=0.0)]
+    model = fit_model(points, LOCAL)
+    assert model.terms["serial"] == 0.0 and "serial" not in model.fitted
+    assert all(value >= 0 for value in model.terms.values())
+    assert {"compute_per_sample", "compute_per_step", "evaluation"} <= set(model.fitted)
+    assert max(relative_errors(model, points)) < 0.1
+
+
 def test_a_grid_that_cannot_separate_the_terms_is_a_user_error():
     one_size = [p for p in synthetic_points(noise=0.0) if p.samples == 50_000 and p.batch_size == 512
                 and p.sync == "allreduce"]

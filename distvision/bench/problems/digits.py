@@ -6,7 +6,7 @@ import numpy as np
 
 from distvision.bench.problems.registry import BenchSettings, Problem, generated_data, register_problem
 from distvision.data.sources import ArraySplit, Source
-from distvision.errors import UserError
+from distvision.extras import require_extra
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
@@ -14,10 +14,8 @@ SPLIT_SEED = 0
 
 def digits_source() -> Source:
     """The digits as 8x8 grey images scaled 0-16 -> 0-255, a seeded 20% held out for testing."""
-    try:
+    with require_extra("bench", "distvision bench's digits problem"):
         from sklearn.datasets import load_digits
-    except ImportError:
-        raise UserError("the digits problem needs scikit-learn: pip install scikit-learn") from None
     digits = load_digits()
     images = np.repeat((digits.images * (255 / 16)).round().astype(np.uint8)[..., None], 3, axis=3)
     labels = digits.target.astype(np.int64)
