@@ -540,7 +540,7 @@ def read_config_file(path: Path) -> dict:
             known = ", ".join(config_key(f) for f in CONFIG_FILE_FIELDS.values())
             raise UserError(f"--config {path}: unknown setting {key!r}; known: {known}")
         if field_.name in values:
-            raise UserError(f"--config {path}: {key} is given twice (as {config_key(field_)} and {field_.name})")
+            raise UserError(f"--config {path}: {key} sets {config_key(field_)} a second time")
         values[field_.name] = _checked_file_value(path, key, value, field_)
     return values
 

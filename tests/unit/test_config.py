@@ -171,7 +171,7 @@ def test_older_config_files_with_field_names_still_read(tmp_path):
         "batch_size": 64, "recipe_settings": ["flip=true"], "debug_faults": [], "weight_decay": 0.001,
         "lr_scaling": "sqrt"}
     (tmp_path / "twice.toml").write_text("batch_size = 64\nbatch-size = 32\n")
-    with pytest.raises(UserError, match="batch-size is given twice"):
+    with pytest.raises(UserError, match="batch-size sets batch-size a second time"):
         read_config_file(tmp_path / "twice.toml")
     (tmp_path / "typed.toml").write_text('epochs = "ten"\n')
     with pytest.raises(UserError, match="epochs = 'ten' has the wrong type"):
