@@ -17,7 +17,7 @@ from contextlib import redirect_stderr
 from io import StringIO
 from pathlib import Path
 
-from distvision.cli import build_parser
+from distvision.cli import build_parser, parse_command_line
 from distvision.config import TrainConfig
 from distvision.errors import UserError
 
@@ -115,7 +115,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     complaint = StringIO()
     try:
         with redirect_stderr(complaint):
-            return build_parser().parse_args(argv)
+            return parse_command_line(argv)
     except SystemExit:
         lines = complaint.getvalue().strip().splitlines()
         message = lines[-1].partition("error: ")[2] if lines else "invalid arguments"

@@ -226,13 +226,19 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=d.out, help="output folder (default %(default)s); finished runs are reused")
 
 
-def run(argv: list[str] | None = None) -> None:
-    """Parse the command line and run the command (distvision/commands/<command>.py)."""
-    argv = sys.argv[1:] if argv is None else argv
+def parse_command_line(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line, with a train or train-each `--config FILE` read in."""
     args = build_parser().parse_args(argv)
     if args.command in ("train", "train-each") and args.config:
         # The file's values become the defaults, so every flag on the command line still wins.
         args = build_parser(read_config_file(Path(args.config))).parse_args(argv)
+    return args
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Parse the command line and run the command (distvision/commands/<command>.py)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_command_line(argv)
     command = importlib.import_module(f"distvision.commands.{args.command.replace('-', '_')}")
     status = command.run(args, argv[1:])
     if status is not None:

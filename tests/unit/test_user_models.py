@@ -156,6 +156,13 @@ def test_the_api_refuses_bad_keywords_in_one_line_before_any_work(call, message)
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_the_api_reads_a_config_file_as_the_command_does(tmp_path):
+    settings = tmp_path / "settings.toml"
+    settings.write_text('modle = "mlp"\n')
+    with pytest.raises(distvision.UserError, match="unknown setting 'modle'"):
+        distvision.train(data="-", config=str(settings))
+
+
 def test_the_package_keeps_its_functions_beside_the_modules_of_the_same_names():
     import distvision.classify.worker
     import distvision.evaluate
