@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from distvision.errors import UserError
-from distvision.parallel.child import gpu_share, local_gpu_count
+from distvision.parallel.child import core_share, gpu_share, local_gpu_count
 from distvision.tune.config import TuneConfig
 from distvision.tune.report import (
     best_test_accuracy,
@@ -77,8 +77,6 @@ def run_tune(config: TuneConfig) -> dict:
 def run_parallel(config: TuneConfig, space, epochs: int, cores: list[int]) -> None:
     """config.parallel worker processes on one study, each trial on its worker's share of the cores and,
     on a CUDA machine, on its worker's GPUs."""
-    from distvision.parallel.child import core_share
-
     gpu_count = local_gpu_count()
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=worker_process, name=f"tune-worker-{i}",
