@@ -9,7 +9,7 @@ Three measurements of training images/s, on the same model, data and global batc
 are noisy (this project's VMs change speed by a third from one minute to the next). A probe of two
 bare-loop steps per precision first drops any precision 1.5x slower than the fastest; the first
 round runs the rest, later rounds repeat only those within 15% of the fastest. Lightning is
-optional (`pip install -e .[bench]`).
+optional (`pip install -e .[compare]`).
 
     python benchmarks/throughput.py --data ../shared/datasets/cifar10-jpg --model fastnet --batch-size 512
 """
@@ -300,7 +300,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
     if args.skip_lightning:
         print("(3) Lightning: skipped (--skip-lightning)")
     elif not use_lightning:
-        print("(3) Lightning: skipped, not installed; install it with `pip install -e .[bench]`")
+        print("(3) Lightning: skipped, not installed; install it with `pip install -e .[compare]`")
     worth_timing = probe_precisions(prepared, args.model, args.batch_size)
     bare: dict[str, list[float]] = {precision: [] for precision in worth_timing}
     lightning: dict[str, list[float]] = {LIGHTNING_PRECISIONS[precision]: [] for precision in worth_timing}
