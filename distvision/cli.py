@@ -41,7 +41,8 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     add_train_arguments(train, train_defaults)
     _add_config_arguments(train)
     prepare = commands.add_parser("prepare", help="decode a data source once into a fast memory-mapped cache")
-    prepare.add_argument("path", help="image folder or CIFAR-10 batches (folder or .tar.gz)")
+    prepare.add_argument("path", help="image folder, CIFAR-10 batches (folder or .tar.gz), a .csv/.tsv list "
+                         "of images or an .npz")
     prepare.add_argument("--out", required=True, help="the prepared folder to write (required); train's --data "
                          "takes it")
     prepare.add_argument("--image-size", type=int, default=32, help="side in pixels the images are resized to")
@@ -138,7 +139,7 @@ def _add_tune_arguments(parser: argparse.ArgumentParser) -> None:
 
     tune_defaults = TuneConfig()
     parser.add_argument("--data", help="as for train; default: download the official CIFAR-10")
-    parser.add_argument("--model", default=tune_defaults.model, help="registered model name")
+    parser.add_argument("--model", default=tune_defaults.model, help="a model from `distvision models`, or package.module:function or file.py:function")
     parser.add_argument("--recipe", default=tune_defaults.recipe, help="the recipe whose settings are searched")
     parser.add_argument("--space", help="TOML search space (default: around the model's recipe)")
     parser.add_argument("--trials", type=int, default=tune_defaults.trials,
@@ -176,7 +177,7 @@ def _add_scale_arguments(parser: argparse.ArgumentParser) -> None:
 
     d = ScaleConfig(data=None)
     parser.add_argument("--data", help="as for train; default: download the official CIFAR-10")
-    parser.add_argument("--model", default=d.model, help="registered model name")
+    parser.add_argument("--model", default=d.model, help="a model from `distvision models`, or package.module:function or file.py:function")
     parser.add_argument("--workers", default=",".join(map(str, d.workers)), help="worker counts (default %(default)s)")
     parser.add_argument("--fractions", default=",".join(map(str, d.fractions)),
                         help="shares of the training set (default %(default)s)")

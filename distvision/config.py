@@ -87,8 +87,10 @@ class DataSettings:
 
     TITLE = "data"
 
-    data: str = field(metadata=flag_options("image folder, CIFAR-10 batches (folder or .tar.gz) or a prepared "
-                                            "folder; default: download the official CIFAR-10"))
+    data: str = field(metadata=flag_options("image folder, CIFAR-10 batches (folder or .tar.gz), a .csv/.tsv "
+                                            "list (path,label[,split]), an .npz (images, labels[, test_images, "
+                                            "test_labels, classes]) or a prepared folder; default: download the "
+                                            "official CIFAR-10"))
     val_fraction: float = setting(0.0, "seeded share of the training set held out for validation (default 0)")
     # A seeded share of the training set (after the validation split): `distvision scale` varies it.
     train_fraction: float = setting(1.0, "train on this seeded share of the training set (default 1: all of it)")
@@ -112,9 +114,10 @@ class RecipeSettings:
 
     TITLE = "model and recipe"
 
-    model: str = setting("caffe-quick", "registered model name (default %(default)s)")
+    model: str = setting("caffe-quick", "a model from `distvision models`, or your own: package.module:function "
+                         "or path/to/file.py:function (default %(default)s)")
     recipe: str = setting("default", "the model's recipe: 'default' or a named one, e.g. 'caffe' for Caffe's "
-                          "exact solver")
+                          "exact solver, or a TOML file of recipe fields laid over the default")
     epochs: int | None = setting(None, f"epochs {RECIPE_NOTE}")  # the most: stopping may end a run earlier
     batch_size: int | None = setting(None, f"global batch size, split across workers {RECIPE_NOTE}")
     lr: float | None = setting(None, f"learning rate for the global batch {RECIPE_NOTE}")
