@@ -185,6 +185,9 @@ class ParallelSettings:
     # The DiLoCo paper's outer optimizer (Douillard et al. 2023): Nesterov SGD, lr 0.7, momentum 0.9.
     outer_lr: float = setting(0.7, "diloco: the outer optimizer's lr (default %(default)s)")
     outer_momentum: float = setting(0.9, "diloco: the outer optimizer's Nesterov momentum (default %(default)s)")
+    quantize: str = setting("none", "local-sgd, diloco: each replica's change over a round sent as int8 or int4 "
+                            "codes (a scale per 128 values, error feedback), gathered instead of summed",
+                            choices=("none", "int8", "int4"), recovery="live")
 
     @property
     def period(self) -> str:
@@ -207,6 +210,9 @@ class ParallelSettings:
             raise UserError(f"--sync-warmup must be >= 0 (got {self.sync_warmup})")
         if self.compress != "none" and self.sync != "allreduce":
             raise UserError(f"--compress {self.compress} applies to --sync allreduce only")
+        if self.quantize != "none" and self.sync == "allreduce":
+            raise UserError(f"--quantize {self.quantize} applies to the changes of --sync local-sgd or diloco; "
+                            "for gradients every step use --compress fp16 or bf16")
         if self.powersgd_rank < 1:
             raise UserError(f"--powersgd-rank must be at least 1 (got {self.powersgd_rank})")
         if self.base_batch_size is not None and self.base_batch_size < 1:

@@ -20,13 +20,14 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 from torch.distributed import ReduceOp
+from torch.distributed.distributed_c10d import AllgatherOptions
 
 from distvision.errors import UserError
 from distvision.fileio import write_json_atomic
@@ -102,9 +103,11 @@ class LiveReplica:
         self._states: dict[str, tuple[Callable[[], object], Callable[[object], None]]] = {}
         transport = SignedHTTPTransport(secret, timedelta(seconds=timeout), host=bind_host)
         try:
+            # Ours to keep: the quantized exchange gathers through it (torchft's Manager only sums).
+            self.group = BoundProcessGroupGloo(bind_host, timeout=timedelta(seconds=timeout))
             with manager_server_bound_to(bind_host):
                 self.manager = Manager(
-                    pg=BoundProcessGroupGloo(bind_host, timeout=timedelta(seconds=timeout)),
+                    pg=self.group,
                     load_state_dict=None, state_dict=None, min_replica_size=1,
                     # Quorum (and healing) before the forward pass: a replica knows its share of the round's
                     # samples before it loads them, and a newcomer trains from its very first round.
@@ -146,16 +149,38 @@ class LiveReplica:
         return Quorum(rank if rank is not None else 0, max(participants, 1), self.manager._quorum_id,
                       time.perf_counter() - started)
 
-    def allreduce_sum(self, buffers: list[torch.Tensor], while_waiting: Callable[[], None] | None = None) -> bool:
-        """Sum each buffer over the round's participants in place (all in flight at once); False when a
-        peer failed (the round will not commit, and the buffers are garbage). while_waiting runs while
-        gloo's thread exchanges."""
+    def allreduce_sum(self, buffers: list[torch.Tensor], while_waiting: Callable[[], None] | None = None,
+                      gathered: Sequence[torch.Tensor] = ()) -> tuple[bool, list[list[torch.Tensor]]]:
+        """Sum each buffer over the round's participants in place, and gather each of `gathered` from
+        every participant (all in flight at once); False when a peer failed (the round will not commit,
+        and the results are garbage). while_waiting runs while gloo's thread exchanges."""
         works = [self.manager.allreduce(buffer, reduce_op=ReduceOp.SUM) for buffer in buffers]
+        gathers = [self._allgather(tensor) for tensor in gathered]
         if while_waiting:
             while_waiting()
         for work in works:
             work.wait()
-        return self.manager.errored() is None
+        for _, future in gathers:
+            future.wait()
+        return self.manager.errored() is None, [outputs for outputs, _ in gathers]
+
+    def _allgather(self, tensor: torch.Tensor) -> tuple[list[torch.Tensor], torch.futures.Future]:
+        """Every participant's copy of `tensor`, through the replica group torchft configured for this
+        quorum, with torchft's error handling (a failure marks the round, as a failed all-reduce does)."""
+        self.manager.wait_quorum()
+        if not self.manager.is_participating():
+            tensor = torch.zeros_like(tensor)  # as torchft's allreduce zeroes a healing replica's share
+        outputs = [torch.zeros_like(tensor) for _ in range(self.group.size())]
+        failed = torch.futures.Future()
+        failed.set_result(None)
+        if self.manager.errored():
+            return outputs, failed
+        try:
+            work = self.group.allgather([outputs], [tensor], AllgatherOptions())
+        except RuntimeError as error:  # a peer gone (gloo's error): the round fails, as a sum's would
+            self.manager.report_error(error)
+            return outputs, failed
+        return outputs, self.manager.wrap_future(work.get_future(), default=None)
 
     def forget_quorum(self) -> None:
         """After a quorum failed here (the Lighthouse went away): the next one starts afresh and rebuilds

@@ -48,6 +48,9 @@ from distvision.parallel.watchdog import ComputeClock
 # the optimizer (2 for Adam), the lookahead and DiLoCo's outer state keep, twice over; plus the JSON
 # part (the train state's log, counts), small beside the tensors.
 STATE_MODEL_COPIES = 10
+# Rounds discarded one after another with no commit between: peers dying cost one each, so this many is
+# a round that fails the same way every time, which would otherwise be redone forever.
+DISCARDS_IN_A_ROW = 20
 STATE_SLACK_BYTES = 64 << 20
 
 
@@ -141,6 +144,7 @@ class LiveMembership:
         self.fingerprint = 0  # of the weights this round started from, at a quorum (0: not taken)
         self.quorum_round = False  # this round began with a quorum
         self.differs = False  # this replica's weights differed from its peers': it heals at the next quorum
+        self.discarded_in_a_row = 0
 
     # -- the protocol --------------------------------------------------------------------------------------
     def begin_round(self) -> float:
@@ -226,8 +230,14 @@ class LiveMembership:
         """Sum over the round's participants in place (a tensor, or several at once); False when a peer
         failed (the round won't commit). while_waiting (loading the next batch) runs while the exchange
         is in flight."""
+        return self.exchange([values] if isinstance(values, torch.Tensor) else values, [], while_waiting)[0]
+
+    def exchange(self, summed: list[torch.Tensor], gathered: list[torch.Tensor],
+                 while_waiting: Callable[[], None] | None = None) -> tuple[bool, list[list[torch.Tensor]]]:
+        """The round's exchange: `summed` summed over the participants in place, `gathered` collected
+        from each; False when a peer failed (the round won't commit)."""
         self.clock.waiting()  # waiting for the peers: whoever is late is the one watched
-        return self.replica.allreduce_sum([values] if isinstance(values, torch.Tensor) else values, while_waiting)
+        return self.replica.allreduce_sum(summed, while_waiting, gathered)
 
     def commit(self) -> bool:
         """torchft's commit (a barrier over this replica's group, a single process, which also ends the
@@ -240,6 +250,7 @@ class LiveMembership:
         """Log the change this round was the first under; keep torchft's step equal to ours (it counts
         commits, ours optimizer steps) so that a replica that read an older checkpoint sees it is behind."""
         now = time.time()
+        self.discarded_in_a_row = 0
         self.quorum_due = self.quorum_due or step - self.quorum_step >= self.quorum_every
         event = self.log.committed(now)
         if event is not None:
@@ -259,6 +270,11 @@ class LiveMembership:
     def discarded(self) -> None:
         self.log.discarded_rounds += 1
         self.quorum_due = True
+        self.discarded_in_a_row += 1
+        if self.discarded_in_a_row >= DISCARDS_IN_A_ROW:  # not a peer that died: something fails every time
+            error = self.replica.manager.errored()
+            raise RuntimeError(f"{DISCARDS_IN_A_ROW} rounds in a row failed, the last with: "
+                               f"{error.original_exception if error else 'a weights check that did not agree'}")
         # torchft counted a round the weights check discarded; a replica whose weights differed claims to
         # be a step behind, so that the next quorum heals it from a peer.
         step = self.run.state.step
@@ -310,6 +326,7 @@ class LiveMembership:
 
     def _load_state(self, saved: dict) -> None:
         self.run.state.load(saved)
+        self.run.sync.healed()
         self.healed = True
 
     def _settle_first_round(self) -> None:

@@ -76,6 +76,13 @@ class StaticMembership:
                 dist.all_reduce(tensor)
         return True
 
+    def exchange(self, summed: list[torch.Tensor], gathered: list[torch.Tensor],
+                 while_waiting: Callable[[], None] | None = None) -> tuple[bool, list[list[torch.Tensor]]]:
+        """The exchange's votes, summed (nothing is gathered on a fixed group: --quantize is live only)."""
+        if gathered:
+            raise ValueError("a fixed group gathers nothing: the quantized exchange runs under live membership")
+        return self.allreduce(summed, while_waiting), []
+
     def commit(self) -> bool:
         return True
 

@@ -25,7 +25,7 @@ import inspect
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -43,6 +43,7 @@ from distvision.parallel.membership import (
     trainable,
     unflatten_into,
 )
+from distvision.parallel.quantize import QUANTIZE_BITS, ErrorFeedback, Quantized, dequantize
 
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
 HALF_PRECISION = {"fp16": torch.float16, "bf16": torch.bfloat16}  # --compress: the gradients' wire dtype
@@ -94,11 +95,28 @@ class SyncSettings:
     powersgd_rank: int = _FLAG_DEFAULTS.powersgd_rank
     outer_lr: float = _FLAG_DEFAULTS.outer_lr
     outer_momentum: float = _FLAG_DEFAULTS.outer_momentum
+    quantize: str = _FLAG_DEFAULTS.quantize  # local-sgd, diloco (live): the changes' wire codes
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> SyncSettings:
         return cls(config.sync, config.period, config.sync_warmup, config.compress, config.powersgd_rank,
-                   config.outer_lr, config.outer_momentum)
+                   config.outer_lr, config.outer_momentum, config.quantize)
+
+
+@dataclass
+class Wire:
+    """The tensors a round's packed vector travels as: `summed` in place over the participants, and
+    `gathered`, every participant's copy to every participant (the quantized codes, which would
+    overflow if summed). Synchronizer.unwire puts the result back into the packed vector."""
+
+    summed: list[torch.Tensor]
+    gathered: list[torch.Tensor] = field(default_factory=list)
+    quantized: Quantized | None = None  # this replica's codes of the round's change
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes this worker hands to the collectives."""
+        return sum(t.numel() * t.element_size() for t in [*self.summed, *self.gathered])
 
 
 class Synchronizer:
@@ -122,6 +140,9 @@ class Synchronizer:
         # The payload's leading values, before the batch-norm statistics: one per trainable parameter.
         self.parameter_count = sum(p.numel() for p in trainable(model))
         self.outer = outer  # DiLoCo's outer optimizer (outer_optimizer), resumed before the wrapping
+        # --quantize: this replica's error feedback on the changes it sends (live local SGD and DiLoCo).
+        bits = QUANTIZE_BITS.get(settings.quantize)
+        self.feedback = ErrorFeedback(self.parameter_count, bits) if bits and live else None
         if self.distributed:
             device_ids = [device.index] if device.type == "cuda" else None
             # Under local SGD, DDP must not broadcast rank 0's buffers at every forward: that would be a
@@ -227,17 +248,44 @@ class Synchronizer:
         if self.settings.mode == "diloco":
             changes = [original - p.detach() for p, original in zip(parameters, before.weights, strict=True)]
             return flatten([*changes, *buffers], room)
+        if self.feedback:  # quantized local SGD sends the change too: the average is the start plus its mean
+            changes = [p.detach() - original for p, original in zip(parameters, before.weights, strict=True)]
+            return flatten([*changes, *buffers], room)
         return flatten([*parameters, *buffers], room)
 
-    def wire(self, packed: torch.Tensor) -> list[torch.Tensor]:
+    def wire(self, packed: torch.Tensor) -> Wire:
         """Live: the tensors the round's packed vector travels as. With --compress fp16 or bf16 a round
         that averages gradients sends them in half precision (as DDP's fp16 and bf16 hooks do on a fixed
-        group) and the rest, batch-norm statistics and the exchange's votes, counts and fingerprints, in
-        float32, exactly; `unwire` puts the sums back into `packed`."""
+        group); with --quantize a round of local steps sends its change as codes with error feedback,
+        gathered. The rest, batch-norm statistics and the exchange's votes, counts and fingerprints,
+        goes in float32, exactly. `unwire` puts the sums back into `packed`."""
+        count = self.parameter_count
+        if self.live and self.feedback and not self.round_averages_gradients:
+            quantized = self.feedback.encode(packed[:count])
+            return Wire([packed[count:]], [quantized.codes, quantized.scales], quantized)
         dtype = HALF_PRECISION.get(self.settings.compress)
         if not (self.live and dtype is not None and self.round_averages_gradients):
-            return [packed]
-        return half_precision_wire(packed, self.parameter_count, dtype)
+            return Wire([packed])
+        return Wire(half_precision_wire(packed, count, dtype))
+
+    def unwire(self, wire: Wire, packed: torch.Tensor, gathered: list[list[torch.Tensor]]) -> None:
+        """The round's sums back into `packed`, in its precision: a half-precision copy's, or the sum of
+        every participant's decoded change (`gathered`: each gathered tensor's copies, one per participant;
+        a participant that sent nothing sent zero scales)."""
+        if wire.quantized is not None:
+            mine = wire.quantized
+            codes, scales = gathered
+            total = torch.zeros(mine.count, dtype=torch.float32)
+            for their_codes, their_scales in zip(codes, scales, strict=True):
+                total += dequantize(Quantized(their_codes, their_scales, mine.count, mine.bits))
+            packed[: mine.count].copy_(total)
+        else:
+            restore_half_precision(wire.summed, packed)
+
+    def healed(self) -> None:
+        """This replica took a peer's weights: the changes its error feedback still owed are not its own."""
+        if self.feedback:
+            self.feedback.reset()
 
     def apply(self, summed: torch.Tensor, participants: int, before: Rollback,
               optimizer: torch.optim.Optimizer) -> None:
@@ -247,6 +295,8 @@ class Synchronizer:
         parameters, buffers = trainable(replica), statistics_buffers(replica)
         count = self.parameter_count
         unflatten_into(summed[count:] / participants, buffers, as_grad=False)
+        if self.feedback and not self.round_averages_gradients:
+            self.feedback.commit()  # the round counts: what its codes left out is owed to the next one
         if self.round_averages_gradients:
             unflatten_into(summed[:count], parameters, as_grad=True)
             optimizer.step()
@@ -258,6 +308,8 @@ class Synchronizer:
             unflatten_into(summed[:count] / participants, parameters, as_grad=True)
             self.outer.step()
             self.outer.zero_grad(set_to_none=True)
+        elif self.feedback:  # local SGD's average: where the round began, plus the mean change
+            unflatten_into(flatten(before.weights) + summed[:count] / participants, parameters, as_grad=False)
         else:
             unflatten_into(summed[:count] / participants, parameters, as_grad=False)
 
@@ -319,11 +371,11 @@ def half_precision_wire(packed: torch.Tensor, count: int, dtype: torch.dtype) ->
     return [packed[:count].to(dtype), packed[count:]]
 
 
-def unwire(wire: list[torch.Tensor], packed: torch.Tensor) -> None:
+def restore_half_precision(summed: list[torch.Tensor], packed: torch.Tensor) -> None:
     """The sums of a half-precision wire back into `packed`, in its precision (a no-op for one tensor:
     it was `packed`)."""
-    if len(wire) > 1:
-        packed[: wire[0].numel()].copy_(wire[0])
+    if len(summed) > 1:
+        packed[: summed[0].numel()].copy_(summed[0])
 
 
 def outer_optimizer(model: nn.Module, settings: SyncSettings) -> torch.optim.Optimizer | None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from distvision.parallel.membership import Seat, StaticMembership
-from distvision.parallel.sync import Synchronizer, unwire
+from distvision.parallel.sync import Synchronizer, Wire
 
 # Slots summed over ranks, in order. Decisions are votes: > 0 means at least one rank voted yes.
 SUMMED = ("loss_sum", "samples", "stop_votes", "diverged_votes", "checkpoint_due", "time_up",
@@ -110,10 +110,11 @@ class StepExchange:
         if payload is not None:
             packed = payload
             packed[-len(shared):] = shared
-        wire = self.sync.wire(packed) if payload is not None else [packed]
-        with self.sync.stats.timed(sum(t.numel() * t.element_size() for t in wire) if world > 1 else 0):
-            reduced = self.membership.allreduce(wire, _both(in_flight, self.sync.work_while_exchanging))
-        unwire(wire, packed)
+        wire = self.sync.wire(packed) if payload is not None else Wire([packed])
+        with self.sync.stats.timed(wire.nbytes if world > 1 else 0):
+            reduced, gathered = self.membership.exchange(wire.summed, wire.gathered,
+                                                         _both(in_flight, self.sync.work_while_exchanging))
+        self.sync.unwire(wire, packed, gathered)
         committed = self.membership.commit() and reduced
         self.start()  # a discarded round's losses and counts go with it: its steps are redone
         if not committed:

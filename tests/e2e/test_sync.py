@@ -85,6 +85,19 @@ def test_local_sgd_and_diloco_on_the_live_path(data: Path, local_sgd_run: Path, 
     assert_each_epoch_covered_once(tmp_path / "diloco", 2, sample_count=72)
 
 
+def test_quantized_diloco_sends_the_codes_and_learns(data: Path, tmp_path: Path):
+    """--quantize int8: each round's change leaves every replica as one byte a value plus a float32 scale
+    per 128 values (gathered), beside the float32 votes (summed); counted where they meet the collectives."""
+    summary = _train(data, tmp_path / "run", "--workers", "2", "--sync", "diloco", "--sync-every", "4",
+                     "--quantize", "int8", *COMMON, "--recovery", "live")
+    parameters = sum(p.numel() for p in create("mlp", num_classes=3).parameters())
+    rounds = 2 * 2  # 5 steps an epoch: a round of 4, then the epoch's last step; 2 epochs
+    room = len(SUMMED) + 3 * 2
+    per_round = parameters + 4 * -(-parameters // 128) + 4 * room
+    assert summary["bytes_exchanged"] == 2 * rounds * per_round
+    assert summary["test_accuracy"] >= 0.9, summary["test_accuracy"]
+
+
 # Local SGD schedules run in the spawned pair: (every, warmup steps, the step that ends the epoch).
 LOCAL_SGD_CASES = {"every 3": ("3", 0, None), "every epoch": ("epoch", 0, 4), "every 3 after 2 warmup": ("3", 2, None)}
 

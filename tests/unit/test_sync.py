@@ -27,8 +27,8 @@ from distvision.parallel.sync import (
     LOCAL_SGD_STATS_SECONDS,
     STATS_EVERY,
     half_precision_wire,
+    restore_half_precision,
     stats_interval,
-    unwire,
 )
 from distvision.training.faults import STOP_GRACE_SECONDS
 
@@ -201,7 +201,7 @@ def test_half_precision_wire_keeps_the_tail_exact_and_rounds_the_head(values, da
         assert wire[0].numel() + wire[1].numel() == packed.numel()
         for tensor in wire:  # what the collective does to each part, summing over two identical replicas
             tensor.mul_(2)
-        unwire(wire, packed)
+        restore_half_precision(wire, packed)
         assert torch.equal(packed[count:], original[count:] * 2)
         torch.testing.assert_close(packed[:count], (original[:count].to(dtype) * 2).float())
         packed = original
