@@ -11,6 +11,7 @@ Three experiments, each a set of real 2-worker runs, printed as tables:
     python benchmarks/sync_modes.py --data ../shared/datasets/cifar10-jpg --out /tmp/sync --only sync
     python benchmarks/sync_modes.py --out /tmp/sync-fastnet --only sync --model fastnet \
         --modes allreduce,local-sgd:4,local-sgd:8,local-sgd:epoch,powersgd
+    python benchmarks/sync_modes.py --out /tmp/slow-links --only sync --modes allreduce,diloco:32:int4 --seed 1
 """
 
 from __future__ import annotations
@@ -46,11 +47,15 @@ MODE_FLAGS = {  # --modes names -> distvision train flags
 
 
 def mode_flags(mode: str) -> list[str]:
-    """Flags for one --modes entry: a MODE_FLAGS name, or local-sgd:K (K steps or `epoch`)."""
-    if mode.startswith("local-sgd:"):
-        return ["--sync", "local-sgd", "--sync-every", mode.split(":", 1)[1]]
+    """Flags for one --modes entry: a MODE_FLAGS name, or local-sgd:K or diloco:K (K steps or `epoch`),
+    either with :int8 or :int4 for --quantize."""
+    name, _, rest = mode.partition(":")
+    if name in ("local-sgd", "diloco") and rest:
+        every, _, quantize = rest.partition(":")
+        return ["--sync", name, "--sync-every", every, *(["--quantize", quantize] if quantize else [])]
     if mode not in MODE_FLAGS:
-        raise SystemExit(f"sync_modes.py: unknown mode {mode!r}; use {', '.join(MODE_FLAGS)} or local-sgd:K")
+        raise SystemExit(f"sync_modes.py: unknown mode {mode!r}; use {', '.join(MODE_FLAGS)}, local-sgd:K[:int8|int4] "
+                         "or diloco:K[:int8|int4]")
     return MODE_FLAGS[mode]
 
 
@@ -105,7 +110,8 @@ def main() -> None:
     parser.add_argument("--model", default="caffe-quick")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--modes", default="allreduce,local-sgd:8",
-                        help="sync experiment: comma-separated allreduce, powersgd, fp16, local-sgd:K (K or epoch)")
+                        help="sync experiment: comma-separated allreduce, powersgd, fp16, local-sgd:K or diloco:K "
+                        "(K or epoch), those two with :int8 or :int4 for --quantize")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--balance-epochs", type=int, default=3)
     parser.add_argument("--balance-batch-size", type=int, help="global batch of the balance runs (default: the recipe's)")
