@@ -39,6 +39,7 @@ def test_folder_without_readable_images(tmp_path: Path):
         (["--epochs", "0"], "--epochs"),
         (["--workers", "0"], "--workers"),
         (["--recipe", "nonesuch"], "no recipe"),
+        (["--quantize", "int8"], "--quantize int8 applies to the changes of --sync local-sgd or diloco"),
     ],
 )
 def test_bad_flags(data: Path, tmp_path: Path, flags: list[str], expected: str):
