@@ -3,10 +3,16 @@ veth pair whose bandwidth `tc tbf` limits, compared with `distvision scale`'s mo
 
     sudo python benchmarks/netns_scale.py --data ../shared/datasets/cifar10-jpg --model caffe-quick \
         --report /tmp/scale-caffe-quick --rates unlimited,1gbit,100mbit --fraction 0.1 --out /tmp/netns-scale
+    sudo python benchmarks/netns_scale.py ... --rates unlimited,1gbit,100mbit,10mbit \
+        --modes allreduce,live:allreduce,live:diloco:32,live:diloco:32:int4
 
 --report is a `distvision scale` report folder of the same model (its model.json supplies the fitted
-terms). Each rate is one real 2-worker run: two torchrun agents, one per namespace, c10d rendezvous and
-gloo over the veth addresses only. Latency (`--latency`) needs the kernel's netem qdisc; where it is
+terms; without it nothing is predicted). Each rate and mode is one real 2-worker run over the veth
+addresses only. `allreduce` (the restart path): two torchrun agents, one per namespace, c10d
+rendezvous and gloo. `live:MODE` (live membership, torchft): a Lighthouse in the first namespace,
+bound to its veth address, and one `distvision train --lighthouse ... --bind ADDRESS` replica per
+namespace (torchft's servers and gloo advertise and listen on that address); MODE is allreduce,
+local-sgd:K or diloco:K, either of those two with :int8 or :int4 (--quantize). Latency (`--latency`) needs the kernel's netem qdisc; where it is
 missing (as on the machine this was written on) only the bandwidth is limited and that is said.
 Needs root and iproute2; otherwise it prints why and exits 0. Never run by the tests.
 """
@@ -30,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]  # the workers run this checkout
 
 SUBNET = "10.77.{}.{}"
 PORT = 29517
+LIGHTHOUSE_PORT = 29518
 
 
 def sh(*command: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -79,25 +86,58 @@ class VethPair:
         return ", ".join(sorted(set(applied))) or "no limit"
 
 
-def run_pair(pair: VethPair, train_args: list[str], out: Path) -> float:
-    """One 2-worker training run, one torchrun agent per namespace; returns its wall seconds."""
+def mode_flags(mode: str) -> tuple[bool, list[str]]:
+    """(live, train flags) of a --modes entry: allreduce, or live:allreduce, live:local-sgd:K[:int8|int4],
+    live:diloco:K[:int8|int4]."""
+    live, _, rest = mode.partition(":") if mode.startswith("live:") else ("", "", mode)
+    name, _, period = rest.partition(":")
+    every, _, quantize = period.partition(":")
+    if name == "allreduce" and not period:
+        return bool(live), []
+    if live and name in ("local-sgd", "diloco") and every:
+        return True, ["--sync", name, "--sync-every", every, *(["--quantize", quantize] if quantize else [])]
+    raise SystemExit(f"netns_scale: unknown mode {mode!r}")
+
+
+def run_pair(pair: VethPair, train_args: list[str], out: Path, live: bool = False) -> float:
+    """One 2-worker training run, one worker per namespace; returns its wall seconds."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    agents = []
+    agents, lighthouse = [], None
+    if live:
+        lighthouse_address = f"{pair.addresses[0]}:{LIGHTHOUSE_PORT}"
+        # Both replicas in the first quorum (min_replicas 2), so the run is measured from the start.
+        lighthouse = subprocess.Popen(["ip", "netns", "exec", pair.namespaces[0],
+                                       str(Path(sys.executable).parent / "torchft_lighthouse"), "--min_replicas", "2",
+                                       "--bind", lighthouse_address, "--join_timeout_ms", "5000"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        secret = out.parent / f"{out.name}.secret"
+        secret.write_text(os.urandom(32).hex())
+        secret.chmod(0o600)
     started = time.perf_counter()
     for index, (namespace, device, address) in enumerate(zip(pair.namespaces, pair.devices, pair.addresses,
                                                              strict=True)):
-        # The store's host is named explicitly: torch recognises its own address by host name, and
-        # the namespaces share the machine's.
-        command = ["ip", "netns", "exec", namespace, "env", f"GLOO_SOCKET_IFNAME={device}",
-                   f"PYTHONPATH={REPO}", sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
-                   "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={pair.addresses[0]}:{PORT}",
-                   f"--rdzv-id=netns-{out.name}", f"--rdzv-conf=is_host={'true' if index == 0 else 'false'}",
-                   f"--local-addr={address}", "--max-restarts=0",
-                   "-m", "distvision", "train", *train_args, "--out", str(out)]
+        environment = ["env", f"GLOO_SOCKET_IFNAME={device}", f"PYTHONPATH={REPO}"]
+        if live:  # each replica's servers on its own veth address, the one it advertises
+            command = [*environment, sys.executable, "-m", "distvision", "train", *train_args, "--out", str(out),
+                       "--lighthouse", lighthouse_address, "--bind", address, "--secret-file", str(secret)]
+        else:
+            # The store's host is named explicitly: torch recognises its own address by host name, and
+            # the namespaces share the machine's.
+            command = [*environment, sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                       "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={pair.addresses[0]}:{PORT}",
+                       f"--rdzv-id=netns-{out.name}", f"--rdzv-conf=is_host={'true' if index == 0 else 'false'}",
+                       f"--local-addr={address}", "--max-restarts=0",
+                       "-m", "distvision", "train", *train_args, "--out", str(out), "--recovery", "restart"]
         log = open(out.parent / f"{out.name}-{namespace}.log", "w")  # noqa: SIM115 - closed with the agent
-        agents.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
-    codes = [agent.wait(timeout=3600) for agent, _ in agents]
+        agents.append((subprocess.Popen(["ip", "netns", "exec", namespace, *command], stdout=log,
+                                        stderr=subprocess.STDOUT), log))
+    try:
+        codes = [agent.wait(timeout=3600) for agent, _ in agents]
+    finally:
+        if lighthouse:
+            lighthouse.kill()
+            lighthouse.wait()
     for _, log in agents:
         log.close()
     if any(codes):
@@ -116,8 +156,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--model", default="caffe-quick")
-    parser.add_argument("--report", required=True, type=Path, help="a distvision scale report of the same model")
+    parser.add_argument("--report", type=Path, help="a distvision scale report of the same model (predictions "
+                        "of the allreduce runs)")
     parser.add_argument("--rates", default="unlimited,1gbit,100mbit")
+    parser.add_argument("--modes", default="allreduce", help="allreduce (restart path), live:allreduce, "
+                        "live:local-sgd:K[:int8|int4], live:diloco:K[:int8|int4]")
     parser.add_argument("--latency", help="added delay per direction, e.g. 1ms (needs netem)")
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=512)
@@ -127,7 +170,7 @@ def main() -> None:
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
         print("netns_scale: skipped: needs root and iproute2 (ip, tc) to build network namespaces")
         return
-    model = load_model(args.report)
+    model = load_model(args.report) if args.report else None
     train_args = ["--data", args.data, "--model", args.model, "--epochs", "1", "--batch-size", str(args.batch_size),
                   "--train-fraction", str(args.fraction), "--threads-per-worker", "1", "--precision", "fp32",
                   "--max-restarts", "0", "--image-size", str(args.image_size)]
@@ -135,27 +178,34 @@ def main() -> None:
     with VethPair() as pair:
         for rate in args.rates.split(","):
             shaping = pair.limit(rate, args.latency)
-            wall = run_pair(pair, train_args, args.out / rate)
-            record = [json.loads(line) for line in (args.out / rate / "metrics.jsonl").read_text().splitlines()][-1]
-            summary = json.loads((args.out / rate / "summary.json").read_text())
-            measured = record["epoch_seconds"] + record["eval_seconds"]
-            steps = summary["stop_step"]
-            payload = sum(record["bytes_exchanged"]) / 2 / steps
-            point = Point(2, summary["train_count"], args.batch_size, "allreduce", "8", payload)
-            shaped = rate + (f",{args.latency}" if args.latency else "")
-            network = None if rate == "unlimited" else parse_network(shaped)
-            predicted = model.epoch_seconds(point, network)
-            rows.append({"rate": rate, "shaping": shaping, "wall_seconds": round(wall, 1),
-                         "measured_epoch_seconds": round(measured, 2), "predicted_epoch_seconds": round(predicted, 2),
-                         "relative_error": round(abs(predicted - measured) / measured, 3),
-                         "communication_seconds": record["communication_seconds"],
-                         "megabytes_per_worker": round(sum(record["bytes_exchanged"]) / 2e6, 1)})
-            print(json.dumps(rows[-1]), flush=True)
+            for mode in args.modes.split(","):
+                live, flags = mode_flags(mode)
+                out = args.out / f"{rate}-{mode.replace(':', '-')}"
+                wall = run_pair(pair, [*train_args, *flags], out, live)
+                record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                          if '"event"' not in line][-1]
+                summary = json.loads((out / "summary.json").read_text())
+                measured = record["epoch_seconds"] + record["eval_seconds"]
+                row = {"rate": rate, "mode": mode, "shaping": shaping, "wall_seconds": round(wall, 1),
+                       "measured_epoch_seconds": round(measured, 2), "test_accuracy": summary["test_accuracy"],
+                       "communication_seconds": record["communication_seconds"],
+                       "megabytes_per_worker": round(sum(record["bytes_exchanged"]) / 2e6, 2)}
+                if model and not flags:  # the scale model's terms are all-reduce's
+                    payload = sum(record["bytes_exchanged"]) / 2 / summary["stop_step"]
+                    point = Point(2, summary["train_count"], args.batch_size, "allreduce", "8", payload)
+                    shaped = rate + (f",{args.latency}" if args.latency else "")
+                    predicted = model.epoch_seconds(point, None if rate == "unlimited" else parse_network(shaped))
+                    row.update(predicted_epoch_seconds=round(predicted, 2),
+                               relative_error=round(abs(predicted - measured) / measured, 3))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     (args.out / "netns_scale.json").write_text(json.dumps(rows, indent=2))
-    print("| link | shaping | measured s/epoch | predicted s/epoch | error |\n|---|---|---|---|---|")
+    print("| link | mode | shaping | measured s/epoch | MB per worker | predicted s/epoch | error |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['rate']} | {row['shaping']} | {row['measured_epoch_seconds']} | "
-              f"{row['predicted_epoch_seconds']} | {row['relative_error']:.1%} |")
+        error = f"{row['relative_error']:.1%}" if "relative_error" in row else "-"
+        print(f"| {row['rate']} | {row['mode']} | {row['shaping']} | {row['measured_epoch_seconds']} | "
+              f"{row['megabytes_per_worker']} | {row.get('predicted_epoch_seconds', '-')} | {error} |")
 
 
 if __name__ == "__main__":
