@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Self
 
-from distvision.scale.model import PerformanceModel, Point
+from distvision.scale.model import PerformanceModel, Point, syncs_per_epoch
 from distvision.scale.network import Network, parse_network
 
 REPO = Path(__file__).resolve().parents[1]  # the workers run this checkout
@@ -190,9 +190,11 @@ def main() -> None:
                        "measured_epoch_seconds": round(measured, 2), "test_accuracy": summary["test_accuracy"],
                        "communication_seconds": record["communication_seconds"],
                        "megabytes_per_worker": round(sum(record["bytes_exchanged"]) / 2e6, 2)}
-                if model and not flags:  # the scale model's terms are all-reduce's
-                    payload = sum(record["bytes_exchanged"]) / 2 / summary["stop_step"]
-                    point = Point(2, summary["train_count"], args.batch_size, "allreduce", "8", payload)
+                if model:  # the bytes per synchronisation measured, the rest from the scale report's terms
+                    sync, every = (flags[1], flags[3]) if flags else ("allreduce", "1")
+                    syncs = syncs_per_epoch(summary["train_count"], args.batch_size, sync, every, 2)
+                    payload = sum(record["bytes_exchanged"]) / 2 / syncs
+                    point = Point(2, summary["train_count"], args.batch_size, sync, every, payload)
                     shaped = rate + (f",{args.latency}" if args.latency else "")
                     predicted = model.epoch_seconds(point, None if rate == "unlimited" else parse_network(shaped))
                     row.update(predicted_epoch_seconds=round(predicted, 2),
