@@ -31,7 +31,8 @@ SETTINGS = ["--epochs", "4", "--batch-size", "16", "--lr", "0.1", "--precision",
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A user's folder: lab/nets.py, and images/ listed in images.csv with a split column (sizes vary)."""
+    """A user's folder: lab/nets.py, and images/ listed in images.csv with a split column (sizes and modes
+    vary, and one listed file is missing)."""
     root = tmp_path_factory.mktemp("own-model")
     (root / "lab").mkdir()
     (root / "lab" / "nets.py").write_text(MODEL_FILE)
@@ -41,8 +42,10 @@ def project(tmp_path_factory) -> Path:
         for index in range(32):
             split = "test" if index % 4 == 0 else "train"
             path = f"images/{name}-{index}.png"
-            make_class_image(label, index, size=28 + index % 3 * 4).save(root / path)
+            image = make_class_image(label, index, size=28 + index % 3 * 4)
+            (image.convert("L") if index % 5 == 0 else image).save(root / path)
             rows.append({"path": path, "label": name, "split": split})
+    rows.append({"path": "images/gone.png", "label": "ant", "split": "train"})
     with open(root / "images.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, ["path", "label", "split"])
         writer.writeheader()
@@ -58,7 +61,9 @@ def test_own_model_file_trains_on_two_workers_from_a_csv_and_its_checkpoint_is_u
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["config"]["model"] == "lab/nets.py:small_cnn"
     assert summary["world_size"] == 2 and summary["test_accuracy"] >= 0.9, summary["test_accuracy"]
-    assert summary["train_count"] == 72
+    assert summary["train_count"] == 72  # the missing file skipped, and said
+    assert [Path(p).name for p in summary["skipped_files"]] == ["gone.png"]
+    assert "skipped 1 unreadable file" in result.stdout
 
     # From another folder: the checkpoint names the file by its absolute path.
     elsewhere = tmp_path / "elsewhere"
