@@ -29,6 +29,9 @@ def train(config: TrainConfig | None = None, /, **options) -> dict:
     passed to the workers by its import path (in a script: define it at module level and call
     distvision.train under `if __name__ == "__main__":`, as multiprocessing asks).
     """
+    if options.get("print_config"):
+        raise UserError("distvision.train(): print_config is the command line's (distvision train --print-config); "
+                        "from Python, a TrainConfig holds the settings")
     if callable(options.get("model")):
         options["model"] = model_path(options["model"])
     base = config.to_argv() if config is not None else []

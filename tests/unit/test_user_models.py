@@ -149,6 +149,7 @@ def test_the_api_names_a_function_by_its_import_path():
     (lambda: distvision.train(data="-", sync="gossip"), "argument --sync: invalid choice: 'gossip'"),
     (lambda: distvision.evaluate(checkpoint="-", data="-", top_k=3), "unknown keyword 'top_k'"),
     (lambda: distvision.classify(checkpoint="-", inputs="-"), "did you mean 'input'?"),
+    (lambda: distvision.train(data="-", print_config=True), "print_config is the command line's"),
 ])
 def test_the_api_refuses_bad_keywords_in_one_line_before_any_work(call, message):
     with pytest.raises(distvision.UserError) as error:
