@@ -183,8 +183,8 @@ def _add_scale_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shares of the training set (default %(default)s)")
     parser.add_argument("--batch-sizes", default=",".join(map(str, d.batch_sizes)),
                         help="global batch sizes (default %(default)s)")
-    parser.add_argument("--sync", default=",".join(d.syncs), help="sync modes, from allreduce,local-sgd "
-                        "(default %(default)s)")
+    parser.add_argument("--sync", default=",".join(d.syncs), help="sync modes, from allreduce,local-sgd,diloco; "
+                        "local-sgd:int8 or diloco:int4 quantize the changes (default %(default)s)")
     parser.add_argument("--sync-every", default=d.sync_every, help="local SGD's period K (default %(default)s)")
     parser.add_argument("--epochs", type=int, default=d.epochs, help="epochs of every run (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=d.repeats, help="runs per point; the median counts "
@@ -212,7 +212,8 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'all', or names from --list (comma-separated); folder:PATH for your own image folder")
     parser.add_argument("--list", action="store_true", help="list the problems and exit")
     parser.add_argument("--workers", default=",".join(map(str, d.workers)), help="worker counts (default %(default)s)")
-    parser.add_argument("--sync", default=",".join(d.syncs), help="sync modes (default %(default)s)")
+    parser.add_argument("--sync", default=",".join(d.syncs), help="sync modes; local-sgd:int8 or diloco:int4 "
+                        "quantize the changes (default %(default)s)")
     parser.add_argument("--sync-every", default=d.sync_every, help="local SGD's period K (default %(default)s)")
     parser.add_argument("--max-epochs", type=int, help="cap every problem's epoch budget")
     parser.add_argument("--epochs-for", action="append", default=[], metavar="PROBLEM=EPOCHS",

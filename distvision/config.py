@@ -73,6 +73,12 @@ def help_with_default(help: str | None, default: object) -> str | None:
     return f"{help} (default %(default)s)" if help else "default %(default)s"
 
 
+def split_sync(spec: str) -> tuple[str, str]:
+    """A sync mode as scale and bench list it, MODE or MODE:int8|int4 (--quantize), as (sync, quantize)."""
+    mode, _, quantize = spec.partition(":")
+    return mode, quantize or "none"
+
+
 def check_sync_every(value: str) -> None:
     """--sync-every is a step count >= 1 or 'epoch' (for train and for the scale grid)."""
     if value != "epoch" and not (value.isdigit() and int(value) >= 1):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from distvision.bench.problems.registry import BenchSettings, Problem, resolve
-from distvision.config import TrainConfig
+from distvision.config import TrainConfig, split_sync
 from distvision.errors import UserError
 from distvision.fileio import write_json_atomic
 from distvision.metrics import say
@@ -73,7 +73,8 @@ def _bench_problem(problem: Problem, config: BenchConfig, settings: BenchSetting
         for workers in sorted(config.workers):
             if workers == 1 and alone is not None:
                 continue
-            run = run_train(replace(base, workers=workers, sync=sync),
+            mode, quantize = split_sync(sync)  # alone, nothing is sent to quantize
+            run = run_train(replace(base, workers=workers, sync=mode, quantize=quantize if workers > 1 else "none"),
                             folder / ("w1" if workers == 1 else f"{sync}-w{workers}"))
             row = {"problem": problem.name, "model": problem.model, "sync": "-" if workers == 1 else sync,
                    "workers": workers, "test_accuracy": round(run.summary["test_accuracy"], 4),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 
-from distvision.config import TrainConfig
+from distvision.config import TrainConfig, split_sync
 from distvision.scale.model import Point
 from distvision.scale.runs import TrainRun, run_train
 from distvision.scale.settings import ScaleConfig
@@ -77,8 +77,10 @@ def run_grid(config: ScaleConfig, out: Path, on_done=None) -> list[Measurement]:
 
 def point_config(config: ScaleConfig, sync: str, batch_size: int, workers: int, fraction: float) -> TrainConfig:
     """The training settings of one grid point: no restarts, whose timings would mix two attempts."""
+    mode, quantize = split_sync(sync)
     point = TrainConfig(data=None, model=config.model, workers=workers, epochs=config.epochs, batch_size=batch_size,
-                        sync=sync, sync_every=config.sync_every, train_fraction=fraction,
+                        sync=mode, quantize=quantize if workers > 1 else "none",  # alone, nothing is sent
+                        sync_every=config.sync_every, train_fraction=fraction,
                         threads_per_worker=config.threads_per_worker, precision=config.precision, seed=config.seed,
                         image_size=config.image_size, max_restarts=0)  # recovery: auto, derived from the mode
     point = TrainConfig.from_argv(config.train_args, base=point)  # further flags, which win

@@ -46,13 +46,16 @@ def parse_list(text: str, kind: type, flag: str, minimum: float | None = None, m
 
 
 def parse_syncs(text: str) -> list[str]:
-    from distvision.config import SYNC_MODES
+    """--sync of scale and bench: modes, local-sgd and diloco also as MODE:int8 or MODE:int4 (--quantize)."""
+    from distvision.config import SYNC_MODES, split_sync
 
     syncs = [item.strip() for item in text.split(",")]
-    unknown = [s for s in syncs if s not in SYNC_MODES]
-    if unknown or not syncs:
-        bad = unknown[0] if unknown else text
-        raise UserError(f"--sync: unknown mode {bad!r}; choose from {', '.join(SYNC_MODES)}")
+    for spec in syncs:
+        mode, quantize = split_sync(spec)
+        if mode not in SYNC_MODES or quantize not in ("none", "int8", "int4") or (
+                quantize != "none" and mode == "allreduce"):
+            raise UserError(f"--sync: unknown mode {spec!r}; choose from {', '.join(SYNC_MODES)}, or local-sgd "
+                            "and diloco as MODE:int8 or MODE:int4 (their changes quantized)")
     return syncs
 
 

@@ -140,3 +140,20 @@ def test_the_model_covers_diloco_as_it_covers_local_sgd():
     payloads = payload_by_sync(points, fallback_bytes=1.0)
     assert payloads["diloco"] == 2e6 and payloads["allreduce"] == 6e5
     assert payloads["local-sgd"] == pytest.approx((2e6 + 6e5) / 2)  # unmeasured: the measured modes' mean
+
+
+def test_scale_and_bench_name_quantized_modes_and_their_runs_get_them():
+    from distvision.config import split_sync
+    from distvision.scale.grid import point_config
+    from distvision.scale.settings import ScaleConfig, parse_syncs
+
+    assert parse_syncs("allreduce, diloco:int4,local-sgd:int8") == ["allreduce", "diloco:int4", "local-sgd:int8"]
+    for bad in ("allreduce:int8", "diloco:int2", "gossip"):
+        with pytest.raises(UserError, match="unknown mode"):
+            parse_syncs(bad)
+    assert split_sync("local-sgd") == ("local-sgd", "none")
+    point = point_config(ScaleConfig(data=None, sync_every="32"), "diloco:int4", 100, 2, 0.5)
+    assert (point.sync, point.quantize, point.sync_every) == ("diloco", "int4", "32")
+    point.validate()  # a quantized DiLoCo run the train command accepts
+    alone = point_config(ScaleConfig(data=None, sync_every="32"), "local-sgd:int8", 100, 1, 0.5)
+    assert alone.quantize == "none"  # one worker sends nothing: its run takes the restart path, which has no codes
