@@ -196,23 +196,27 @@ def hold_out(split: ArraySplit | FileSplit, fraction: float, seed: int) -> tuple
     return _take(split, train_idx), _take(split, test_idx)
 
 
+def with_test_split(train: ArraySplit | FileSplit, test: ArraySplit | FileSplit | None) -> tuple:
+    """(train, test, held-out share): the splits as they are, or, where the source has no test split
+    (test None), a seeded FLAT_TEST_FRACTION of the training items held out as one."""
+    if test is not None:
+        return train, test, None
+    return (*hold_out(train, FLAT_TEST_FRACTION, FLAT_SPLIT_SEED), FLAT_TEST_FRACTION)
+
+
 def scan_image_folder(root: Path) -> Source:
     """ROOT/train/<class>/* + ROOT/test/<class>/*, or flat ROOT/<class>/* with a seeded test split."""
-    held_out = None
+    test = None
     if (root / "train").is_dir():
         classes = _class_folders(root / "train")
         train, skipped = _scan_split(root / "train", classes)
         if (root / "test").is_dir():
             test, skipped_test = _scan_split(root / "test", classes)
             skipped += skipped_test
-        else:
-            train, test = hold_out(train, FLAT_TEST_FRACTION, FLAT_SPLIT_SEED)
-            held_out = FLAT_TEST_FRACTION
     else:
         classes = _class_folders(root)
-        everything, skipped = _scan_split(root, classes)
-        train, test = hold_out(everything, FLAT_TEST_FRACTION, FLAT_SPLIT_SEED)
-        held_out = FLAT_TEST_FRACTION
+        train, skipped = _scan_split(root, classes)
+    train, test, held_out = with_test_split(train, test)
     if not classes:
         raise UserError(f"{root} holds no class folders: expected ROOT/<class>/* or ROOT/train/<class>/*")
     if not train.paths:
@@ -310,10 +314,8 @@ def load_image_list(path: Path) -> Source:
                             f"(the training labels: {', '.join(classes)})")
         splits[split or "train"].paths.append(file)
         splits[split or "train"].labels.append(index[label])
-    train, test, held_out = splits["train"], splits["test"], None
-    if not test.paths:  # no split column, or no usable test row
-        train, test = hold_out(train, FLAT_TEST_FRACTION, FLAT_SPLIT_SEED)
-        held_out = FLAT_TEST_FRACTION
+    # no split column, or no usable test row: a held-out test split
+    train, test, held_out = with_test_split(splits["train"], splits["test"] if splits["test"].paths else None)
     return Source(kind="image-list", classes=classes, train=train, test=test, skipped=skipped, held_out=held_out)
 
 
@@ -378,10 +380,7 @@ def load_npz(path: Path) -> Source:
         test_images = _npz_images(arrays["test_images"], "test_images", path)
         test = ArraySplit(test_images, _npz_labels(arrays["test_labels"], "test_labels", len(test_images), path))
     classes = _npz_classes(arrays.get("classes"), train, test, path)
-    held_out = None
-    if len(test.labels) == 0:
-        train, test = hold_out(train, FLAT_TEST_FRACTION, FLAT_SPLIT_SEED)
-        held_out = FLAT_TEST_FRACTION
+    train, test, held_out = with_test_split(train, test if len(test.labels) else None)
     return Source(kind="npz", classes=classes, train=train, test=test, held_out=held_out)
 
 
