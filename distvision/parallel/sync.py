@@ -260,7 +260,7 @@ class Synchronizer:
         gathered. The rest, batch-norm statistics and the exchange's votes, counts and fingerprints,
         goes in float32, exactly. `unwire` puts the sums back into `packed`."""
         count = self.parameter_count
-        if self.live and self.feedback and not self.round_averages_gradients:
+        if self.quantizes_round:
             quantized = self.feedback.encode(packed[:count])
             return Wire([packed[count:]], [quantized.codes, quantized.scales], quantized)
         dtype = HALF_PRECISION.get(self.settings.compress)
@@ -282,6 +282,11 @@ class Synchronizer:
         else:
             restore_half_precision(wire.summed, packed)
 
+    @property
+    def quantizes_round(self) -> bool:
+        """The round under way sends its change as codes (--quantize, live, a round of local steps)."""
+        return self.feedback is not None and not self.round_averages_gradients
+
     def healed(self) -> None:
         """This replica took a peer's weights: the changes its error feedback still owed are not its own."""
         if self.feedback:
@@ -295,7 +300,7 @@ class Synchronizer:
         parameters, buffers = trainable(replica), statistics_buffers(replica)
         count = self.parameter_count
         unflatten_into(summed[count:] / participants, buffers, as_grad=False)
-        if self.feedback and not self.round_averages_gradients:
+        if self.quantizes_round:
             self.feedback.commit()  # the round counts: what its codes left out is owed to the next one
         if self.round_averages_gradients:
             unflatten_into(summed[:count], parameters, as_grad=True)
