@@ -490,7 +490,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict | None =
             default = [] if field_.default is MISSING else field_.default  # lists are new on every parse
             if field_.name == "data":
                 default = None  # required by the dataclass, optional on the command line
-            options = {"dest": field_.name, "help": help_with_default(meta["help"], default)}
+            options = {"dest": field_.name, "help": meta["help"]}  # the CLI adds the default (cli._show_defaults)
             kind = _value_type(field_)
             if kind == "bool":
                 options["action"] = "store_true"
