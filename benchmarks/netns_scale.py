@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Self
 
+from sync_modes import mode_flags as sync_mode_flags  # the benchmark beside this one
+
 from distvision.scale.model import PerformanceModel, Point, syncs_per_epoch
 from distvision.scale.network import Network, parse_network
 
@@ -87,16 +89,9 @@ class VethPair:
 
 
 def mode_flags(mode: str) -> tuple[bool, list[str]]:
-    """(live, train flags) of a --modes entry: allreduce, or live:allreduce, live:local-sgd:K[:int8|int4],
-    live:diloco:K[:int8|int4]."""
-    live, _, rest = mode.partition(":") if mode.startswith("live:") else ("", "", mode)
-    name, _, period = rest.partition(":")
-    every, _, quantize = period.partition(":")
-    if name == "allreduce" and not period:
-        return bool(live), []
-    if live and name in ("local-sgd", "diloco") and every:
-        return True, ["--sync", name, "--sync-every", every, *(["--quantize", quantize] if quantize else [])]
-    raise SystemExit(f"netns_scale: unknown mode {mode!r}")
+    """(live, train flags) of a --modes entry: a sync_modes.py mode (allreduce, local-sgd:K[:int8|int4],
+    diloco:K[:int8|int4], ...), with `live:` before it for live membership."""
+    return mode.startswith("live:"), sync_mode_flags(mode.removeprefix("live:"))
 
 
 def run_pair(pair: VethPair, train_args: list[str], out: Path, live: bool = False) -> float:
@@ -191,7 +186,7 @@ def main() -> None:
                        "communication_seconds": record["communication_seconds"],
                        "megabytes_per_worker": round(sum(record["bytes_exchanged"]) / 2e6, 2)}
                 if model:  # the bytes per synchronisation measured, the rest from the scale report's terms
-                    sync, every = (flags[1], flags[3]) if flags else ("allreduce", "1")
+                    sync, every = (flags[1], flags[3]) if flags[:1] == ["--sync"] else ("allreduce", "1")
                     syncs = syncs_per_epoch(summary["train_count"], args.batch_size, sync, every, 2)
                     payload = sum(record["bytes_exchanged"]) / 2 / syncs
                     point = Point(2, summary["train_count"], args.batch_size, sync, every, payload)
