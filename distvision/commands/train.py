@@ -26,6 +26,12 @@ from distvision.training.faults import lighthouse_restarts
 def run(args: argparse.Namespace, argv: list[str]) -> None:
     """Train with the parsed settings; argv (the user's train flags) is passed on to local workers."""
     config = TrainConfig.from_namespace(args)
+    if restarted_into_a_finished_run(config.out, os.environ):
+        # A node torchrun restarted (its replica hung or died) while its peers finished the run: its work
+        # is done, and a finished folder would otherwise be refused as a new run's.
+        print(f"distvision: the run in {config.out} finished while this node was restarting; nothing is left "
+              "to do", flush=True)
+        return
     if config.workers == "auto":  # everything from here on sees a count
         config.workers = config.resolved_workers(torch.cuda.device_count(), len(os.sched_getaffinity(0)))
     config.validate()
@@ -58,6 +64,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
     start_workers("train", train, config, lambda: check_before_launch(config, recipe, cache_dir, argv),
                   workers=config.workers, max_restarts=config.max_restarts, join_timeout=config.join_timeout,
                   stopped_hint=f"continue with --resume --out {config.out}")
+
+
+def restarted_into_a_finished_run(out: str | None, environ) -> bool:
+    """Whether this is a worker torchrun restarted after its run folder was finished (summary.json)."""
+    restarts = int(environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    return bool(out) and restarts > 0 and (Path(out) / "summary.json").exists()
 
 
 def run_replica(config: TrainConfig, environment: dict[str, str], progress) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from distvision import __version__
 from distvision.cli import build_parser, main
-from distvision.commands.train import check_before_launch
+from distvision.commands.train import check_before_launch, restarted_into_a_finished_run
 from distvision.config import TrainConfig, read_config_file
 from distvision.data.prepare import prepare
 from distvision.train import resolve_recipe
@@ -173,3 +173,17 @@ def test_outputs_go_under_runs_by_default():
     outs = [TuneConfig().out, ScaleConfig(data=None).out, BenchConfig().out,
             ClassifyConfig(checkpoint="c", input="i").out, str(TrainConfig(data=None, model="mlp").run_dir())]
     assert all(Path(out).parts[0] == "runs" for out in outs), outs
+
+
+def test_a_node_restarted_after_its_run_finished_has_nothing_left_to_do(tmp_path):
+    """Under torchrun a live node whose replica hung is restarted; where its peers finished the run
+    meanwhile, the finished folder is the end of its work, not a new run's refused folder."""
+    run = tmp_path / "run"
+    run.mkdir()
+    restarted = {"TORCHELASTIC_RESTART_COUNT": "1"}
+    assert not restarted_into_a_finished_run(str(run), restarted)  # not finished: it heals and trains on
+    (run / "summary.json").write_text("{}")
+    assert restarted_into_a_finished_run(str(run), restarted)
+    assert not restarted_into_a_finished_run(str(run), {"TORCHELASTIC_RESTART_COUNT": "0"})  # a first start
+    assert not restarted_into_a_finished_run(str(run), {})  # not under torchrun
+    assert not restarted_into_a_finished_run(None, restarted)
