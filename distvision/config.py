@@ -31,15 +31,13 @@ DEFAULT_SYNC_EVERY = "8"  # local SGD's period when --sync-every is not given
 
 
 def flag_options(help: str | None = None, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
-                 metavar: str | None = None, recovery: str | dict[str, str] | None = None,
+                 metavar: str | None = None, recovery: str | None = None,
                  parse: Callable[[str], object] | None = None) -> dict:
     """A field's metadata for its command-line flag: help, choices, metavar, the flag itself where it is
-    not --FIELD-NAME, the one recovery mode it works on ("live" or "restart"; None: both; a dict:
-    the values that work on one mode only, each with its mode), and `parse`, the flag's argument
-    type where the field's own type does not say it (e.g. a count or 'auto')."""
-    if isinstance(recovery, dict) and help:
-        help = help + "".join(f" [{value}: --recovery {only} only]" for value, only in recovery.items())
-    elif recovery and help:
+    not --FIELD-NAME, the one recovery mode it works on ("live" or "restart"; None: both), and
+    `parse`, the flag's argument type where the field's own type does not say it (e.g. a count or
+    'auto')."""
+    if recovery and help:
         help = f"{help} [--recovery {recovery} only]"
     return {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "recovery": recovery,
             "parse": parse}
@@ -175,10 +173,8 @@ class ParallelSettings:
     sync_warmup: int = setting(0, "local-sgd: all-reduce every step for the first S steps (default %(default)s)",
                                metavar="S")  # post-local SGD
     compress: str = setting("none", "allreduce: gradients exchanged in half precision or PowerSGD's low-rank "
-                            "approximation (default %(default)s)", choices=("none", "fp16", "bf16", "powersgd"),
-                            recovery={"powersgd": "restart"})
-    powersgd_rank: int = setting(2, "--compress powersgd: the rank of its approximation (default %(default)s)",
-                                 recovery="restart")
+                            "approximation (default %(default)s)", choices=("none", "fp16", "bf16", "powersgd"))
+    powersgd_rank: int = setting(2, "--compress powersgd: the rank of its approximation (default %(default)s)")
     lr_scaling: str = setting("none", "scale the lr given for --base-batch-size to the global batch (Goyal et al.)",
                               choices=("none", "linear", "sqrt"))
     base_batch_size: int | None = setting(None, "batch size the lr is given for (default: the recipe's)")
@@ -400,10 +396,7 @@ class TrainConfig(DebugSettings, FaultToleranceSettings, StoppingSettings, Paral
         """The settings given (not at their default) that work on one recovery mode only, with that mode."""
         given = {}
         for name, only in RECOVERY_ONLY.items():
-            value = getattr(self, name)
-            if isinstance(only, dict) and value in only:
-                given[name] = only[value]
-            elif isinstance(only, str) and value != _default(CONFIG_FILE_FIELDS[name]):
+            if getattr(self, name) != _default(CONFIG_FILE_FIELDS[name]):
                 given[name] = only
         return given
 

@@ -150,37 +150,47 @@ class LiveReplica:
                       time.perf_counter() - started)
 
     def allreduce_sum(self, buffers: list[torch.Tensor], while_waiting: Callable[[], None] | None = None,
-                      gathered: Sequence[torch.Tensor] = ()) -> tuple[bool, list[list[torch.Tensor]]]:
-        """Sum each buffer over the round's participants in place, and gather each of `gathered` from
-        every participant (all in flight at once); False when a peer failed (the round will not commit,
-        and the results are garbage). while_waiting runs while gloo's thread exchanges."""
+                      gathered: Sequence[torch.Tensor] = (),
+                      on_group: Sequence[Callable[[object], torch.futures.Future]] = (),
+                      ) -> tuple[bool, list[list[torch.Tensor]]]:
+        """Sum each buffer over the round's participants in place, gather each of `gathered` from every
+        participant, and run each of `on_group` (a function of the replica group that starts collectives
+        of its own and returns their future), all in flight at once; False when a peer failed (the round
+        will not commit, and the results are garbage). while_waiting runs while gloo's thread exchanges."""
         works = [self.manager.allreduce(buffer, reduce_op=ReduceOp.SUM) for buffer in buffers]
         gathers = [self._allgather(tensor) for tensor in gathered]
+        launched = [self._on_group(launch) for launch in on_group]
         if while_waiting:
             while_waiting()
         for work in works:
             work.wait()
-        for _, future in gathers:
+        for future in [*(future for _, future in gathers), *launched]:
             future.wait()
         return self.manager.errored() is None, [outputs for outputs, _ in gathers]
 
     def _allgather(self, tensor: torch.Tensor) -> tuple[list[torch.Tensor], torch.futures.Future]:
-        """Every participant's copy of `tensor`, through the replica group torchft configured for this
-        quorum, with torchft's error handling (a failure marks the round, as a failed all-reduce does)."""
+        """Every participant's copy of `tensor` (torchft's Manager only sums)."""
         self.manager.wait_quorum()
         if not self.manager.is_participating():
             tensor = torch.zeros_like(tensor)  # as torchft's allreduce zeroes a healing replica's share
         outputs = [torch.zeros_like(tensor) for _ in range(self.group.size())]
+        return outputs, self._on_group(
+            lambda group: group.allgather([outputs], [tensor], AllgatherOptions()).get_future())
+
+    def _on_group(self, launch: Callable[[object], torch.futures.Future]) -> torch.futures.Future:
+        """launch(group), on the replica group torchft configured for this quorum, with torchft's error
+        handling: a failure marks the round, as a failed all-reduce does, and the future still ends."""
+        self.manager.wait_quorum()
         failed = torch.futures.Future()
         failed.set_result(None)
         if self.manager.errored():
-            return outputs, failed
+            return failed
         try:
-            work = self.group.allgather([outputs], [tensor], AllgatherOptions())
+            future = launch(self.group)
         except RuntimeError as error:  # a peer gone (gloo's error): the round fails, as a sum's would
             self.manager.report_error(error)
-            return outputs, failed
-        return outputs, self.manager.wrap_future(work.get_future(), default=None)
+            return failed
+        return self.manager.wrap_future(future, default=None)
 
     def forget_quorum(self) -> None:
         """After a quorum failed here (the Lighthouse went away): the next one starts afresh and rebuilds

@@ -16,7 +16,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -233,11 +233,13 @@ class LiveMembership:
         return self.exchange([values] if isinstance(values, torch.Tensor) else values, [], while_waiting)[0]
 
     def exchange(self, summed: list[torch.Tensor], gathered: list[torch.Tensor],
-                 while_waiting: Callable[[], None] | None = None) -> tuple[bool, list[list[torch.Tensor]]]:
+                 while_waiting: Callable[[], None] | None = None,
+                 on_group: Sequence[Callable] = ()) -> tuple[bool, list[list[torch.Tensor]]]:
         """The round's exchange: `summed` summed over the participants in place, `gathered` collected
-        from each; False when a peer failed (the round won't commit)."""
+        from each, `on_group`'s collectives run on the round's group (PowerSGD's); False when a peer
+        failed (the round won't commit)."""
         self.clock.waiting()  # waiting for the peers: whoever is late is the one watched
-        return self.replica.allreduce_sum(summed, while_waiting, gathered)
+        return self.replica.allreduce_sum(summed, while_waiting, gathered, on_group)
 
     def commit(self) -> bool:
         """torchft's commit (a barrier over this replica's group, a single process, which also ends the
@@ -311,6 +313,8 @@ class LiveMembership:
             share("lookahead", run.lookahead.state, lambda saved: run.lookahead.load(dict(saved), run.model))
         if run.sync.outer:
             share("outer_optimizer", run.sync.outer.state_dict, run.sync.outer.load_state_dict)
+        if run.sync.low_rank:  # PowerSGD's warm-started Q, the same on every replica
+            share("powersgd", run.sync.low_rank.state_dict, run.sync.low_rank.load)
         # A peer's state is about ours in size; anything much larger is refused before it is read.
         model_bytes = sum(t.numel() * t.element_size() for t in run.model.state_dict().values())
         self.replica.transport.max_state_bytes = STATE_MODEL_COPIES * model_bytes + STATE_SLACK_BYTES

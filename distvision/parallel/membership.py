@@ -18,7 +18,7 @@ rank and world size, so a new quorum re-seats them all at once.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -77,10 +77,13 @@ class StaticMembership:
         return True
 
     def exchange(self, summed: list[torch.Tensor], gathered: list[torch.Tensor],
-                 while_waiting: Callable[[], None] | None = None) -> tuple[bool, list[list[torch.Tensor]]]:
-        """The exchange's votes, summed (nothing is gathered on a fixed group: --quantize is live only)."""
-        if gathered:
-            raise ValueError("a fixed group gathers nothing: the quantized exchange runs under live membership")
+                 while_waiting: Callable[[], None] | None = None,
+                 on_group: Sequence[Callable] = ()) -> tuple[bool, list[list[torch.Tensor]]]:
+        """The exchange's votes, summed (nothing is gathered, nor run on the group, on a fixed group:
+        --quantize is live only, and DDP's hook runs PowerSGD there)."""
+        if gathered or on_group:
+            raise ValueError("a fixed group only sums: the quantized and low-rank exchanges of a round run "
+                             "under live membership")
         return self.allreduce(summed, while_waiting), []
 
     def commit(self) -> bool:

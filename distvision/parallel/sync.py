@@ -9,6 +9,8 @@
 "diloco": local steps like local SGD, then an outer Nesterov step on the replicas' average change
   (Douillard et al. 2023); live membership only.
 
+Under live membership PowerSGD runs torch's own hook on the round's flat gradients (low_rank.py).
+
 On a fixed process group (torchrun, the restart path) gradients travel inside DDP's backward and
 local SGD averages through torch's model-averaging utility. Under live membership the replica is a
 group of one: the round's payload (gradients, parameters or DiLoCo's pseudo-gradients, and the
@@ -36,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distvision.config import SYNC_MODES, ParallelSettings, TrainConfig
 from distvision.errors import UserError
+from distvision.parallel.low_rank import LowRankGradients
 from distvision.parallel.membership import (
     Rollback,
     flatten,
@@ -112,11 +115,15 @@ class Wire:
     summed: list[torch.Tensor]
     gathered: list[torch.Tensor] = field(default_factory=list)
     quantized: Quantized | None = None  # this replica's codes of the round's change
+    # Collectives of their own on the round's group, each started by a function of the group that returns
+    # a future (PowerSGD's hook, which all-reduces P, then Q); the bytes they hand in.
+    on_group: list[Callable] = field(default_factory=list)
+    on_group_bytes: int = 0
 
     @property
     def nbytes(self) -> int:
         """The bytes this worker hands to the collectives."""
-        return sum(t.numel() * t.element_size() for t in [*self.summed, *self.gathered])
+        return sum(t.numel() * t.element_size() for t in [*self.summed, *self.gathered]) + self.on_group_bytes
 
 
 class Synchronizer:
@@ -143,6 +150,9 @@ class Synchronizer:
         # --quantize: this replica's error feedback on the changes it sends (live local SGD and DiLoCo).
         bits = QUANTIZE_BITS.get(settings.quantize)
         self.feedback = ErrorFeedback(self.parameter_count, bits) if bits and live else None
+        # --compress powersgd, live: torch's hook over the round's flat gradients (on a fixed group, DDP's)
+        self.low_rank = (LowRankGradients([p.shape for p in trainable(model)], settings.powersgd_rank)
+                         if live and settings.compress == "powersgd" else None)
         if self.distributed:
             device_ids = [device.index] if device.type == "cuda" else None
             # Under local SGD, DDP must not broadcast rank 0's buffers at every forward: that would be a
@@ -263,6 +273,11 @@ class Synchronizer:
         if self.quantizes_round:
             quantized = self.feedback.encode(packed[:count])
             return Wire([packed[count:]], [quantized.codes, quantized.scales], quantized)
+        if self.low_rank is not None and self.round_averages_gradients:
+            self.low_rank.begin()
+            gradients = packed[:count]
+            return Wire([packed[count:]], on_group=[lambda group: self.low_rank.reduce(gradients, group)],
+                        on_group_bytes=self.low_rank.bytes_this_round())
         dtype = HALF_PRECISION.get(self.settings.compress)
         if not (self.live and dtype is not None and self.round_averages_gradients):
             return Wire([packed])
@@ -279,6 +294,8 @@ class Synchronizer:
             for their_codes, their_scales in zip(codes, scales, strict=True):
                 total += dequantize(Quantized(their_codes, their_scales, mine.count, mine.bits))
             packed[: mine.count].copy_(total)
+        elif wire.on_group:  # PowerSGD's hook leaves the participants' average in place: a sum, as the rest
+            packed[: self.parameter_count].mul_(self.low_rank.group_size)
         else:
             restore_half_precision(wire.summed, packed)
 
@@ -291,6 +308,8 @@ class Synchronizer:
         """This replica took a peer's weights: the changes its error feedback still owed are not its own."""
         if self.feedback:
             self.feedback.reset()
+        if self.low_rank:
+            self.low_rank.healed()
 
     def apply(self, summed: torch.Tensor, participants: int, before: Rollback,
               optimizer: torch.optim.Optimizer) -> None:
@@ -303,6 +322,8 @@ class Synchronizer:
         if self.quantizes_round:
             self.feedback.commit()  # the round counts: what its codes left out is owed to the next one
         if self.round_averages_gradients:
+            if self.low_rank:
+                self.low_rank.commit()  # the round counts: so does the state PowerSGD's hook left
             unflatten_into(summed[:count], parameters, as_grad=True)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -113,7 +113,8 @@ class StepExchange:
         wire = self.sync.wire(packed) if payload is not None else Wire([packed])
         with self.sync.stats.timed(wire.nbytes if world > 1 else 0):
             reduced, gathered = self.membership.exchange(wire.summed, wire.gathered,
-                                                         _both(in_flight, self.sync.work_while_exchanging))
+                                                         _both(in_flight, self.sync.work_while_exchanging),
+                                                         wire.on_group)
         self.sync.unwire(wire, packed, gathered)
         committed = self.membership.commit() and reduced
         self.start()  # a discarded round's losses and counts go with it: its steps are redone

@@ -98,21 +98,27 @@ def test_workers_stop_resumably_when_their_command_is_killed(data: Path, tmp_pat
 
 # DiLoCo with its changes quantized: the rollback also keeps the error feedback (a discarded round's
 # residual is not kept), and a kill while the codes are being gathered fails the round like a sum's.
+# PowerSGD: one-step rounds whose hook's state (error feedback, warm Q) is rolled back with a discarded
+# round, and whose Q the respawn must take from its peer: with another Q the replicas' weights would
+# part at once, and every round after be discarded.
 @pytest.mark.parametrize("sync", [["--sync", "local-sgd", "--sync-every", "4"],
-                                  ["--sync", "diloco", "--sync-every", "4", "--quantize", "int4"]],
-                         ids=["local-sgd", "diloco-int4"])
-def test_kills_under_local_steps_roll_the_period_back(data: Path, tmp_path: Path, sync: list[str]):
-    """A kill in the middle of a period of local steps, and one while the period's average is in
-    flight: the round (weights, optimizer and DiLoCo's outer state) is rolled back and redone by the
-    survivors, every sample once per epoch, and the run learns as an undisturbed one does."""
+                                  ["--sync", "diloco", "--sync-every", "4", "--quantize", "int4"],
+                                  ["--compress", "powersgd", "--powersgd-rank", "1"]],
+                         ids=["local-sgd", "diloco-int4", "powersgd"])
+def test_kills_roll_the_round_back(data: Path, tmp_path: Path, sync: list[str]):
+    """A kill in the middle of a round (a period of local steps), and one while the round's exchange is
+    in flight: the round (weights, optimizer, DiLoCo's outer state, PowerSGD's) is rolled back and redone
+    by the survivors, every sample once per epoch, and the run learns as an undisturbed one does."""
     out = tmp_path / "run"
     # without the record recipe's tricks: DiLoCo's outer momentum diverges with them even undisturbed
-    _finish(_start(_train_args(data, out, "--workers", "2", *EPOCHS[:4], *LIVE, *sync, "--debug-step-delay", "0.05",
-                               "--debug-fault", "kill:1:6", "--debug-fault", "kill:1:34:exchange"), tmp_path))
+    output = _finish(_start(_train_args(data, out, "--workers", "2", *EPOCHS[:4], *LIVE, *sync, "--debug-step-delay",
+                                        "0.05", "--debug-fault", "kill:1:6", "--debug-fault", "kill:1:34:exchange"),
+                            tmp_path))
     summary = json.loads((out / "summary.json").read_text())
     # the first kill discards its period (the one in flight may commit on the survivor first)
     assert summary["restarts"] == 0 and summary["discarded_steps"] >= 1, summary
     assert (out / "debug-fault-0").exists() and (out / "debug-fault-1").exists()
+    assert "weights differed" not in output  # the respawn healed to its peer's state
     assert_each_epoch_covered_once(out, 3)
     assert summary["test_accuracy"] >= 0.9, summary  # the undisturbed run reaches 1.0 on these data
 
