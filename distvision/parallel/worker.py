@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -35,33 +33,10 @@ def pick_device(requested: str, local_workers: int | None = None) -> torch.devic
 
 def set_worker_threads(threads: int | None = None) -> int:
     """Give each local worker its share of the cores (no oversubscription), or exactly `threads`."""
-    threads = threads or max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
     return threads
-
-
-def usable_cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def spare_threads(threads: int, cores: int, shares: int) -> int:
-    """Threads for work that `shares` workers of `threads` threads each would have shared: their
-    threads together, but no more than this process's cores."""
-    return max(threads, min(cores, threads * shares))
-
-
-@contextmanager
-def threads_for_shares(shares: int) -> Iterator[None]:
-    """Within the block, the threads of `shares` workers, where this process's cores allow: a live
-    survivor redoing a dead peer's part of an evaluation on one machine has that peer's cores free
-    (where the peer ran elsewhere, its cores are not ours and the count stays)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(spare_threads(threads, usable_cores(), shares))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def init_distributed(device: torch.device, timeout_seconds: float) -> tuple[int, int]:

@@ -20,7 +20,6 @@ from distvision.evaluate import EvalResult
 from distvision.parallel.balance import ThroughputBalancer
 from distvision.parallel.membership import Seat
 from distvision.parallel.sync import Synchronizer, SyncSettings
-from distvision.parallel.worker import spare_threads, threads_for_shares, usable_cores
 from distvision.training.batches import EpochBatches
 from distvision.training.checkpoints import CheckpointManager, check_same_settings, resume_settings
 from distvision.training.exchange import StepExchange
@@ -224,19 +223,3 @@ def test_lr_scaling_to_the_global_batch_and_the_warmup_schedule():
     assert scheduled_lr(recipe, 2.0, 0.5) == pytest.approx(0.2)
     assert scheduled_lr(recipe, 2.0, 0.9) == pytest.approx(0.2)
     assert scheduled_lr(recipe, 0.0, 0.0) == pytest.approx(0.2)
-
-
-@given(threads=st.integers(1, 16), cores=st.integers(1, 64), shares=st.integers(1, 8))
-def test_a_redone_share_takes_the_threads_it_was_split_over_but_never_more_than_the_cores(threads, cores, shares):
-    spare = spare_threads(threads, cores, shares)
-    assert spare >= threads  # never fewer than the worker has
-    assert spare <= max(threads, cores) and spare <= threads * shares
-    # all the shares' threads where the cores hold them, else every core
-    assert spare == (threads * shares if threads * shares <= cores else max(threads, cores))
-
-
-def test_threads_for_shares_gives_the_threads_back():
-    before = torch.get_num_threads()
-    with threads_for_shares(2):
-        assert torch.get_num_threads() == spare_threads(before, usable_cores(), 2)
-    assert torch.get_num_threads() == before
