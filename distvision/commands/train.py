@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from distvision.parallel.worker import pick_device
 from distvision.recipes import Recipe
 from distvision.train import resolve_recipe, train
 from distvision.training.checkpoints import check_same_settings, lock_run_dir, read_heartbeat, resume_settings
-from distvision.training.faults import lighthouse_restarts
+from distvision.training.faults import StopSignal, lighthouse_restarts
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> None:
@@ -59,11 +60,33 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
         check_live_addresses(config.lighthouse, config.bind)
         start_live(config, recipe, cache_dir, argv)
         return
+    if runs_in_this_process(config):
+        train_here(config, recipe, cache_dir, argv)
+        return
     # Under torchrun a run folder with checkpoints is always resumed: a node joining a running job
     # and a restarted worker must continue it, and neither can tell itself from a new start.
     start_workers("train", train, config, lambda: check_before_launch(config, recipe, cache_dir, argv),
                   workers=config.workers, max_restarts=config.max_restarts, join_timeout=config.join_timeout,
                   stopped_hint=f"continue with --resume --out {config.out}")
+
+
+def runs_in_this_process(config: TrainConfig) -> bool:
+    """One local worker with no restarts to give (tune's trials, scale's and bench's points, or
+    --workers 1 --max-restarts 0) needs neither an agent nor a process group: it trains in the command's
+    own process, one Python and torch start-up fewer (benchmarks/RESULTS.md, 2026-12-03)."""
+    return (config.workers == 1 and config.max_restarts == 0 and config.recovery == "restart"
+            and not started_by_torchrun())
+
+
+def train_here(config: TrainConfig, recipe: Recipe, cache_dir: Path, argv: list[str]) -> None:
+    """The one worker, in this process: the launcher's checks, then the training loop; a stop signal
+    ends the command as it ends a launched one (128 + the signal, and how to continue)."""
+    check_before_launch(config, recipe, cache_dir, argv)
+    train(config)
+    if StopSignal.received is not None:
+        print(f"distvision: stopped by signal {StopSignal.received}; continue with --resume --out {config.out}",
+              file=sys.stderr)
+        sys.exit(128 + StopSignal.received)
 
 
 def restarted_into_a_finished_run(out: str | None, environ) -> bool:

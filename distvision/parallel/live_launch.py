@@ -78,7 +78,7 @@ def launch_live(work: Callable[[dict[str, str], object], None], workers: int, ma
     # secret, but the Lighthouse, the Managers' gRPC and gloo are not authenticated, so anyone who can
     # reach them can join a quorum or kill a replica (the Lighthouse's POST /replica/<id>/kill).
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "torchft", *warm_modules])
+    context.set_forkserver_preload(["torch", "torch._dynamo", "torchft", *warm_modules])
     lighthouse = LighthouseProcess(context, f"{LOOPBACK}:0", heartbeat_timeout)
     lighthouse_address = lighthouse.address
     restarts_due = list(lighthouse_restarts or [])

@@ -44,12 +44,15 @@ class StopSignal:
     after STOP_GRACE_SECONDS, so the agent's restart never waits on it.
     """
 
+    received: int | None = None  # the signal that stopped this process's last training loop
+
     def __init__(self):
         self.requested = False
         for number in (signal.SIGTERM, signal.SIGINT):
             signal.signal(number, self._handle)
 
     def _handle(self, number, frame):
+        StopSignal.received = number  # a process-wide fact, as the signal is: the command's exit status
         if not self.requested:
             watchdog = threading.Timer(STOP_GRACE_SECONDS, os._exit, args=(128 + number,))
             watchdog.daemon = True

@@ -50,7 +50,10 @@ def trial_config(config: TuneConfig, epochs: int, params: dict) -> dict:
     """The TrainConfig values of one trial: the search's fixed settings plus the trial's parameters."""
     values = {"model": config.model, "recipe": config.recipe, "data": config.data, "epochs": epochs,
               "seed": config.seed, "val_fraction": config.val_fraction, "precision": config.precision,
-              "image_size": config.image_size, "workers": config.workers_per_trial}
+              "image_size": config.image_size, "workers": config.workers_per_trial,
+              # a failed trial is tune's to retry (study.py); and a single worker with no restarts to
+              # give trains in the trial's own process, a Python and torch start-up fewer
+              "max_restarts": 0}
     if config.cache_dir:
         values["cache_dir"] = config.cache_dir
     return values | train_settings(params)

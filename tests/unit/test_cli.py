@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 
 from distvision import __version__
 from distvision.cli import build_parser, main
-from distvision.commands.train import check_before_launch, restarted_into_a_finished_run
+from distvision.commands.train import check_before_launch, restarted_into_a_finished_run, runs_in_this_process
 from distvision.config import TrainConfig, read_config_file
 from distvision.data.prepare import prepare
 from distvision.train import resolve_recipe
@@ -187,3 +188,15 @@ def test_a_node_restarted_after_its_run_finished_has_nothing_left_to_do(tmp_path
     assert not restarted_into_a_finished_run(str(run), {"TORCHELASTIC_RESTART_COUNT": "0"})  # a first start
     assert not restarted_into_a_finished_run(str(run), {})  # not under torchrun
     assert not restarted_into_a_finished_run(None, restarted)
+
+
+def test_only_a_lone_worker_with_no_restarts_to_give_trains_in_the_commands_process(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    lone = TrainConfig(data=None, workers=1, max_restarts=0, recovery="restart")
+    assert runs_in_this_process(lone)
+    assert not runs_in_this_process(replace(lone, max_restarts=1))  # the agent restarts a dead worker
+    assert not runs_in_this_process(replace(lone, workers=2))
+    assert not runs_in_this_process(replace(lone, recovery="live"))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert not runs_in_this_process(lone)  # under torchrun this process is the worker already
