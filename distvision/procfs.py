@@ -10,10 +10,11 @@ from pathlib import Path
 def local_worker_pids(agent_pid: int) -> dict[int, int]:
     """{local rank: pid} of the workers an agent process (distvision train or torchrun) runs now.
 
-    torchrun's workers carry LOCAL_RANK in their start-up environment; workers our launcher spawns
-    get it only after start, but are spawned in local-rank order.
+    torchrun's workers carry LOCAL_RANK in their start-up environment; the workers our launcher forks
+    (children of its forkserver, a child of the agent) get it only after start, but are forked in
+    local-rank order.
     """
-    workers, spawned = {}, []
+    workers, forked = {}, []
     for child in _children(agent_pid):
         try:
             environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
@@ -23,9 +24,9 @@ def local_worker_pids(agent_pid: int) -> dict[int, int]:
         variables = dict(item.split(b"=", 1) for item in environ if b"=" in item)
         if b"LOCAL_RANK" in variables:
             workers[int(variables[b"LOCAL_RANK"])] = child
-        elif b"spawn_main" in command:
-            spawned.append(child)
-    return workers or dict(enumerate(sorted(spawned)))
+        elif b"forkserver" in command:
+            forked += _children(child)
+    return workers or dict(enumerate(sorted(forked)))
 
 
 def _children(pid: int) -> list[int]:

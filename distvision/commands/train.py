@@ -16,12 +16,12 @@ from distvision.checkpoint import list_training_checkpoints, newest_checkpoint_s
 from distvision.config import TrainConfig, config_file_values, config_toml, write_config_file
 from distvision.data.prepare import default_cache_dir, ensure_prepared
 from distvision.errors import UserError
-from distvision.parallel.launch import run_as_worker, start_workers, started_by_torchrun
+from distvision.parallel.launch import run_as_worker, start_workers, started_by_torchrun, stop_signal_received
 from distvision.parallel.worker import pick_device
 from distvision.recipes import Recipe
 from distvision.train import resolve_recipe, train
 from distvision.training.checkpoints import check_same_settings, lock_run_dir, read_heartbeat, resume_settings
-from distvision.training.faults import StopSignal, lighthouse_restarts
+from distvision.training.faults import lighthouse_restarts
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> None:
@@ -83,10 +83,9 @@ def train_here(config: TrainConfig, recipe: Recipe, cache_dir: Path, argv: list[
     ends the command as it ends a launched one (128 + the signal, and how to continue)."""
     check_before_launch(config, recipe, cache_dir, argv)
     train(config)
-    if StopSignal.received is not None:
-        print(f"distvision: stopped by signal {StopSignal.received}; continue with --resume --out {config.out}",
-              file=sys.stderr)
-        sys.exit(128 + StopSignal.received)
+    if (number := stop_signal_received()) is not None:
+        print(f"distvision: stopped by signal {number}; continue with --resume --out {config.out}", file=sys.stderr)
+        sys.exit(128 + number)
 
 
 def restarted_into_a_finished_run(out: str | None, environ) -> bool:

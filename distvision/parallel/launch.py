@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import multiprocessing
 import os
+import runpy
 import signal
 import socket
 import sys
@@ -63,6 +65,23 @@ def stop_when_parent_dies(parent: int | None = None) -> None:
 
 
 FOLLOW_PARENT_VARIABLE = "DISTVISION_STOP_WITH_PARENT"
+_stop_signal: list[int] = []  # the signal that stopped this process's work, once one has (note_stop_signal)
+
+
+def note_stop_signal(number: int) -> None:
+    """A stop signal arrived (training's StopSignal): the work ends early, at a step boundary."""
+    _stop_signal[:] = [number]
+
+
+def stop_signal_received() -> int | None:
+    """The signal that stopped this process's work, or None."""
+    return _stop_signal[0] if _stop_signal else None
+
+
+FORKED_VARIABLE = "DISTVISION_FORKED_WORKER"  # "1": a local worker forked by launch_local (returns, not exits)
+# What the local workers' forkserver imports once, so that no worker pays for it: torch, and torch._dynamo,
+# which torch's optimizers import on their first use (about 2 s of a worker's start-up here).
+WARM_MODULES = ["torch", "torch._dynamo", "distvision.cli"]
 
 
 @record
@@ -85,10 +104,14 @@ def run_as_worker(work: Callable, config) -> None:
     # The work is done, its outputs written and its process group destroyed. Leave without the
     # interpreter's finalization: with a private rendezvous store (above) a worker whose peer (the
     # store's host) has already gone sometimes aborted there ("terminate called without an active
-    # exception", exit -6) and turned a finished run into a failed one.
+    # exception", exit -6) and turned a finished run into a failed one. A forked worker that finished
+    # returns to the agent's wrapper instead, which hands back its result and leaves through os._exit
+    # itself once every worker has; one stopped by a signal leaves now, as its agent is shutting down
+    # and would wait for it, then kill it.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    if os.environ.get(FORKED_VARIABLE) != "1" or stop_signal_received() is not None:
+        os._exit(0)
 
 
 def warn_if_store_is_shared() -> None:
@@ -126,14 +149,26 @@ def start_workers(command: str, work: Callable, config, prepare: Callable[[], li
         raise WorkerFailed(f"{failure}; {failed_hint}") from None
 
 
+def forked_worker(command_args: list[str]) -> None:
+    """One local worker: `python -m distvision <command_args>`, forked from a forkserver that has imported
+    torch already (launch_local), so it runs the very code a worker torchrun starts runs."""
+    os.environ[FORKED_VARIABLE] = "1"
+    sys.stdout.reconfigure(line_buffering=True)  # as `python -u`: the lines reach the user as they come
+    sys.argv = ["distvision", *command_args]
+    runpy.run_module("distvision", run_name="__main__", alter_sys=True)
+
+
 def launch_local(command_args: list[str], workers: int, max_restarts: int = 0,
                  join_timeout: float = 600.0) -> None:
     """Run `python -m distvision <command_args>` as `workers` local worker processes, as torchrun does.
 
-    Workers are plain subprocesses (torchrun's own process model), so a worker run here and one
-    run by torchrun on a cluster are the same. A worker that dies makes the agent restart the whole
-    group (up to max_restarts times); the workers resume from their own checkpoint.
+    torch's elastic agent (torchrun's) starts them, and restarts the whole group when one dies (up to
+    max_restarts times); the workers resume from their own checkpoint. Each runs the command line a
+    torchrun worker runs, in a process forked from a forkserver that has imported torch and the command
+    once (WARM_MODULES): a worker, and each restart, starts in a fraction of a second instead of the
+    seconds a fresh Python and torch take (benchmarks/RESULTS.md, 2026-12-03).
     """
+    multiprocessing.set_forkserver_preload([*WARM_MODULES, f"distvision.commands.{command_args[0].replace('-', '_')}"])
     # The elastic agent logs every phase at INFO/WARNING; users need only failures.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     os.environ[PRIVATE_STORE_VARIABLE] = "1"  # read by the agent this process runs
@@ -149,9 +184,10 @@ def launch_local(command_args: list[str], workers: int, max_restarts: int = 0,
         rdzv_configs={"join_timeout": join_timeout},
         max_restarts=max_restarts,
         monitor_interval=0.1,
+        start_method="forkserver",
     )
     try:
-        elastic_launch(config, sys.executable)("-u", "-m", "distvision", *command_args)
+        elastic_launch(config, forked_worker)(command_args)
     except ChildFailedError as error:
         codes = {failure.exitcode for failure in error.failures.values()}
         if codes == {USER_ERROR_EXIT}:

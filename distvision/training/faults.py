@@ -23,6 +23,7 @@ from torch import nn
 
 from distvision.config import TrainConfig
 from distvision.metrics import say
+from distvision.parallel.launch import note_stop_signal
 from distvision.parallel.membership import Seat
 
 STOP_GRACE_SECONDS = 20.0  # after SIGTERM: time to finish the step and checkpoint before a hard exit
@@ -44,15 +45,13 @@ class StopSignal:
     after STOP_GRACE_SECONDS, so the agent's restart never waits on it.
     """
 
-    received: int | None = None  # the signal that stopped this process's last training loop
-
     def __init__(self):
         self.requested = False
         for number in (signal.SIGTERM, signal.SIGINT):
             signal.signal(number, self._handle)
 
     def _handle(self, number, frame):
-        StopSignal.received = number  # a process-wide fact, as the signal is: the command's exit status
+        note_stop_signal(number)  # a process-wide fact, as the signal is: how the process ends
         if not self.requested:
             watchdog = threading.Timer(STOP_GRACE_SECONDS, os._exit, args=(128 + number,))
             watchdog.daemon = True

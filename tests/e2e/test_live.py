@@ -81,7 +81,9 @@ def test_a_frozen_worker_is_left_out_and_a_killed_one_respawned_without_restarti
     assert any(e["new_participants"] == 1 for e in changes if e["step"] < 20), changes  # the freeze
     # The kill costs the survivor about the heartbeat timeout (0.5 s here; a margin for a loaded machine);
     # the freeze and the hang, the collective timeout (4 s) or the watchdog's bound (5 s), plus as much.
-    killed = [e for e in changes if 20 <= e["step"] < 33 and e["new_participants"] == 1]
+    # The kill's change is to one participant, or straight to the respawn where it joined within the
+    # heartbeat timeout (2 -> 2).
+    killed = [e for e in changes if 20 <= e["step"] < 33]
     assert killed and all(e["stall_seconds"] < 3 for e in killed), changes
     assert all(e["stall_seconds"] < 10 for e in changes), changes
     assert "workers 2 ->" in output
