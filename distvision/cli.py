@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from distvision import __version__
-from distvision.config import add_train_arguments, help_with_default, read_config_file
+from distvision.config import SYNC_MODES, add_train_arguments, help_with_default, read_config_file
 from distvision.errors import UserError
 from distvision.parallel.launch import FOLLOW_PARENT_VARIABLE, WorkerFailed, stop_when_parent_dies
 
@@ -148,6 +148,11 @@ def _add_tune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="trial workers on this machine, each with cores/P threads (default %(default)s)")
     parser.add_argument("--workers-per-trial", type=int, default=tune_defaults.workers_per_trial,
                         help="data-parallel workers inside each trial (default %(default)s)")
+    parser.add_argument("--sync", choices=SYNC_MODES, default=tune_defaults.sync,
+                        help="as for train, in every trial (with --workers-per-trial 2 or more)")
+    parser.add_argument("--sync-every", default=tune_defaults.sync_every, metavar="K|epoch", help="as for train")
+    parser.add_argument("--quantize", choices=("none", "int8", "int4"), default=tune_defaults.quantize,
+                        help="as for train (local-sgd, diloco)")
     parser.add_argument("--epochs", type=int, help="most epochs per trial (default: the recipe's)")
     parser.add_argument("--sampler", choices=SAMPLERS, default=tune_defaults.sampler,
                         help="Optuna's sampler: how the next trial's settings are chosen")

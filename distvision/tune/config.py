@@ -20,6 +20,11 @@ class TuneConfig:
     trials: int = 20  # finished trials wanted in the study, over every process working on it
     parallel: int = 1  # trial workers on this machine
     workers_per_trial: int = 1  # data-parallel workers inside each trial
+    # How a trial's workers stay in step (as train's flags; every trial the same): the search's fixed
+    # settings, for a search of what trains well under the synchronisation the cluster can afford.
+    sync: str = "allreduce"
+    sync_every: str | None = None
+    quantize: str = "none"
     epochs: int | None = None  # the most a trial trains (pruners stop bad ones earlier); None: the recipe's
     sampler: str = "tpe"
     pruner: str = "asha"

@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from distvision.config import TrainConfig
 from distvision.errors import UserError
 from distvision.parallel.child import core_share, gpu_share, local_gpu_count
 from distvision.tune.config import TuneConfig
@@ -29,6 +30,7 @@ from distvision.tune.study import (
     work_on_study,
     worker_process,
 )
+from distvision.tune.trial import trial_config
 
 
 def run_tune(config: TuneConfig) -> dict:
@@ -41,6 +43,9 @@ def run_tune(config: TuneConfig) -> dict:
     recipe = recipe_for(config.model, config.recipe)  # unknown model or recipe fails here
     epochs = config.epochs or recipe.epochs
     space = load_space(Path(config.space)) if config.space else default_space(recipe)
+    # A trial's fixed settings that train would refuse (--quantize without local steps, DiLoCo without its
+    # period) fail here, in one line, not in every trial.
+    TrainConfig(**trial_config(config, epochs, {})).validate()
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     if config.data is None:
         from distvision.data.download import download_cifar10

@@ -106,6 +106,9 @@ def make_pruner(config: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+SYNC_DEFAULTS = {name: getattr(TuneConfig(), name) for name in ("sync", "sync_every", "quantize")}
+
+
 def load_study(config: TuneConfig, space: list[Dimension], epochs: int, create: bool) -> optuna.Study:
     """Create or join the study; one started with other search settings is refused, not mixed."""
     storage = open_storage(config)
@@ -115,12 +118,15 @@ def load_study(config: TuneConfig, space: list[Dimension], epochs: int, create: 
     )
     settings = {"model": config.model, "recipe": config.recipe, "epochs": epochs, "seed": config.seed,
                 "val_fraction": config.val_fraction, "image_size": config.image_size,
-                "space": {d.name: d.to_dict() for d in space}}
+                "space": {d.name: d.to_dict() for d in space},
+                # only where not the default, so that a study begun before these settings existed still joins
+                **{name: getattr(config, name) for name, default in SYNC_DEFAULTS.items()
+                   if getattr(config, name) != default}}
     saved = study.user_attrs.get("settings")
     if saved is None and create:
         study.set_user_attr("settings", settings)
     elif saved is not None and saved != settings:
-        changed = sorted(key for key in settings if saved.get(key) != settings[key])
+        changed = sorted(key for key in settings.keys() | saved.keys() if saved.get(key) != settings.get(key))
         raise UserError(f"study {config.study!r} was started with other {', '.join(changed)} "
                         f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); use the same settings "
                         "to continue it, or another --study/--out")

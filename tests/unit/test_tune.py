@@ -50,3 +50,11 @@ def test_train_config_file_values_are_defaults_that_flags_override(tmp_path):
     argv = ["train", "--config", str(tmp_path / "best.toml"), "--lr", "0.1", "--set", "translate=2"]
     args = build_parser(read_config_file(tmp_path / "best.toml")).parse_args(argv)
     assert (args.lr, args.epochs, args.recipe_settings) == (0.1, 3, ["flip=true", "translate=2"])
+
+
+def test_a_synchronisation_train_would_refuse_is_refused_before_any_trial(tiny_images, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        main(tune_args(tiny_images, tmp_path / "search", "--workers-per-trial", "2", "--quantize", "int4"))
+    stderr = capsys.readouterr().err
+    assert exit_status.value.code == 2 and stderr.count("\n") == 1 and "--quantize" in stderr, stderr
+    assert not (tmp_path / "search").exists()

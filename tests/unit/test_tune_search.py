@@ -78,6 +78,23 @@ def test_a_trial_trains_with_its_parameters_on_workers_per_trial_workers(tmp_pat
     assert argv[argv.index("--workers") + 1] == "3" and argv[argv.index("--lr") + 1] == "0.02"
     assert {"translate=1", "flip=false"} <= {argv[i + 1] for i, flag in enumerate(argv) if flag == "--set"}
     assert argv[argv.index("--epochs") + 1] == "4" and argv[argv.index("--val-fraction") + 1] == "0.2"
+    assert argv[argv.index("--max-restarts") + 1] == "0"  # tune retries a failed trial itself
+
+
+def test_every_trial_synchronises_as_the_search_says_and_a_study_is_not_mixed_across_modes(tmp_path):
+    config = TuneConfig(data="images", model="mlp", workers_per_trial=2, sync="diloco", sync_every="8",
+                        quantize="int4", out=str(tmp_path))
+    values = trial_config(config, epochs=4, params={"lr": 0.02})
+    TrainConfig(**values).validate()
+    argv = training_command(TrainConfig(**values, out=str(tmp_path)))
+    for flag, value in (("--sync", "diloco"), ("--sync-every", "8"), ("--quantize", "int4")):
+        assert argv[argv.index(flag) + 1] == value
+    load_study(config, SPACE, epochs=4, create=True)
+    with pytest.raises(UserError, match="started with other quantize \\(quantize='int4'\\)"):
+        load_study(replace(config, quantize="none"), SPACE, epochs=4, create=False)
+    plain = replace(config, sync="allreduce", sync_every=None, quantize="none", study="plain")
+    load_study(plain, SPACE, epochs=4, create=True)
+    assert "sync" not in load_study(plain, SPACE, epochs=4, create=False).user_attrs["settings"]
 
 
 def test_a_study_started_with_other_settings_is_refused_not_mixed(tmp_path):
