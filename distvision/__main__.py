@@ -1,6 +1,6 @@
 """`python -m distvision ...`: the form torchrun starts workers with."""
 
-from distvision.start import main
+from distvision.cli import main
 
 if __name__ == "__main__":
     main()

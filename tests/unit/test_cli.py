@@ -200,18 +200,3 @@ def test_only_a_lone_worker_with_no_restarts_to_give_trains_in_the_commands_proc
     assert not runs_in_this_process(replace(lone, recovery="live"))
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert not runs_in_this_process(lone)  # under torchrun this process is the worker already
-
-
-def test_the_forkserver_starts_first_only_where_the_command_line_asks_for_local_workers():
-    from distvision.start import forks_local_workers
-
-    assert forks_local_workers(["train", "--data", "d"], {})  # two workers by default
-    assert forks_local_workers(["classify", "--workers", "3"], {})
-    assert forks_local_workers(["train", "--workers=4"], {})
-    assert not forks_local_workers(["train", "--workers", "1"], {})  # one worker: in this process, or later
-    assert not forks_local_workers(["train", "--workers=1"], {})
-    assert not forks_local_workers(["tune", "--data", "d"], {})
-    assert not forks_local_workers(["train", "--print-config"], {})
-    assert not forks_local_workers(["train", "--lighthouse", "h:1"], {})  # a node is one replica itself
-    assert not forks_local_workers(["train"], {"LOCAL_RANK": "0"})  # already a worker
-    assert not forks_local_workers([], {})
