@@ -138,8 +138,8 @@ def test_a_restarted_lighthouse_is_joined_again_and_a_lost_one_stops_the_job_res
     try:
         wait_for(lambda: _steps_done(out) >= 8, 120, "training to make progress")
         # Away while a new one starts (within the grace): the job waits at its next quorum and goes on with
-        # the new one. torchft_lighthouse imports torch before it listens: about 1 s on a quiet 2-core
-        # machine, 3.5 s seen on a loaded one.
+        # the new one. torchft_lighthouse imports torch before it listens: 3.5 s seen on a loaded 2-core
+        # machine.
         lighthouse.kill()
         lighthouse.wait()
         lighthouse = _lighthouse(port)
