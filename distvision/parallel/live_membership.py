@@ -313,7 +313,7 @@ class LiveMembership:
             share("lookahead", run.lookahead.state, lambda saved: run.lookahead.load(dict(saved), run.model))
         if run.sync.outer:
             share("outer_optimizer", run.sync.outer.state_dict, run.sync.outer.load_state_dict)
-        if run.sync.low_rank:  # PowerSGD's warm-started Q, the same on every replica
+        if run.sync.low_rank:  # PowerSGD's count of rounds (which decides its collectives) and warm Q
             share("powersgd", run.sync.low_rank.state_dict, run.sync.low_rank.load)
         # A peer's state is about ours in size; anything much larger is refused before it is read.
         model_bytes = sum(t.numel() * t.element_size() for t in run.model.state_dict().values())

@@ -8,11 +8,13 @@ quorum (live.py's on_group).
 
 What the hook keeps between rounds is this replica's state, and a discarded round must not change
 it: the error feedback (what compression left out of this replica's gradients), the warm-started Q
-(every replica must hold the same one: each computes P = M Q and the Ps are summed), and the count
-of iterations (the first start_powerSGD_iter are exchanged whole). LowRankGradients snapshots them
-before each round's hook and puts them back unless the round commits. A healing replica takes Q and
-the count from its peer, and starts with no error feedback: the error it owed belongs to weights it
-no longer has.
+(each round's approximation starts from the last one's), and the count of iterations, which decides
+what the hook sends (the first start_powerSGD_iter rounds the gradients whole, then P and Q: replicas
+whose counts differ would run different collectives). LowRankGradients snapshots them before each
+round's hook and puts them back unless the round commits. A healing replica takes the count and Q
+from its peer (with a fresh Q its first round would sum Ps of different bases: the same result on
+every replica, but a poorer approximation), and starts with no error feedback: the error it owed
+belongs to weights it no longer has.
 """
 
 from __future__ import annotations

@@ -98,9 +98,9 @@ def test_workers_stop_resumably_when_their_command_is_killed(data: Path, tmp_pat
 
 # DiLoCo with its changes quantized: the rollback also keeps the error feedback (a discarded round's
 # residual is not kept), and a kill while the codes are being gathered fails the round like a sum's.
-# PowerSGD: one-step rounds whose hook's state (error feedback, warm Q) is rolled back with a discarded
-# round, and whose Q the respawn must take from its peer: with another Q the replicas' weights would
-# part at once, and every round after be discarded.
+# PowerSGD: one-step rounds whose hook's state (error feedback, warm Q, count of rounds) is rolled back
+# with a discarded round, and whose count the respawn must take from its peer: with its own it would send
+# whole gradients while the peer sends P and Q.
 @pytest.mark.parametrize("sync", [["--sync", "local-sgd", "--sync-every", "4"],
                                   ["--sync", "diloco", "--sync-every", "4", "--quantize", "int4"],
                                   ["--compress", "powersgd", "--powersgd-rank", "1"]],

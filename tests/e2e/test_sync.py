@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from distvision.errors import UserError
 from distvision.models import create
 from distvision.parallel.balance import split_sizes, weighted_slice
 from distvision.parallel.group import leave_process_group
-from distvision.parallel.low_rank import wire_bytes
+from distvision.parallel.low_rank import START_ITERATIONS, LowRankGradients, wire_bytes
 from distvision.parallel.sync import Synchronizer, SyncSettings, unwrap
 from distvision.precision import choose_precision, precision_cache_file
 from distvision.training.exchange import SUMMED
@@ -172,12 +172,66 @@ def _compression_bytes(rank: int, world_size: int, init_file: str, results: str)
     leave_process_group(barrier=False)
 
 
+# PowerSGD's hook on live membership's flat bucket: one matrix it compresses at rank 2 ((64 + 32) x 2 x 2
+# < 64 x 32), one it leaves whole (too small to pay), and a bias vector.
+LOW_RANK_SHAPES = [torch.Size([64, 32]), torch.Size([4, 3]), torch.Size([64])]
+
+
+def _low_rank_gradients(rank: int, number: int) -> torch.Tensor:
+    count = sum(shape.numel() for shape in LOW_RANK_SHAPES)
+    return torch.randn(count, generator=torch.Generator().manual_seed(1000 * rank + number))
+
+
+def _low_rank_round(low_rank: LowRankGradients, flat: torch.Tensor) -> tuple[int, torch.Tensor]:
+    low_rank.begin()
+    sent = low_rank.bytes_this_round()
+    low_rank.reduce(flat, dist.group.WORLD).wait()
+    return sent, flat
+
+
+def _low_rank(rank: int, world_size: int, init_file: str, folder: str) -> None:
+    """Live PowerSGD's rounds over a real gloo group: committed ones, a discarded one redone, and a heal."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    low_rank = LowRankGradients(LOW_RANK_SHAPES, rank=2)
+    committed = []
+    for number in range(5):
+        sent, result = _low_rank_round(low_rank, _low_rank_gradients(rank, number))
+        low_rank.commit()
+        committed.append((sent, result.clone()))
+    iterations = low_rank.state.iter
+    _, discarded = _low_rank_round(low_rank, _low_rank_gradients(rank, 10))  # not committed
+    _, redone = _low_rank_round(low_rank, _low_rank_gradients(rank, 10))
+    low_rank.commit()
+    iterations_after_redo = low_rank.state.iter
+    # Rank 1 heals: a fresh replica that takes rank 0's state (sent here by broadcast, as healing does by
+    # HTTP); rank 0 drops its error feedback too, to compare like with like.
+    state = low_rank.state_dict()
+    for name in ("q_memory_dict", "p_memory_dict"):
+        dist.broadcast(state[name], src=0)
+    newcomer = low_rank
+    if rank == 1:
+        newcomer = LowRankGradients(LOW_RANK_SHAPES, rank=2)
+        newcomer.load(state)
+    else:
+        low_rank.healed()
+    healed = {"q_after_heal": newcomer.state.q_memory_dict[0].clone(), "iterations_after_heal": newcomer.state.iter}
+    _, after_heal = _low_rank_round(newcomer, _low_rank_gradients(rank, 20))
+    save_file({**{f"committed{number}": result for number, (_, result) in enumerate(committed)},
+               "discarded": discarded, "redone": redone, "after_heal": after_heal,
+               "q_after_heal": healed["q_after_heal"]}, f"{folder}/low-rank-{rank}.safetensors")
+    Path(folder, f"low-rank-{rank}.json").write_text(json.dumps(
+        {"sent": [sent for sent, _ in committed], "iterations": iterations,
+         "iterations_after_redo": iterations_after_redo, "iterations_after_heal": healed["iterations_after_heal"]}))
+    leave_process_group(barrier=False)
+
+
 def _gloo_checks(rank: int, world_size: int, folder: str) -> None:
     """The spawned checks, one after the other, in one pair of processes (each start costs seconds)."""
     _replicas_after_averaging(rank, world_size, f"{folder}/init-averaging", f"{folder}/flags.json")
     _uneven_gradients(rank, world_size, f"{folder}/init-uneven", f"{folder}/grads.json")
     _precision_vote(rank, world_size, f"{folder}/init-precision", folder)
     _compression_bytes(rank, world_size, f"{folder}/init-compression", f"{folder}/compression.json")
+    _low_rank(rank, world_size, f"{folder}/init-low-rank", folder)
 
 
 @pytest.fixture(scope="module")
@@ -305,3 +359,29 @@ def test_every_criterion_stops_all_workers_at_the_same_step(data: Path, tmp_path
         assert summary["recovery"] == "live"
         assert summary["bytes_exchanged"] == 2 * sum(wire_bytes(shapes, 2, step) + room * 4 for step in range(steps))
         assert summary["bytes_exchanged"] < 2 * steps * parameters * 4 * 0.55
+
+
+def test_live_powersgd_applies_one_average_redoes_a_discarded_round_and_heals_with_its_peers_q(gloo_results):
+    first, second = (load_file(gloo_results / f"low-rank-{rank}.safetensors") for rank in (0, 1))
+    counts = [json.loads((gloo_results / f"low-rank-{rank}.json").read_text()) for rank in (0, 1)]
+    count = sum(shape.numel() for shape in LOW_RANK_SHAPES)
+    compressed = 4 * ((64 + 32) * 2 + 4 * 3 + 64)
+    for number, (sent, sent_too) in enumerate(zip(counts[0]["sent"], counts[1]["sent"], strict=True)):
+        result = first[f"committed{number}"]
+        assert torch.equal(result, second[f"committed{number}"])  # every replica applies the same gradients
+        assert sent == sent_too == (4 * count if number < START_ITERATIONS else compressed)
+        exact = (_low_rank_gradients(0, number) + _low_rank_gradients(1, number)) / 2
+        if number < START_ITERATIONS:  # exchanged whole: the exact average
+            torch.testing.assert_close(result, exact)
+        else:  # the small matrix and the bias travel whole, the big one as a rank-2 approximation
+            torch.testing.assert_close(result[64 * 32 :], exact[64 * 32 :])
+            assert not torch.allclose(result[: 64 * 32], exact[: 64 * 32])
+            assert torch.linalg.matrix_rank(result[: 64 * 32].view(64, 32)) <= 2
+    for replica, counted in zip((first, second), counts, strict=True):  # a discarded round, redone from the
+        assert torch.equal(replica["discarded"], replica["redone"])  # state it found, and counted once
+        assert counted["iterations_after_redo"] == counted["iterations"] + 1
+    # the newcomer took its peer's count (else it would send its gradients whole while the peer sent P and
+    # Q) and its warm Q; their next round agrees
+    assert counts[1]["iterations_after_heal"] == counts[0]["iterations_after_heal"] > START_ITERATIONS
+    assert torch.equal(second["q_after_heal"], first["q_after_heal"])
+    assert torch.equal(first["after_heal"], second["after_heal"])
