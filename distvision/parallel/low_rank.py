@@ -126,13 +126,21 @@ class LowRankGradients:
                 getattr(self.state, name)[BUCKET] = saved[name].clone()
         self.healed()
 
+    # The hook reads the error feedback it finds and puts a new tensor in its place, so a snapshot may keep
+    # that tensor itself; Q and P it overwrites in place (the all-reduce, the orthogonalisation, P = M Q),
+    # so those are copied. One gradient-sized copy a round fewer than copying all three.
+    _REPLACED, _OVERWRITTEN = ("error_dict",), ("q_memory_dict", "p_memory_dict")
+
     def _snapshot(self) -> dict:
         state = self.state
-        return {"iter": state.iter, "rng": state.rng.get_state(), **{name: {k: v.clone() for k, v in getattr(state, name).items()}
-                                       for name in ("error_dict", "q_memory_dict", "p_memory_dict")}}
+        return {"iter": state.iter, "rng": state.rng.get_state(),
+                **{name: dict(getattr(state, name)) for name in self._REPLACED},
+                **{name: {k: v.clone() for k, v in getattr(state, name).items()} for name in self._OVERWRITTEN}}
 
     def _restore(self, saved: dict) -> None:
         self.state.iter = saved["iter"]
         self.state.rng.set_state(saved["rng"])  # the first compressed round draws Q's seed from it
-        for name in ("error_dict", "q_memory_dict", "p_memory_dict"):
+        for name in self._REPLACED:
+            setattr(self.state, name, dict(saved[name]))
+        for name in self._OVERWRITTEN:
             setattr(self.state, name, {k: v.clone() for k, v in saved[name].items()})
