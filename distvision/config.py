@@ -83,6 +83,17 @@ def check_sync_every(value: str) -> None:
         raise UserError(f"--sync-every must be a step count >= 1 or 'epoch' (got {value!r})")
 
 
+def check_fragments(sync: str, sync_every: str | None, fragments: int) -> None:
+    """--fragments F: DiLoCo's, and its H a multiple of F, so that the fragments' rounds stagger evenly."""
+    if fragments < 1:
+        raise UserError(f"--fragments must be at least 1 (got {fragments})")
+    if sync != "diloco":
+        raise UserError(f"--fragments {fragments} applies to --sync diloco (Streaming DiLoCo), not {sync}")
+    if not (sync_every or "").isdigit() or int(sync_every) % fragments:
+        raise UserError(f"--fragments {fragments} needs --sync-every H a multiple of it, so that one fragment "
+                        f"is synchronised every H/F steps (got {sync_every})")
+
+
 # --- The sections. Each one's fields, in the order --help lists them, and its own checks. ---
 
 @dataclass
@@ -190,6 +201,10 @@ class ParallelSettings:
     quantize: str = setting("none", "local-sgd, diloco: each replica's change over a round sent as int8 or int4 "
                             "codes (a scale per 128 values, error feedback), gathered instead of summed",
                             choices=("none", "int8", "int4"), recovery="live")
+    fragments: int = setting(1, "diloco: Streaming DiLoCo, the model in F fragments of consecutive layers, one "
+                             "synchronised every H/F steps in turn (so each every H), all of them at an epoch's "
+                             "end (default %(default)s: the whole model every H)", metavar="F",
+                             recovery="live")
 
     @property
     def period(self) -> str:
@@ -215,6 +230,8 @@ class ParallelSettings:
         if self.quantize != "none" and self.sync == "allreduce":
             raise UserError(f"--quantize {self.quantize} applies to the changes of --sync local-sgd or diloco; "
                             "for gradients every step use --compress fp16 or bf16")
+        if self.fragments != 1:
+            check_fragments(self.sync, self.sync_every, self.fragments)
         if self.powersgd_rank < 1:
             raise UserError(f"--powersgd-rank must be at least 1 (got {self.powersgd_rank})")
         if self.base_batch_size is not None and self.base_batch_size < 1:

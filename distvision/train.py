@@ -130,7 +130,7 @@ def end_round(run: Run, before: Rollback | None, shares: list, progress: Progres
         stop=(run.stop_signal.requested and not membership.live) or run.faults.wants_stop(state.step),
         checkpoint_due=run.checkpoints.due(),
         time_up=run.seat.rank == 0 and time_is_up(run.stop_rules, state.elapsed()),
-        payload=run.sync.round_payload(before, run.exchange.room()),
+        payload=run.sync.round_payload(before, run.exchange.room(), ends_epoch=state.cursor >= len(run.train_indices)),
         in_flight=(lambda: run.faults.strike("exchange", state.step)) if run.faults.phase_faults else None)
     if shared is None or not membership.agrees(shared.fingerprints):
         # not committed (a peer failed), or a replica's weights differed: whoever is there at the next
@@ -145,6 +145,7 @@ def end_round(run: Run, before: Rollback | None, shares: list, progress: Progres
             last_pull = state.step - state.step % run.lookahead.every
             if last_pull > before.step:
                 run.lookahead.maybe_update(unwrap(run.model), last_pull, run.progress_fraction())
+                run.sync.weights_moved()
     membership.committed(state.step)
     if run.audit:  # live: each committer records the whole batch too, which the committed sum holds
         for step, local, whole in shares:
@@ -213,6 +214,7 @@ def finish(run: Run, stop_reason: str | None, last_test: tuple[int, EvalResult] 
         leave_process_group()
         return None
     replica = unwrap(run.model)
+    run.sync.settle()  # Streaming DiLoCo ending between synchronisations: every replica the same weights
     if run.lookahead:
         run.lookahead.finish(replica)  # the run's result is the average the lookahead kept
     # The last epoch's evaluation measured these very weights one plain view per image, unless

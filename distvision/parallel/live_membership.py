@@ -170,7 +170,7 @@ class LiveMembership:
         self.log.observe(quorum.quorum_id, quorum.participants, quorum.seconds,
                          {"step": state.step, "epoch": state.epoch + 1, "cursor": state.cursor})
         # At every quorum the replicas compare their weights in the round's exchange (agrees()).
-        self.fingerprint = weights_fingerprint(self.run.model)
+        self.fingerprint = weights_fingerprint(self.run.sync.agreed_tensors())
         self.clock.computing()
         return quorum.seconds
 
@@ -313,6 +313,8 @@ class LiveMembership:
             share("lookahead", run.lookahead.state, lambda saved: run.lookahead.load(dict(saved), run.model))
         if run.sync.outer:
             share("outer_optimizer", run.sync.outer.state_dict, run.sync.outer.load_state_dict)
+        if run.sync.fragments:  # DiLoCo's agreed weights, and its count of rounds (which fragment is next)
+            share("outer_fragments", run.sync.fragments.state_dict, run.sync.fragments.load)
         if run.sync.low_rank:  # PowerSGD's count of rounds (which decides its collectives) and warm Q
             share("powersgd", run.sync.low_rank.state_dict, run.sync.low_rank.load)
         # A peer's state is about ours in size; anything much larger is refused before it is read.

@@ -136,11 +136,11 @@ class Rollback:
         return self.cursor, self.step
 
 
-def weights_fingerprint(model: nn.Module) -> int:
-    """A checksum of the replica's parameters and buffers, as an integer a float32 holds exactly
+def weights_fingerprint(tensors: list[torch.Tensor]) -> int:
+    """A checksum of tensors (a replica's parameters and buffers), as an integer a float32 holds exactly
     (1..2**24-1; 0 means "not taken"): replicas that should be identical compare it in the exchange."""
     checksum = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
+    for tensor in tensors:
         checksum = zlib.crc32(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy(), checksum)
     return checksum % (2**24 - 1) + 1
 

@@ -90,17 +90,22 @@ class ErrorFeedback:
     def __init__(self, count: int, bits: int, block: int = BLOCK):
         self.bits, self.block = bits, block
         self.residual = torch.zeros(count, dtype=torch.float32)
-        self.pending: torch.Tensor | None = None
+        self.pending: tuple[int, torch.Tensor] | None = None  # (start, what this round's codes left out)
 
-    def encode(self, change: torch.Tensor) -> Quantized:
-        corrected = change.reshape(-1).float() + self.residual
+    def encode(self, change: torch.Tensor, start: int = 0) -> Quantized:
+        """The codes of a change to the values from `start` on (Streaming DiLoCo sends a fragment a
+        round: each fragment's residual is its own part of the vector)."""
+        change = change.reshape(-1).float()
+        corrected = change + self.residual[start : start + change.numel()]
         quantized = quantize(corrected, self.bits, self.block)
-        self.pending = corrected - dequantize(quantized, self.block)
+        self.pending = (start, corrected - dequantize(quantized, self.block))
         return quantized
 
     def commit(self) -> None:
         if self.pending is not None:
-            self.residual, self.pending = self.pending, None
+            start, left_out = self.pending
+            self.residual[start : start + left_out.numel()] = left_out
+            self.pending = None
 
     def discard(self) -> None:
         self.pending = None

@@ -7,7 +7,8 @@
   and buffers are averaged (torch's model-averaging utility). K = "epoch" is Dahl's one exchange per
   pass over each worker's share. The first `warmup` steps all-reduce gradients (post-local SGD).
 "diloco": local steps like local SGD, then an outer Nesterov step on the replicas' average change
-  (Douillard et al. 2023); live membership only.
+  (Douillard et al. 2023); live membership only. With --fragments F, Streaming DiLoCo: one fragment of
+  the model a round, each fragment every H steps (fragments.py).
 
 Under live membership PowerSGD runs torch's own hook on the round's flat gradients (low_rank.py).
 
@@ -38,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distvision.config import SYNC_MODES, ParallelSettings, TrainConfig
 from distvision.errors import UserError
+from distvision.parallel.fragments import OuterFragments
 from distvision.parallel.low_rank import LowRankGradients
 from distvision.parallel.membership import (
     Rollback,
@@ -99,11 +101,12 @@ class SyncSettings:
     outer_lr: float = _FLAG_DEFAULTS.outer_lr
     outer_momentum: float = _FLAG_DEFAULTS.outer_momentum
     quantize: str = _FLAG_DEFAULTS.quantize  # local-sgd, diloco (live): the changes' wire codes
+    fragments: int = _FLAG_DEFAULTS.fragments  # diloco: the model's fragments, one synchronised a round
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> SyncSettings:
         return cls(config.sync, config.period, config.sync_warmup, config.compress, config.powersgd_rank,
-                   config.outer_lr, config.outer_momentum, config.quantize)
+                   config.outer_lr, config.outer_momentum, config.quantize, config.fragments)
 
 
 @dataclass
@@ -131,7 +134,7 @@ class Synchronizer:
     pace_stats() after each exchange), reads stats, and may set work_while_exchanging."""
 
     def __init__(self, model: nn.Module, settings: SyncSettings, device: torch.device, live: bool = False,
-                 outer: torch.optim.Optimizer | None = None):
+                 outer: torch.optim.Optimizer | None = None, fragments: OuterFragments | None = None):
         if settings.mode not in SYNC_MODES:
             raise UserError(f"unknown synchronisation mode {settings.mode!r}; choose from {', '.join(SYNC_MODES)}")
         self.settings = settings
@@ -147,6 +150,9 @@ class Synchronizer:
         # The payload's leading values, before the batch-norm statistics: one per trainable parameter.
         self.parameter_count = sum(p.numel() for p in trainable(model))
         self.outer = outer  # DiLoCo's outer optimizer (outer_optimizer), resumed before the wrapping
+        self.fragments = fragments  # DiLoCo's agreed weights (outer_fragments), resumed with it
+        self.round_tensors = range(0)  # DiLoCo: the parameter tensors the round now ending sends
+        self.payload_values = self.parameter_count  # live: the round's payload values before the statistics
         # --quantize: this replica's error feedback on the changes it sends (live local SGD and DiLoCo).
         bits = QUANTIZE_BITS.get(settings.quantize)
         self.feedback = ErrorFeedback(self.parameter_count, bits) if bits and live else None
@@ -176,8 +182,10 @@ class Synchronizer:
         self.round_averages_gradients = self.averages_gradients(step)
         if self.round_averages_gradients:
             self.round_steps = 1
-        else:
-            self.round_steps = 10**9 if self.settings.every == "epoch" else int(self.settings.every)
+        elif self.settings.every == "epoch":
+            self.round_steps = 10**9
+        else:  # Streaming DiLoCo: each fragment every H steps, one fragment a round
+            self.round_steps = int(self.settings.every) // (self.fragments.count if self.fragments else 1)
 
     def backward(self, loss_sum: torch.Tensor, local_count: int, global_count: int, world_size: int,
                  step: int) -> None:
@@ -242,21 +250,25 @@ class Synchronizer:
         self._since_average = 0
 
     # -- live: the round's payload and its committed sum -----------------------------------------------------
-    def round_payload(self, before: Rollback | None, room: int) -> torch.Tensor | None:
+    def round_payload(self, before: Rollback | None, room: int, ends_epoch: bool = False) -> torch.Tensor | None:
         """Live: what this replica adds to the round's exchange, as one float32 vector with `room` values
         left for the exchange's votes: the gradients (one step), the parameters (local SGD) or the change
-        since the round began (DiLoCo's pseudo-gradient), then the batch-norm statistics, averaged too so
-        that every replica evaluates and decides alike. One copy: gradients kept as views of the
-        exchanged vector made fastnet's steps 12% slower here (benchmarks/RESULTS.md, 2026-12-03)."""
+        since the agreed weights (DiLoCo's pseudo-gradient; Streaming DiLoCo's, of the round's fragment, or
+        of all of them at an epoch's end), then the batch-norm statistics, averaged too so that every
+        replica evaluates and decides alike. One copy: gradients kept as views of the exchanged vector
+        made fastnet's steps 12% slower here (benchmarks/RESULTS.md, 2026-12-03)."""
         if not self.live:
             return None
         replica = unwrap(self.model)
         parameters, buffers = trainable(replica), statistics_buffers(replica)
+        self.payload_values = self.parameter_count
         if self.round_averages_gradients:
             gradients = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
             return flatten([*gradients, *buffers], room)
         if self.settings.mode == "diloco":
-            changes = [original - p.detach() for p, original in zip(parameters, before.weights, strict=True)]
+            self.round_tensors = self.fragments.this_round(ends_epoch)
+            changes = self.fragments.changes(self.round_tensors)
+            self.payload_values = sum(change.numel() for change in changes)
             return flatten([*changes, *buffers], room)
         if self.feedback:  # quantized local SGD sends the change too: the average is the start plus its mean
             changes = [p.detach() - original for p, original in zip(parameters, before.weights, strict=True)]
@@ -269,9 +281,10 @@ class Synchronizer:
         group); with --quantize a round of local steps sends its change as codes with error feedback,
         gathered. The rest, batch-norm statistics and the exchange's votes, counts and fingerprints,
         goes in float32, exactly. `unwire` puts the sums back into `packed`."""
-        count = self.parameter_count
+        count = self.payload_values
         if self.quantizes_round:
-            quantized = self.feedback.encode(packed[:count])
+            start = self.fragments.offset(self.round_tensors) if self.fragments else 0
+            quantized = self.feedback.encode(packed[:count], start)
             return Wire([packed[count:]], [quantized.codes, quantized.scales], quantized)
         if self.low_rank is not None and self.round_averages_gradients:
             self.low_rank.begin()
@@ -304,6 +317,27 @@ class Synchronizer:
         """The round under way sends its change as codes (--quantize, live, a round of local steps)."""
         return self.feedback is not None and not self.round_averages_gradients
 
+    def weights_moved(self) -> None:
+        """After a commit the weights changed alike on every replica (the lookahead's pull): they are the
+        agreed weights DiLoCo's next change is measured from (only one fragment runs with a lookahead)."""
+        if self.fragments:
+            self.fragments.take_agreed(range(len(self.fragments.parameters)))
+
+    def agreed_tensors(self) -> list[torch.Tensor]:
+        """What every replica holds alike at a round's start, compared at quorums: the whole replica,
+        or under Streaming DiLoCo the agreed weights (each fragment runs free between its rounds) and
+        the statistics (averaged every round)."""
+        replica = unwrap(self.model)
+        if self.fragments and self.fragments.count > 1:
+            return [*self.fragments.agreed(), *replica.buffers()]
+        return [*replica.parameters(), *replica.buffers()]
+
+    def settle(self) -> None:
+        """A run ending between Streaming DiLoCo's synchronisations takes the agreed weights, the same on
+        every replica (a no-op right after an epoch's end, which synchronises every fragment)."""
+        if self.fragments and self.fragments.count > 1:
+            self.fragments.settle()
+
     def healed(self) -> None:
         """This replica took a peer's weights: the changes its error feedback still owed are not its own."""
         if self.feedback:
@@ -317,7 +351,7 @@ class Synchronizer:
         (local SGD), or an outer Nesterov step on the average change (DiLoCo); buffers averaged."""
         replica = unwrap(self.model)
         parameters, buffers = trainable(replica), statistics_buffers(replica)
-        count = self.parameter_count
+        count = self.payload_values
         unflatten_into(summed[count:] / participants, buffers, as_grad=False)
         if self.quantizes_round:
             self.feedback.commit()  # the round counts: what its codes left out is owed to the next one
@@ -327,13 +361,13 @@ class Synchronizer:
             unflatten_into(summed[:count], parameters, as_grad=True)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        elif self.settings.mode == "diloco":
-            with torch.no_grad():
-                for parameter, original in zip(parameters, before.weights, strict=True):
-                    parameter.copy_(original)
-            unflatten_into(summed[:count] / participants, parameters, as_grad=True)
-            self.outer.step()
+        elif self.settings.mode == "diloco":  # the outer step from the agreed weights, on the round's tensors
+            sent = self.round_tensors
+            self.fragments.rewind(sent)
+            unflatten_into(summed[:count] / participants, parameters[sent.start : sent.stop], as_grad=True)
+            self.outer.step()  # a tensor without a gradient (another fragment's) is left as it is
             self.outer.zero_grad(set_to_none=True)
+            self.fragments.committed(sent)
         elif self.feedback:  # local SGD's average: where the round began, plus the mean change
             unflatten_into(flatten(before.weights) + summed[:count] / participants, parameters, as_grad=False)
         else:
@@ -410,6 +444,17 @@ def outer_optimizer(model: nn.Module, settings: SyncSettings) -> torch.optim.Opt
         return None
     momentum = settings.outer_momentum
     return torch.optim.SGD(trainable(model), lr=settings.outer_lr, momentum=momentum, nesterov=momentum > 0)
+
+
+def outer_fragments(model: nn.Module, settings: SyncSettings) -> OuterFragments | None:
+    """DiLoCo's agreed weights in --fragments fragments (None for the other modes)."""
+    if settings.mode != "diloco":
+        return None
+    parameters = trainable(model)
+    if settings.fragments > len(parameters):
+        raise UserError(f"--fragments {settings.fragments} is more than this model's {len(parameters)} parameter "
+                        "tensors; a fragment holds at least one")
+    return OuterFragments(parameters, settings.fragments)
 
 
 def _powersgd_payload_bytes(bucket, rank: int) -> int:

@@ -28,6 +28,7 @@ from distvision.config import TrainConfig
 from distvision.errors import UserError
 from distvision.fileio import hold_exclusive_lock, write_json_atomic
 from distvision.metrics import append_metrics, rewrite_log, say
+from distvision.parallel.fragments import OuterFragments
 from distvision.parallel.membership import Seat
 from distvision.recipes import Recipe
 from distvision.training.state import TrainState
@@ -103,6 +104,7 @@ def agree_on_resume(run_dir: Path, rank: int) -> tuple[dict, dict, dict] | None:
 # DiLoCo's outer optimizer: its tensors travel in the weights file under this prefix, the rest in the
 # state file's "outer_optimizer" (split as the inner optimizer's are).
 OUTER_PREFIX = "outer_optimizer."
+FRAGMENTS_PREFIX = "outer_fragments."  # DiLoCo's agreed weights and count of rounds (parallel/fragments.py)
 
 
 class CheckpointManager:
@@ -123,9 +125,9 @@ class CheckpointManager:
 
     # -- start --------------------------------------------------------------------------------------------
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, lookahead: Lookahead | None,
-               outer: torch.optim.Optimizer | None = None) -> TrainState:
-        """Load the newest checkpoint into model and optimizers (DiLoCo's `outer` too) and return its state,
-        or a fresh state.
+               outer: torch.optim.Optimizer | None = None, fragments: OuterFragments | None = None) -> TrainState:
+        """Load the newest checkpoint into model and optimizers (DiLoCo's `outer` and agreed weights too)
+        and return its state, or a fresh state.
 
         The same job id (torchrun's rendezvous id) means the agent restarted us after a failure or a
         membership change ("restart"); another id means a user resumed a stopped run ("resume").
@@ -146,6 +148,8 @@ class CheckpointManager:
         averages = {name: weights.pop(name) for name in list(weights) if name.startswith("lookahead.")}
         outer_tensors = {name[len(OUTER_PREFIX):]: weights.pop(name) for name in list(weights)
                          if name.startswith(OUTER_PREFIX)}
+        agreed = {name[len(FRAGMENTS_PREFIX):]: weights.pop(name) for name in list(weights)
+                  if name.startswith(FRAGMENTS_PREFIX)}
         check_same_settings(self.run_dir, saved["settings"], self.settings)
         model.load_state_dict(weights)
         restore_optimizer(optimizer, optimizer_tensors, saved)
@@ -153,6 +157,8 @@ class CheckpointManager:
             lookahead.load(averages, model)
         if outer and "outer_optimizer" in saved:
             optimizer_from_tensors(outer, outer_tensors, saved["outer_optimizer"])
+        if fragments:
+            fragments.load(agreed or None)  # none saved: the weights just loaded are the agreed ones
         event = {"event": "restart" if self.job_id and saved.get("job_id") == self.job_id else "resume",
                  "old_world_size": saved["world_size"], "new_world_size": self.seat.participants,
                  "step": saved["step"], "epoch": saved["epoch"] + 1, "cursor": saved["cursor"]}
@@ -187,7 +193,8 @@ class CheckpointManager:
             self.last_heartbeat = now
 
     def save(self, state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer,
-             lookahead: Lookahead | None, outer: torch.optim.Optimizer | None = None) -> None:
+             lookahead: Lookahead | None, outer: torch.optim.Optimizer | None = None,
+             fragments: OuterFragments | None = None) -> None:
         """Write a training checkpoint of this state (rank 0); every rank restarts its clock."""
         if self.seat.rank == 0:
             weights = dict(model.state_dict(), **(lookahead.state() if lookahead else {}))
@@ -195,6 +202,8 @@ class CheckpointManager:
             if outer:
                 outer_tensors, extra["outer_optimizer"] = optimizer_to_tensors(outer)
                 weights.update({OUTER_PREFIX + name: tensor for name, tensor in outer_tensors.items()})
+            if fragments:
+                weights.update({FRAGMENTS_PREFIX + name: tensor for name, tensor in fragments.state_dict().items()})
             save_training_checkpoint(self.run_dir, weights, optimizer,
                                      dict(state.state_dict(), settings=self.settings, saved_at=time.time(),
                                           job_id=self.job_id, **extra))

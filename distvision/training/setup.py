@@ -22,7 +22,7 @@ from distvision.parallel.balance import ThroughputBalancer, scaled_lr, warmup_fa
 from distvision.parallel.live_membership import LiveMembership, is_joining, replica_number
 from distvision.parallel.membership import Seat, StaticMembership
 from distvision.parallel.stopping import StopRules
-from distvision.parallel.sync import Synchronizer, SyncSettings, outer_optimizer, unwrap
+from distvision.parallel.sync import Synchronizer, SyncSettings, outer_fragments, outer_optimizer, unwrap
 from distvision.parallel.worker import init_distributed, pick_device, set_worker_threads
 from distvision.precision import choose_precision
 from distvision.recipes import Recipe, lr_multiplier, without_tricks
@@ -43,6 +43,9 @@ def resolve_recipe(config: TrainConfig) -> Recipe:
         weight_decay=config.weight_decay, label_smoothing=config.label_smoothing,
     ).with_settings(config.recipe_settings)
     recipe = without_tricks(recipe, config.disable)
+    if config.fragments > 1 and recipe.ema_every:
+        raise UserError(f"--fragments {config.fragments} lets each fragment run free between its synchronisations, "
+                        f"which the {config.model} recipe's lookahead would mix on each replica; add --no-ema")
     if config.lr_scaling == "none":
         return recipe
     base_batch = config.base_batch_size or base.batch_size
@@ -171,11 +174,13 @@ class Run:
 
     def save_checkpoint(self) -> None:
         """A training checkpoint of the state as it is now (rank 0 writes it)."""
-        self.checkpoints.save(self.state, unwrap(self.model), self.optimizer, self.lookahead, self.sync.outer)
+        self.checkpoints.save(self.state, unwrap(self.model), self.optimizer, self.lookahead, self.sync.outer,
+                              self.sync.fragments)
 
     def resume_from_checkpoint(self) -> TrainState:
         """The newest checkpoint's state, loaded into model, optimizer, lookahead and DiLoCo's outer optimizer."""
-        return self.checkpoints.resume(unwrap(self.model), self.optimizer, self.lookahead, self.sync.outer)
+        return self.checkpoints.resume(unwrap(self.model), self.optimizer, self.lookahead, self.sync.outer,
+                                       self.sync.fragments)
 
     def base_lr(self) -> float:
         """The lr last set, before the groups' multipliers."""
@@ -242,11 +247,11 @@ def build_run(config: TrainConfig, started: float) -> Run:
     optimizer = make_optimizer(model, recipe)
     lookahead = Lookahead(model, recipe.ema_every) if recipe.ema_every else None
     sync_settings = SyncSettings.from_config(config)
-    outer = outer_optimizer(model, sync_settings)
+    outer, fragments = outer_optimizer(model, sync_settings), outer_fragments(model, sync_settings)
 
     # Resume: from the newest intact checkpoint, whatever world size wrote it.
     checkpoints = CheckpointManager(run_dir, seat, resume_settings(config, recipe), config.checkpoint_every)
-    state = TrainState(world_size) if joining else checkpoints.resume(model, optimizer, lookahead, outer)
+    state = TrainState(world_size) if joining else checkpoints.resume(model, optimizer, lookahead, outer, fragments)
     workers = f"replica {replica} of a live job" if live else f"{world_size} worker(s)"
     say(f"distvision: {config.model} on {workers} x {threads} thread(s), {device.type}, "
         f"{precision} ({precision_choice}), global batch {recipe.batch_size}, {recipe.epochs} epochs, "
@@ -255,7 +260,7 @@ def build_run(config: TrainConfig, started: float) -> Run:
     if prepared.manifest["skipped_files"]:
         say(f"distvision: skipped {len(prepared.manifest['skipped_files'])} unreadable file(s), "
             f"listed in {prepared.path / 'manifest.json'}")
-    sync = Synchronizer(model, sync_settings, device, live=live, outer=outer)
+    sync = Synchronizer(model, sync_settings, device, live=live, outer=outer, fragments=fragments)
     membership = live_membership(config, seat, run_dir) if live else StaticMembership(seat)
     balancer = ThroughputBalancer(world_size, config.balance == "throughput")
     if not live:  # live, the launcher holds the lock and the log is rewritten once the replica knows its peers

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from distvision.errors import UserError
 from distvision.models import create
 from distvision.parallel.balance import split_sizes, weighted_slice
+from distvision.parallel.fragments import fragment_bounds
 from distvision.parallel.group import leave_process_group
 from distvision.parallel.low_rank import START_ITERATIONS, LowRankGradients, wire_bytes
 from distvision.parallel.sync import Synchronizer, SyncSettings, unwrap
@@ -86,16 +87,24 @@ def test_local_sgd_and_diloco_on_the_live_path(data: Path, local_sgd_run: Path, 
     assert_each_epoch_covered_once(tmp_path / "diloco", 2, sample_count=72)
 
 
-def test_quantized_diloco_sends_the_codes_and_learns(data: Path, tmp_path: Path):
-    """--quantize int8: each round's change leaves every replica as one byte a value plus a float32 scale
-    per 128 values (gathered), beside the float32 votes (summed); counted where they meet the collectives."""
+def test_streaming_quantized_diloco_sends_a_fragment_a_round_as_codes_and_learns(data: Path, tmp_path: Path):
+    """--fragments 2 --quantize int8: each round of H/F = 2 local steps sends one fragment's change, the
+    fragments in turn, and the round that ends an epoch every fragment; as one byte a value plus a
+    float32 scale per 128 values (gathered), beside the float32 votes (summed); counted where they meet
+    the collectives."""
     summary = _train(data, tmp_path / "run", "--workers", "2", "--sync", "diloco", "--sync-every", "4",
-                     "--quantize", "int8", *COMMON, "--recovery", "live")
-    parameters = sum(p.numel() for p in create("mlp", num_classes=3).parameters())
-    rounds = 2 * 2  # 5 steps an epoch: a round of 4, then the epoch's last step; 2 epochs
+                     "--fragments", "2", "--quantize", "int8", *COMMON, "--recovery", "live")
+    sizes = [p.numel() for p in create("mlp", num_classes=3).parameters()]
+    first, second = (sum(sizes[i] for i in fragment) for fragment in fragment_bounds(sizes, 2))
     room = len(SUMMED) + 3 * 2
-    per_round = parameters + 4 * -(-parameters // 128) + 4 * room
-    assert summary["bytes_exchanged"] == 2 * rounds * per_round
+
+    def per_round(values: int) -> int:
+        return values + 4 * -(-values // 128) + 4 * room
+
+    # 5 steps an epoch: rounds of 2, 2 and the epoch's last step, which sends all; 2 epochs, in which the
+    # fragments take turns: 1, 2, all, then 2, 1, all
+    rounds = [first, second, first + second] * 2
+    assert summary["bytes_exchanged"] == 2 * sum(per_round(values) for values in rounds)
     assert summary["test_accuracy"] >= 0.9, summary["test_accuracy"]
 
 

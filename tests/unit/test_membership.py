@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from distvision.data.sharding import rank_slice
 from distvision.evaluate import EVAL_CHUNK, evaluate_part, result_of
+from distvision.parallel.fragments import OuterFragments
 from distvision.parallel.live_membership import MembershipLog
 from distvision.parallel.membership import (
     Rollback,
@@ -19,6 +20,7 @@ from distvision.parallel.membership import (
     clone,
     flatten,
     majority_fingerprint,
+    trainable,
     unflatten_into,
     weights_fingerprint,
 )
@@ -134,17 +136,24 @@ def test_a_static_round_always_commits_and_sums_nothing_alone():
     assert values.tolist() == [1.0, 2.0]
 
 
-def test_diloco_outer_momentum_survives_a_checkpoint(tmp_path):
+def test_diloco_outer_momentum_and_agreed_weights_survive_a_checkpoint(tmp_path):
     model = _model()
     outer = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+    fragments = OuterFragments(trainable(model), 2)
     _train_steps(model, outer, 2)
+    fragments.committed(fragments.bounds[0])  # one fragment agreed after the steps, the other before them
     settings_ = {"model": "mlp", "seed": 0}
     inner = torch.optim.SGD(model.parameters(), lr=0.1)
-    CheckpointManager(tmp_path, Seat(0, 1), settings_, 3600).save(TrainState(1, step=2), model, inner, None, outer)
+    CheckpointManager(tmp_path, Seat(0, 1), settings_, 3600).save(TrainState(1, step=2), model, inner, None, outer,
+                                                                  fragments)
     fresh = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
-    CheckpointManager(tmp_path, Seat(0, 1), settings_, 3600).resume(model, inner, None, fresh)
+    fresh_fragments = OuterFragments(trainable(model), 2)  # its anchors: the weights as they are
+    CheckpointManager(tmp_path, Seat(0, 1), settings_, 3600).resume(model, inner, None, fresh, fresh_fragments)
     for parameter in model.parameters():
         assert torch.equal(fresh.state[parameter]["momentum_buffer"], outer.state[parameter]["momentum_buffer"])
+    assert fresh_fragments.rounds == 1
+    assert all(torch.equal(a, b) for a, b in zip(fresh_fragments.anchors, fragments.anchors, strict=True))
+    assert not torch.equal(fresh_fragments.anchors[-1], trainable(model)[-1])  # the second's from before the steps
 
 
 def test_the_replicas_weights_fingerprint_is_the_majoritys_and_rank_0s_on_a_tie():
@@ -155,11 +164,14 @@ def test_the_replicas_weights_fingerprint_is_the_majoritys_and_rank_0s_on_a_tie(
 
 def test_a_fingerprint_changes_with_any_weight_and_fits_a_float32():
     model = _model()
-    before = weights_fingerprint(model)
-    assert before == weights_fingerprint(clone_model(model))
+    def tensors(replica):
+        return [*replica.parameters(), *replica.buffers()]
+
+    before = weights_fingerprint(tensors(model))
+    assert before == weights_fingerprint(tensors(clone_model(model)))
     with torch.no_grad():
         model[2].bias[0] += 1e-7
-    after = weights_fingerprint(model)
+    after = weights_fingerprint(tensors(model))
     assert after != before and all(0 < value < 2**24 and float(np.float32(value)) == value for value in (before, after))
 
 

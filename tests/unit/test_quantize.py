@@ -107,7 +107,7 @@ def test_a_quantized_round_lands_every_replica_on_the_same_decoded_average(mode,
     the same sum of decoded changes, the float32 tail (statistics and votes) summed exactly, and the
     bytes handed in are the codes, the scales and the tail."""
     from distvision.parallel.membership import Rollback, trainable
-    from distvision.parallel.sync import Synchronizer, SyncSettings, outer_optimizer
+    from distvision.parallel.sync import Synchronizer, SyncSettings, outer_fragments, outer_optimizer
 
     settings = SyncSettings(mode=mode, every="3", quantize=quantize)
     replicas, wires, packs, befores = [], [], [], []
@@ -116,7 +116,11 @@ def test_a_quantized_round_lands_every_replica_on_the_same_decoded_average(mode,
         start = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3))
         model, optimizer = _replica(seed)
         before = Rollback.take(start, optimizer, 0, 0, keep_weights=True)
-        sync = Synchronizer(model, settings, torch.device("cpu"), live=True, outer=outer_optimizer(model, settings))
+        fragments = outer_fragments(model, settings)
+        if fragments:  # DiLoCo's agreed weights: where the round began
+            fragments.load({"rounds": torch.tensor(0), **{f"anchor.{i}": w for i, w in enumerate(before.weights)}})
+        sync = Synchronizer(model, settings, torch.device("cpu"), live=True, outer=outer_optimizer(model, settings),
+                            fragments=fragments)
         sync.begin_round(step=10)
         packed = sync.round_payload(before, room=2)
         packed[-2:] = torch.tensor([1.0, 2.0])
