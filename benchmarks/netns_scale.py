@@ -12,7 +12,8 @@ addresses only. `allreduce` (the restart path): two torchrun agents, one per nam
 rendezvous and gloo. `live:MODE` (live membership, torchft): a Lighthouse in the first namespace,
 bound to its veth address, and one `distvision train --lighthouse ... --bind ADDRESS` replica per
 namespace (torchft's servers and gloo advertise and listen on that address); MODE is allreduce,
-local-sgd:K or diloco:K, either of those two with :int8 or :int4 (--quantize). Latency (`--latency`) needs the kernel's netem qdisc; where it is
+local-sgd:K or diloco:K, either of those two with :int8 or :int4 (--quantize), diloco also with :fN
+(--fragments N, Streaming DiLoCo). Latency (`--latency`) needs the kernel's netem qdisc; where it is
 missing (as on the machine this was written on) only the bandwidth is limited and that is said.
 Needs root and iproute2; otherwise it prints why and exits 0. Never run by the tests.
 """
@@ -90,7 +91,7 @@ class VethPair:
 
 def mode_flags(mode: str) -> tuple[bool, list[str]]:
     """(live, train flags) of a --modes entry: a sync_modes.py mode (allreduce, local-sgd:K[:int8|int4],
-    diloco:K[:int8|int4], ...), with `live:` before it for live membership."""
+    diloco:K[:int8|int4][:fN], ...), with `live:` before it for live membership."""
     return mode.startswith("live:"), sync_mode_flags(mode.removeprefix("live:"))
 
 
@@ -155,7 +156,7 @@ def main() -> None:
                         "of the allreduce runs)")
     parser.add_argument("--rates", default="unlimited,1gbit,100mbit")
     parser.add_argument("--modes", default="allreduce", help="allreduce (restart path), live:allreduce, "
-                        "live:local-sgd:K[:int8|int4], live:diloco:K[:int8|int4]")
+                        "live:local-sgd:K[:int8|int4], live:diloco:K[:int8|int4][:fN]")
     parser.add_argument("--latency", help="added delay per direction, e.g. 1ms (needs netem)")
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=512)
@@ -187,6 +188,8 @@ def main() -> None:
                        "megabytes_per_worker": round(sum(record["bytes_exchanged"]) / 2e6, 2)}
                 if model:  # the bytes per synchronisation measured, the rest from the scale report's terms
                     sync, every = (flags[1], flags[3]) if flags[:1] == ["--sync"] else ("allreduce", "1")
+                    if "--fragments" in flags:  # a synchronisation every H/F steps (scale's spec diloco:fN)
+                        sync += f":f{flags[flags.index('--fragments') + 1]}"
                     syncs = syncs_per_epoch(summary["train_count"], args.batch_size, sync, every, 2)
                     payload = sum(record["bytes_exchanged"]) / 2 / syncs
                     point = Point(2, summary["train_count"], args.batch_size, sync, every, payload)

@@ -71,10 +71,18 @@ def help_with_default(help: str | None, default: object) -> str | None:
     return f"{help} (default %(default)s)" if help else "default %(default)s"
 
 
-def split_sync(spec: str) -> tuple[str, str]:
-    """A sync mode as scale and bench list it, MODE or MODE:int8|int4 (--quantize), as (sync, quantize)."""
-    mode, _, quantize = spec.partition(":")
-    return mode, quantize or "none"
+def split_sync(spec: str) -> tuple[str, str, int]:
+    """A sync mode as scale and bench list it, MODE then optionally :int8|int4 (--quantize) and :fN
+    (--fragments), as (sync, quantize, fragments); a part it cannot read is kept as the quantize value,
+    which the caller refuses."""
+    mode, *options = spec.split(":")
+    quantize, fragments = "none", 1
+    for option in options:
+        if option[:1] == "f" and option[1:].isdigit():
+            fragments = int(option[1:])
+        else:
+            quantize = option if quantize == "none" else f"{quantize}:{option}"
+    return mode, quantize, fragments
 
 
 def check_sync_every(value: str) -> None:

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
         epochs_for[name.strip()] = int(epochs)
     config = BenchConfig(
         problems=args.problems, epochs_for=epochs_for, workers=parse_list(args.workers, int, "--workers", 1),
-        syncs=parse_syncs(args.sync), sync_every=args.sync_every, max_epochs=args.max_epochs,
+        syncs=parse_syncs(args.sync, args.sync_every), sync_every=args.sync_every, max_epochs=args.max_epochs,
         threads_per_worker=args.threads_per_worker, cifar_data=args.cifar_data, precision=args.precision,
         seed=args.seed, out=args.out, cache_dir=args.cache_dir)
     rows = run_bench(config)

@@ -13,7 +13,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
     config = ScaleConfig(
         data=args.data, model=args.model, out=args.out, workers=parse_list(args.workers, int, "--workers", 1),
         fractions=parse_list(args.fractions, float, "--fractions", 1e-6, 1.0),
-        batch_sizes=parse_list(args.batch_sizes, int, "--batch-sizes", 1), syncs=parse_syncs(args.sync),
+        batch_sizes=parse_list(args.batch_sizes, int, "--batch-sizes", 1), syncs=parse_syncs(args.sync, args.sync_every),
         sync_every=args.sync_every, epochs=args.epochs, repeats=args.repeats,
         threads_per_worker=args.threads_per_worker,
         predict_workers=parse_list(args.predict_workers, int, "--predict-workers", 1), network=args.network,

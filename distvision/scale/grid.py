@@ -8,7 +8,7 @@ from itertools import product
 from pathlib import Path
 
 from distvision.config import TrainConfig, split_sync
-from distvision.scale.model import Point
+from distvision.scale.model import Point, syncs_in
 from distvision.scale.runs import TrainRun, run_train
 from distvision.scale.settings import ScaleConfig
 
@@ -77,9 +77,10 @@ def run_grid(config: ScaleConfig, out: Path, on_done=None) -> list[Measurement]:
 
 def point_config(config: ScaleConfig, sync: str, batch_size: int, workers: int, fraction: float) -> TrainConfig:
     """The training settings of one grid point: no restarts, whose timings would mix two attempts."""
-    mode, quantize = split_sync(sync)
+    mode, quantize, fragments = split_sync(sync)
     point = TrainConfig(data=None, model=config.model, workers=workers, epochs=config.epochs, batch_size=batch_size,
                         sync=mode, quantize=quantize if workers > 1 else "none",  # alone, nothing is sent
+                        fragments=fragments if workers > 1 else 1,
                         sync_every=config.sync_every, train_fraction=fraction,
                         threads_per_worker=config.threads_per_worker, precision=config.precision, seed=config.seed,
                         image_size=config.image_size, max_restarts=0)  # recovery: auto, derived from the mode
@@ -103,7 +104,7 @@ def measure(run: TrainRun, sync: str, sync_every: str, repeat: int) -> Measureme
         return statistics.fmean(r[key] for r in epochs)
 
     steps = summary["stop_step"] // max(summary["epochs"], 1)
-    syncs = steps if sync == "allreduce" else (1 if sync_every == "epoch" else -(-steps // int(sync_every)))
+    syncs = syncs_in(steps, sync, sync_every)
     bytes_per_epoch = per_worker("bytes_exchanged")
     train_seconds, eval_seconds = per_epoch("epoch_seconds"), per_epoch("eval_seconds")
     data_seconds = per_worker("data_seconds")

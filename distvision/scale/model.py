@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from distvision.config import split_sync
 from distvision.errors import UserError
 from distvision.extras import require_extra
 
@@ -62,10 +63,17 @@ def syncs_per_epoch(samples: int, batch_size: int, sync: str, sync_every: str, w
     """Synchronisations in one epoch (none alone)."""
     if workers <= 1:
         return 0
-    steps = steps_per_epoch(samples, batch_size)
+    return syncs_in(steps_per_epoch(samples, batch_size), sync, sync_every)
+
+
+def syncs_in(steps: int, sync: str, sync_every: str) -> int:
+    """Synchronisations in an epoch of this many steps: every step (all-reduce), every H (local SGD, DiLoCo),
+    or every H/F under Streaming DiLoCo (a fragment each; the epoch's last sends them all)."""
     if sync == "allreduce":
         return steps
-    return 1 if sync_every == "epoch" else math.ceil(steps / int(sync_every))
+    if sync_every == "epoch":
+        return 1
+    return math.ceil(steps / max(1, int(sync_every) // split_sync(sync)[2]))
 
 
 @dataclass

@@ -45,17 +45,21 @@ def parse_list(text: str, kind: type, flag: str, minimum: float | None = None, m
     return values
 
 
-def parse_syncs(text: str) -> list[str]:
-    """--sync of scale and bench: modes, local-sgd and diloco also as MODE:int8 or MODE:int4 (--quantize)."""
-    from distvision.config import SYNC_MODES, split_sync
+def parse_syncs(text: str, sync_every: str | None = None) -> list[str]:
+    """--sync of scale and bench: modes, local-sgd and diloco also as MODE:int8 or MODE:int4 (--quantize),
+    diloco also with :fN (Streaming DiLoCo's --fragments N, which must divide `sync_every`)."""
+    from distvision.config import SYNC_MODES, check_fragments, split_sync
 
     syncs = [item.strip() for item in text.split(",")]
     for spec in syncs:
-        mode, quantize = split_sync(spec)
+        mode, quantize, fragments = split_sync(spec)
         if mode not in SYNC_MODES or quantize not in ("none", "int8", "int4") or (
-                quantize != "none" and mode == "allreduce"):
-            raise UserError(f"--sync: unknown mode {spec!r}; choose from {', '.join(SYNC_MODES)}, or local-sgd "
-                            "and diloco as MODE:int8 or MODE:int4 (their changes quantized)")
+                quantize != "none" and mode == "allreduce") or fragments < 1 or (fragments > 1 and mode != "diloco"):
+            raise UserError(f"--sync: unknown mode {spec!r}; choose from {', '.join(SYNC_MODES)}, local-sgd "
+                            "and diloco also as MODE:int8 or MODE:int4 (their changes quantized), diloco also "
+                            "with :fN (N fragments, e.g. diloco:int4:f4)")
+        if fragments > 1:
+            check_fragments(mode, sync_every, fragments)
     return syncs
 
 

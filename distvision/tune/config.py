@@ -25,6 +25,7 @@ class TuneConfig:
     sync: str = "allreduce"
     sync_every: str | None = None
     quantize: str = "none"
+    fragments: int = 1
     epochs: int | None = None  # the most a trial trains (pruners stop bad ones earlier); None: the recipe's
     sampler: str = "tpe"
     pruner: str = "asha"

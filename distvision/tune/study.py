@@ -106,7 +106,8 @@ def make_pruner(config: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-SYNC_DEFAULTS = {name: getattr(TuneConfig(), name) for name in ("sync", "sync_every", "quantize")}
+SYNC_DEFAULTS = {name: getattr(TuneConfig(), name) for name in ("sync", "sync_every", "quantize",
+                                                                   "fragments")}
 
 
 def load_study(config: TuneConfig, space: list[Dimension], epochs: int, create: bool) -> optuna.Study:

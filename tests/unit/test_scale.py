@@ -145,13 +145,24 @@ def test_the_model_covers_diloco_as_it_covers_local_sgd():
 def test_scale_and_bench_name_quantized_modes_and_their_runs_get_them():
     from distvision.config import split_sync
     from distvision.scale.grid import point_config
+    from distvision.scale.model import syncs_in
     from distvision.scale.settings import ScaleConfig, parse_syncs
 
     assert parse_syncs("allreduce, diloco:int4,local-sgd:int8") == ["allreduce", "diloco:int4", "local-sgd:int8"]
     for bad in ("allreduce:int8", "diloco:int2", "gossip"):
         with pytest.raises(UserError, match="unknown mode"):
             parse_syncs(bad)
-    assert split_sync("local-sgd") == ("local-sgd", "none")
+    assert split_sync("local-sgd") == ("local-sgd", "none", 1)
+    assert split_sync("diloco:int4:f4") == split_sync("diloco:f4:int4") == ("diloco", "int4", 4)
+    assert parse_syncs("diloco:f2,diloco:int8:f4", sync_every="32") == ["diloco:f2", "diloco:int8:f4"]
+    for bad, why in (("local-sgd:f2", "unknown mode"), ("diloco:f0", "unknown mode"), ("diloco:int4:int8", "unknown mode"),
+                     ("diloco:f3", "a multiple of it")):
+        with pytest.raises(UserError, match=why):
+            parse_syncs(bad, sync_every="32")
+    streaming = point_config(ScaleConfig(data=None, sync_every="32"), "diloco:int4:f4", 100, 2, 0.5)
+    assert (streaming.sync, streaming.quantize, streaming.fragments) == ("diloco", "int4", 4)
+    streaming.validate()
+    assert syncs_in(100, "diloco:int4:f4", "32") == 13 and syncs_in(100, "diloco:int4", "32") == 4
     point = point_config(ScaleConfig(data=None, sync_every="32"), "diloco:int4", 100, 2, 0.5)
     assert (point.sync, point.quantize, point.sync_every) == ("diloco", "int4", "32")
     point.validate()  # a quantized DiLoCo run the train command accepts
