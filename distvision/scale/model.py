@@ -29,7 +29,7 @@ from distvision.extras import require_extra
 with require_extra("scale", "distvision scale"):
     from scipy.optimize import nnls
 
-from distvision.scale.network import Network, wire_bytes
+from distvision.scale.network import Network, hops, wire_bytes
 
 TERM_NAMES = {
     "compute_per_sample": "compute per sample per worker (a)",
@@ -49,10 +49,15 @@ class Point:
     workers: int
     samples: int  # training samples in the epoch (D)
     batch_size: int  # global (B)
-    sync: str  # allreduce | local-sgd
-    sync_every: str  # local SGD's K, or "epoch"
+    sync: str  # a scale --sync spec: allreduce, local-sgd, diloco, with :int8|int4 and :fN
+    sync_every: str  # local SGD's and DiLoCo's K (H), or "epoch"
     payload_bytes: float  # bytes each worker puts into one synchronisation
     seconds: float = math.nan  # measured T: training plus evaluation of one epoch
+
+    @property
+    def gathered(self) -> bool:
+        """Its changes travel as codes (local-sgd:int8, diloco:int4:f4, ...), gathered rather than summed."""
+        return split_sync(self.sync)[1] != "none"
 
 
 def steps_per_epoch(samples: int, batch_size: int) -> int:
@@ -87,10 +92,10 @@ class PerformanceModel:
         """Predicted T for a point, on the measured network or another one."""
         network = network or self.network
         syncs = syncs_per_epoch(point.samples, point.batch_size, point.sync, point.sync_every, point.workers)
-        transport = network.all_reduce_seconds(point.workers, point.payload_bytes)
+        transport = network.exchange_seconds(point.workers, point.payload_bytes, point.gathered)
         if network is self.network and "seconds_per_byte" in self.fitted:
-            transport = (2 * (point.workers - 1) * network.latency
-                         + wire_bytes(point.workers, point.payload_bytes) * self.terms["seconds_per_byte"])
+            transport = (hops(point.workers, point.gathered) * network.latency
+                         + _sent(point) * self.terms["seconds_per_byte"])
         return (self.terms["compute_per_sample"] * point.samples / point.workers
                 + self.terms["compute_per_step"] * steps_per_epoch(point.samples, point.batch_size)
                 + syncs * (self.terms["sync_overhead"] + transport)
@@ -129,15 +134,14 @@ def fit_model(points: list[Point], network: Network) -> PerformanceModel:
     fit_beta = (len(payloads) > 1 and payloads.mean() > 0
                 and (payloads.max() - payloads.min()) / payloads.mean() > BYTES_SPREAD_TO_FIT_BETA)
     if fit_beta:
-        columns["seconds_per_byte"] = [_syncs(p) * wire_bytes(p.workers, p.payload_bytes) for p in points]
+        columns["seconds_per_byte"] = [_syncs(p) * _sent(p) for p in points]
     columns["evaluation"] = [1.0 / p.workers for p in points]
     columns["serial"] = [1.0] * len(points)
 
     measured = np.array([p.seconds for p in points])
     # What the network alone explains is known, not fitted: latency always, bandwidth unless fitted.
-    known = np.array([_syncs(p) * (2 * (p.workers - 1) * network.latency if p.workers > 1 else 0.0)
-                      + (0.0 if fit_beta else _syncs(p) * wire_bytes(p.workers, p.payload_bytes)
-                         * network.seconds_per_byte) for p in points])
+    known = np.array([_syncs(p) * hops(p.workers, p.gathered) * network.latency
+                      + (0.0 if fit_beta else _syncs(p) * _sent(p) * network.seconds_per_byte) for p in points])
     design = np.array(list(columns.values())).T
     if np.linalg.matrix_rank(design) < design.shape[1]:
         raise UserError(
@@ -182,6 +186,11 @@ def _weighted_fit(design: np.ndarray, target: np.ndarray, weights: np.ndarray,
         return solution, dict.fromkeys(names)
     covariance = float(residuals @ residuals) / spare * np.linalg.inv(weighted.T @ weighted)
     return solution, {name: float(math.sqrt(max(covariance[i, i], 0.0))) for i, name in enumerate(names)}
+
+
+def _sent(point: Point) -> float:
+    """Bytes each worker puts on its link in one of the point's synchronisations."""
+    return wire_bytes(point.workers, point.payload_bytes, point.gathered)
 
 
 def _syncs(point: Point) -> int:

@@ -1,7 +1,11 @@
 """Networks for the performance model: parsed from `--network 10gbit,50us`, or measured here.
 
 A ring all-reduce of P bytes over n workers takes 2(n-1) hops, each paying the latency, and puts
-2(n-1)/n x P bytes on every worker's link; that is how the model scales communication with n.
+2(n-1)/n x P bytes on every worker's link; that is how the model scales communication with n. A
+quantized exchange (--quantize) gathers its codes instead, since sums of codes would overflow: a ring
+all-gather takes n-1 hops and puts (n-1) x P on each link (P the worker's own codes), after the
+all-reduce of the round's small float32 part (its hops, its bytes within P). With 2 workers both send
+P; beyond 2, gathering costs more per byte than summing.
 """
 
 from __future__ import annotations
@@ -26,16 +30,22 @@ class Network:
     seconds_per_byte: float
     name: str
 
-    def all_reduce_seconds(self, workers: int, payload_bytes: float) -> float:
-        """Ring all-reduce of payload_bytes among `workers` (nothing to do alone)."""
-        if workers <= 1:
-            return 0.0
-        return 2 * (workers - 1) * self.latency + wire_bytes(workers, payload_bytes) * self.seconds_per_byte
+    def exchange_seconds(self, workers: int, payload_bytes: float, gathered: bool = False) -> float:
+        """One synchronisation of payload_bytes among `workers`: a ring all-reduce, or (gathered) the
+        quantized exchange's all-gather (nothing to do alone)."""
+        return hops(workers, gathered) * self.latency + wire_bytes(workers, payload_bytes, gathered) * self.seconds_per_byte
 
 
-def wire_bytes(workers: int, payload_bytes: float) -> float:
-    """Bytes each worker sends in a ring all-reduce of payload_bytes."""
-    return 2 * (workers - 1) / workers * payload_bytes if workers > 1 else 0.0
+def hops(workers: int, gathered: bool = False) -> int:
+    """Latency-paying steps of one synchronisation: a ring all-reduce's 2(n-1), plus the all-gather's n-1."""
+    return (3 if gathered else 2) * (workers - 1) if workers > 1 else 0
+
+
+def wire_bytes(workers: int, payload_bytes: float, gathered: bool = False) -> float:
+    """Bytes each worker sends in a ring all-reduce of payload_bytes, or in an all-gather of them."""
+    if workers <= 1:
+        return 0.0
+    return (workers - 1) * payload_bytes if gathered else 2 * (workers - 1) / workers * payload_bytes
 
 
 def parse_network(text: str) -> Network:

@@ -168,3 +168,21 @@ def test_scale_and_bench_name_quantized_modes_and_their_runs_get_them():
     point.validate()  # a quantized DiLoCo run the train command accepts
     alone = point_config(ScaleConfig(data=None, sync_every="32"), "local-sgd:int8", 100, 1, 0.5)
     assert alone.quantize == "none"  # one worker sends nothing: its run takes the restart path, which has no codes
+
+
+def test_quantized_codes_are_gathered_so_beyond_two_workers_they_cost_more_a_byte():
+    """Two workers send P either way; at n, an all-gather sends (n-1) P where a ring all-reduce sends
+    2(n-1)/n P, and takes n-1 more latency-paying hops."""
+    from distvision.scale.network import hops, wire_bytes
+
+    assert wire_bytes(2, 1e6, gathered=True) == wire_bytes(2, 1e6) == 1e6
+    assert wire_bytes(4, 1e6) == 1.5e6 and wire_bytes(4, 1e6, gathered=True) == 3e6
+    assert (hops(4), hops(4, gathered=True), hops(1, gathered=True)) == (6, 9, 0)
+    model = PerformanceModel(TRUE_TERMS, {}, LOCAL, [])
+    summed, coded = (Point(4, 50_000, 512, sync, "32", 1e6) for sync in ("diloco", "diloco:int4"))
+    assert coded.gathered and not summed.gathered
+    slow = parse_network("10mbit,1ms")  # 8e-7 s a byte
+    syncs = syncs_per_epoch(50_000, 512, "diloco", "32", 4)  # 98 steps: 4
+    extra = model.epoch_seconds(coded, slow) - model.epoch_seconds(summed, slow)
+    assert extra == pytest.approx(syncs * (3 * 1e-3 + 1.5e6 * 8e-7))
+    assert syncs_per_epoch(50_000, 512, "diloco:int4:f4", "32", 4) == 13  # a fragment every 8 steps
