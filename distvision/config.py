@@ -102,6 +102,18 @@ def check_fragments(sync: str, sync_every: str | None, fragments: int) -> None:
                         f"is synchronised every H/F steps (got {sync_every})")
 
 
+def check_overlap(sync: str, sync_every: str | None, fragments: int, overlap: int, mix: float) -> None:
+    """--overlap T: DiLoCo's, T inner steps inside a round of H/F, and a mix in [0, 1]."""
+    if sync != "diloco":
+        raise UserError(f"--overlap {overlap} applies to --sync diloco, not {sync}")
+    round_steps = int(sync_every) // fragments if (sync_every or "").isdigit() else 0
+    if not 0 < overlap < round_steps:
+        raise UserError(f"--overlap must be between 1 and a round's steps less one, H/F - 1 = {round_steps - 1} "
+                        f"(got {overlap})")
+    if not 0.0 <= mix <= 1.0:
+        raise UserError(f"--overlap-mix must be in [0, 1] (got {mix})")
+
+
 # --- The sections. Each one's fields, in the order --help lists them, and its own checks. ---
 
 @dataclass
@@ -213,6 +225,13 @@ class ParallelSettings:
                              "synchronised every H/F steps in turn (so each every H), all of them at an epoch's "
                              "end (default %(default)s: the whole model every H)", metavar="F",
                              recovery="live")
+    overlap: int = setting(0, "diloco: a round's exchange starts this many inner steps before the round ends, "
+                           "which run while it is in flight; then the synchronised weights are mixed with "
+                           "the ones those steps reached (Streaming DiLoCo's overlap; below H/F)", metavar="T",
+                           recovery="live")
+    overlap_mix: float = setting(0.5, "--overlap: the share of the local weights in that mix, alpha (default "
+                                 "%(default)s, the paper's; 0 takes the synchronised weights)", metavar="ALPHA",
+                                 recovery="live")
 
     @property
     def period(self) -> str:
@@ -240,6 +259,8 @@ class ParallelSettings:
                             "for gradients every step use --compress fp16 or bf16")
         if self.fragments != 1:
             check_fragments(self.sync, self.sync_every, self.fragments)
+        if self.overlap:
+            check_overlap(self.sync, self.sync_every, self.fragments, self.overlap, self.overlap_mix)
         if self.powersgd_rank < 1:
             raise UserError(f"--powersgd-rank must be at least 1 (got {self.powersgd_rank})")
         if self.base_batch_size is not None and self.base_batch_size < 1:

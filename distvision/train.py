@@ -108,6 +108,8 @@ def train_epoch(run: Run) -> str | None:
                 run.exchange.add(loss.item(), len(batch.local_indices), compute_seconds)
                 state.advance(batch.global_size)
                 membership.stepped()
+                if sync.launches_now(len(shares), epoch_size - state.cursor, run.recipe.batch_size):
+                    run.exchange.launch(sync.round_payload(before, room=0))  # --overlap: the rest overlaps it
                 if run.exchange.due(in_sync, batch.last):
                     break  # the round ends with the exchange (paced by the synchroniser)
             stop_reason, in_sync = end_round(run, before, shares, progress, in_sync)

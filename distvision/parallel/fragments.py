@@ -8,6 +8,10 @@ any one time are a fragment's, not the model's. Between its synchronisations a f
 each replica, as the whole model does under DiLoCo; so each fragment keeps its own agreed weights
 (its "anchor"), from its own last synchronisation. With one fragment this is DiLoCo as before.
 
+With --overlap T a round's exchange starts T steps before the round ends (parallel/sync.py decides
+when, training/exchange.py starts it and waits for it), and the outer step's result is mixed with the
+weights those T steps reached; the anchors take the unmixed result, which every replica shares.
+
 A round that ends an epoch synchronises every fragment, so that every replica evaluates and saves the
 same weights. The anchors change only when a round commits: a discarded round leaves them as they
 were, and is redone from its rollback. A replica that heals takes a peer's anchors and count of rounds

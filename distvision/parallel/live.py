@@ -157,16 +157,28 @@ class LiveReplica:
         participant, and run each of `on_group` (a function of the replica group that starts collectives
         of its own and returns their future), all in flight at once; False when a peer failed (the round
         will not commit, and the results are garbage). while_waiting runs while gloo's thread exchanges."""
+        in_flight = self.launch_sum(buffers, gathered, on_group)
+        if while_waiting:
+            while_waiting()
+        return in_flight()
+
+    def launch_sum(self, buffers: list[torch.Tensor], gathered: Sequence[torch.Tensor] = (),
+                   on_group: Sequence[Callable[[object], torch.futures.Future]] = (),
+                   ) -> Callable[[], tuple[bool, list[list[torch.Tensor]]]]:
+        """Start allreduce_sum's collectives and return the wait for them, which gives what it gives:
+        training goes on meanwhile (Streaming DiLoCo's overlap), within the round's quorum."""
         works = [self.manager.allreduce(buffer, reduce_op=ReduceOp.SUM) for buffer in buffers]
         gathers = [self._allgather(tensor) for tensor in gathered]
         launched = [self._on_group(launch) for launch in on_group]
-        if while_waiting:
-            while_waiting()
-        for work in works:
-            work.wait()
-        for future in [*(future for _, future in gathers), *launched]:
-            future.wait()
-        return self.manager.errored() is None, [outputs for outputs, _ in gathers]
+
+        def wait() -> tuple[bool, list[list[torch.Tensor]]]:
+            for work in works:
+                work.wait()
+            for future in [*(future for _, future in gathers), *launched]:
+                future.wait()
+            return self.manager.errored() is None, [outputs for outputs, _ in gathers]
+
+        return wait
 
     def _allgather(self, tensor: torch.Tensor) -> tuple[list[torch.Tensor], torch.futures.Future]:
         """Every participant's copy of `tensor` (torchft's Manager only sums)."""

@@ -241,6 +241,10 @@ class LiveMembership:
         self.clock.waiting()  # waiting for the peers: whoever is late is the one watched
         return self.replica.allreduce_sum(summed, while_waiting, gathered, on_group)
 
+    def launch(self, summed: list[torch.Tensor], gathered: list[torch.Tensor]) -> Callable[[], tuple]:
+        """Start exchange()'s collectives and return the wait for them (the round's steps go on meanwhile)."""
+        return self.replica.launch_sum(summed, gathered)
+
     def commit(self) -> bool:
         """torchft's commit (a barrier over this replica's group, a single process, which also ends the
         serving of the state a peer healed from) after a round that began with a quorum; between

@@ -102,11 +102,14 @@ class SyncSettings:
     outer_momentum: float = _FLAG_DEFAULTS.outer_momentum
     quantize: str = _FLAG_DEFAULTS.quantize  # local-sgd, diloco (live): the changes' wire codes
     fragments: int = _FLAG_DEFAULTS.fragments  # diloco: the model's fragments, one synchronised a round
+    overlap: int = _FLAG_DEFAULTS.overlap  # diloco: inner steps a round's exchange is in flight for
+    overlap_mix: float = _FLAG_DEFAULTS.overlap_mix  # the local weights' share after an overlapped round
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> SyncSettings:
         return cls(config.sync, config.period, config.sync_warmup, config.compress, config.powersgd_rank,
-                   config.outer_lr, config.outer_momentum, config.quantize, config.fragments)
+                   config.outer_lr, config.outer_momentum, config.quantize, config.fragments, config.overlap,
+                   config.overlap_mix)
 
 
 @dataclass
@@ -153,6 +156,7 @@ class Synchronizer:
         self.fragments = fragments  # DiLoCo's agreed weights (outer_fragments), resumed with it
         self.round_tensors = range(0)  # DiLoCo: the parameter tensors the round now ending sends
         self.payload_values = self.parameter_count  # live: the round's payload values before the statistics
+        self.launched = False  # --overlap: the round's payload is in flight, its steps go on
         # --quantize: this replica's error feedback on the changes it sends (live local SGD and DiLoCo).
         bits = QUANTIZE_BITS.get(settings.quantize)
         self.feedback = ErrorFeedback(self.parameter_count, bits) if bits and live else None
@@ -186,6 +190,14 @@ class Synchronizer:
             self.round_steps = 10**9
         else:  # Streaming DiLoCo: each fragment every H steps, one fragment a round
             self.round_steps = int(self.settings.every) // (self.fragments.count if self.fragments else 1)
+        self.launched = False
+
+    def launches_now(self, steps_in_round: int, samples_left: int, batch_size: int) -> bool:
+        """--overlap T: the round's exchange starts now, T steps before its end, unless the epoch's end
+        would cut the round short (that round sends every fragment, at its end)."""
+        overlap = self.settings.overlap
+        return (self.live and overlap > 0 and not self.round_averages_gradients and not self.launched
+                and steps_in_round == self.round_steps - overlap and samples_left > overlap * batch_size)
 
     def backward(self, loss_sum: torch.Tensor, local_count: int, global_count: int, world_size: int,
                  step: int) -> None:
@@ -259,6 +271,8 @@ class Synchronizer:
         made fastnet's steps 12% slower here (benchmarks/RESULTS.md, 2026-12-03)."""
         if not self.live:
             return None
+        if self.launched:  # sent already (--overlap): the round's end exchanges only the votes
+            return torch.zeros(room)
         replica = unwrap(self.model)
         parameters, buffers = trainable(replica), statistics_buffers(replica)
         self.payload_values = self.parameter_count
@@ -282,6 +296,8 @@ class Synchronizer:
         gathered. The rest, batch-norm statistics and the exchange's votes, counts and fingerprints,
         goes in float32, exactly. `unwire` puts the sums back into `packed`."""
         count = self.payload_values
+        if self.launched:
+            return Wire([packed])  # the votes after a payload sent early
         if self.quantizes_round:
             start = self.fragments.offset(self.round_tensors) if self.fragments else 0
             quantized = self.feedback.encode(packed[:count], start)
@@ -363,11 +379,16 @@ class Synchronizer:
             optimizer.zero_grad(set_to_none=True)
         elif self.settings.mode == "diloco":  # the outer step from the agreed weights, on the round's tensors
             sent = self.round_tensors
+            local = [parameters[index].detach().clone() for index in sent] if self.launched else []
             self.fragments.rewind(sent)
             unflatten_into(summed[:count] / participants, parameters[sent.start : sent.stop], as_grad=True)
             self.outer.step()  # a tensor without a gradient (another fragment's) is left as it is
             self.outer.zero_grad(set_to_none=True)
             self.fragments.committed(sent)
+            if self.launched:  # overlapped: mixed with where the steps in flight took this replica
+                with torch.no_grad():
+                    for parameter, reached in zip(parameters[sent.start : sent.stop], local, strict=True):
+                        parameter.lerp_(reached, self.settings.overlap_mix)
         elif self.feedback:  # local SGD's average: where the round began, plus the mean change
             unflatten_into(flatten(before.weights) + summed[:count] / participants, parameters, as_grad=False)
         else:

@@ -61,7 +61,16 @@ class StepExchange:
     def __init__(self, seat: Seat, sync: Synchronizer, membership: StaticMembership | None = None):
         self.seat, self.sync = seat, sync
         self.membership = membership or StaticMembership(seat)
+        self.in_flight = None  # --overlap: (wire, payload, wait) of the round's payload sent early
         self.start()
+
+    def launch(self, payload: torch.Tensor) -> None:
+        """Live, --overlap: start the round's payload exchange now; the round's steps go on while it is in
+        flight, and the round's end exchanges the votes and waits for it (both in the round's quorum)."""
+        wire = self.sync.wire(payload)
+        self.sync.stats.bytes_exchanged += wire.nbytes if self.seat.participants > 1 else 0
+        self.in_flight = (wire, payload, self.membership.launch(wire.summed, wire.gathered))
+        self.sync.launched = True
 
     def start(self) -> None:
         """Begin a segment of training: nothing pending, the pacing clock reset."""
@@ -116,12 +125,21 @@ class StepExchange:
                                                          _both(in_flight, self.sync.work_while_exchanging),
                                                          wire.on_group)
         self.sync.unwire(wire, packed, gathered)
+        launched, self.in_flight = self.in_flight, None
+        if launched:  # the payload sent early (--overlap): its sum, once it has landed
+            early_wire, early_payload, wait = launched
+            with self.sync.stats.timed(0):
+                landed, early_gathered = wait()
+            self.sync.unwire(early_wire, early_payload, early_gathered)
+            reduced = reduced and landed
         committed = self.membership.commit() and reduced
         self.start()  # a discarded round's losses and counts go with it: its steps are redone
         if not committed:
             return None
         if payload is not None:
             payload, shared = packed[: -len(shared)], packed[-len(shared):].double()
+            if launched:
+                payload = early_payload
         summed = dict(zip(SUMMED, shared[: len(SUMMED)].tolist()))
         result = ExchangeResult(**dict(summed, samples=int(summed["samples"])),
                                 compute_seconds=shared[per_rank : per_rank + world].numpy(),

@@ -96,14 +96,16 @@ def test_workers_stop_resumably_when_their_command_is_killed(data: Path, tmp_pat
     assert list_training_checkpoints(out)
 
 
-# Streaming DiLoCo with its changes quantized: the rollback also keeps the error feedback (a discarded
-# round's residual is not kept) and the fragments' agreed weights, the respawn takes its peer's (and
-# which fragment is next), and a kill while the codes are being gathered fails the round like a sum's.
+# Streaming DiLoCo with its changes quantized and overlapped: the rollback also keeps the error feedback
+# (a discarded round's residual is not kept) and the fragments' agreed weights, the respawn takes its
+# peer's (and which fragment is next), and a kill while the codes are being gathered (during the
+# round's last step, which runs while they are in flight) fails the round like a sum's.
 # PowerSGD: one-step rounds whose hook's state (error feedback, warm Q, count of rounds) is rolled back
 # with a discarded round, and whose count the respawn must take from its peer: with its own it would send
 # whole gradients while the peer sends P and Q.
 @pytest.mark.parametrize("sync", [["--sync", "local-sgd", "--sync-every", "4"],
-                                  ["--sync", "diloco", "--sync-every", "4", "--fragments", "2", "--quantize", "int4"],
+                                  ["--sync", "diloco", "--sync-every", "4", "--fragments", "2", "--quantize", "int4",
+                                   "--overlap", "1"],
                                   ["--compress", "powersgd", "--powersgd-rank", "1"]],
                          ids=["local-sgd", "streaming-diloco-int4", "powersgd"])
 def test_kills_roll_the_round_back(data: Path, tmp_path: Path, sync: list[str]):

@@ -88,12 +88,12 @@ def test_local_sgd_and_diloco_on_the_live_path(data: Path, local_sgd_run: Path, 
 
 
 def test_streaming_quantized_diloco_sends_a_fragment_a_round_as_codes_and_learns(data: Path, tmp_path: Path):
-    """--fragments 2 --quantize int8: each round of H/F = 2 local steps sends one fragment's change, the
-    fragments in turn, and the round that ends an epoch every fragment; as one byte a value plus a
-    float32 scale per 128 values (gathered), beside the float32 votes (summed); counted where they meet
-    the collectives."""
+    """--fragments 2 --quantize int8 --overlap 1: each round of H/F = 2 local steps sends one fragment's
+    change, the fragments in turn, and the round that ends an epoch every fragment; as one byte a value
+    plus a float32 scale per 128 values (gathered), sent a step before the round ends, beside the float32
+    votes (summed) at its end; counted where they meet the collectives."""
     summary = _train(data, tmp_path / "run", "--workers", "2", "--sync", "diloco", "--sync-every", "4",
-                     "--fragments", "2", "--quantize", "int8", *COMMON, "--recovery", "live")
+                     "--fragments", "2", "--quantize", "int8", "--overlap", "1", *COMMON, "--recovery", "live")
     sizes = [p.numel() for p in create("mlp", num_classes=3).parameters()]
     first, second = (sum(sizes[i] for i in fragment) for fragment in fragment_bounds(sizes, 2))
     room = len(SUMMED) + 3 * 2

@@ -167,3 +167,51 @@ def test_fragments_are_checked_before_anything_starts():
     TrainConfig(data=None, sync="diloco", sync_every="8", fragments=4, recovery="live").validate()
     with pytest.raises(UserError, match="more than this model's 6 parameter tensors"):
         outer_fragments(_model(), SyncSettings(mode="diloco", every="8", fragments=7))
+
+
+def test_an_overlapped_round_starts_its_exchange_t_steps_early_unless_the_epoch_would_cut_it():
+    sync, _, _, _ = _streaming_replica()
+    sync.settings.overlap = 1  # rounds of 2 steps: the exchange starts after the first
+    assert sync.launches_now(steps_in_round=1, samples_left=17, batch_size=8)
+    assert not sync.launches_now(steps_in_round=2, samples_left=17, batch_size=8)
+    # the next step ends the epoch: that round sends every fragment, at its end
+    assert not sync.launches_now(steps_in_round=1, samples_left=8, batch_size=8)
+    sync.launched = True
+    assert not sync.launches_now(steps_in_round=1, samples_left=17, batch_size=8)
+    sync.begin_round(step=2)
+    assert not sync.launched
+    sync.settings.overlap = 0
+    assert not sync.launches_now(steps_in_round=1, samples_left=17, batch_size=8)
+
+
+def test_an_overlapped_round_mixes_the_synchronised_fragment_with_the_steps_taken_meanwhile():
+    """The outer step as without overlap, from the change sent; then alpha of where the steps in flight
+    took the fragment; the agreed weights are the synchronised ones, without the mix."""
+    sync, model, optimizer, before = _streaming_replica()
+    sync.settings.overlap, sync.settings.overlap_mix = 1, 0.25
+    sent = sync.fragments.bounds[0]
+    payload = sync.round_payload(before, room=0)
+    sync.launched = True  # what StepExchange.launch marks
+    anchors = [a.clone() for a in sync.fragments.anchors]
+    at_launch = [p.detach().clone() for p in trainable(model)]
+    _drift(model, 0.5)  # the step taken while the exchange was in flight
+    assert sync.round_payload(before, room=3).tolist() == [0.0, 0.0, 0.0]  # the round's end: the votes alone
+    assert len(sync.wire(torch.zeros(3)).summed) == 1
+    sync.apply(payload, 1, before, optimizer)
+    for index in sent:
+        synchronised = anchors[index] - 0.7 * (1 + 0.9) * (anchors[index] - at_launch[index])
+        assert torch.allclose(sync.fragments.anchors[index], synchronised, atol=1e-6)
+        reached = at_launch[index] + 0.5
+        assert torch.allclose(trainable(model)[index], 0.75 * synchronised + 0.25 * reached, atol=1e-6)
+    other = trainable(model)[sent.stop]
+    assert torch.equal(other, at_launch[sent.stop] + 0.5)  # another fragment: untouched
+
+
+def test_overlap_is_checked_before_anything_starts():
+    with pytest.raises(UserError, match="applies to --sync diloco"):
+        TrainConfig(data=None, sync="local-sgd", overlap=1).validate()
+    with pytest.raises(UserError, match="H/F - 1 = 3"):
+        TrainConfig(data=None, sync="diloco", sync_every="8", fragments=2, overlap=4, recovery="live").validate()
+    with pytest.raises(UserError, match="--overlap-mix"):
+        TrainConfig(data=None, sync="diloco", sync_every="8", overlap=2, overlap_mix=1.5, recovery="live").validate()
+    TrainConfig(data=None, sync="diloco", sync_every="8", fragments=2, overlap=3, recovery="live").validate()
