@@ -4,7 +4,7 @@ veth pair whose bandwidth `tc tbf` limits, compared with `distvision scale`'s mo
     sudo python benchmarks/netns_scale.py --data ../shared/datasets/cifar10-jpg --model caffe-quick \
         --report /tmp/scale-caffe-quick --rates unlimited,1gbit,100mbit --fraction 0.1 --out /tmp/netns-scale
     sudo python benchmarks/netns_scale.py ... --rates unlimited,1gbit,100mbit,10mbit \
-        --modes allreduce,live:allreduce,live:diloco:32,live:diloco:32:int4
+        --modes allreduce,live:allreduce,live:diloco:32,live:diloco:32:int4,live:diloco:32:int4:f4:o2
 
 --report is a `distvision scale` report folder of the same model (its model.json supplies the fitted
 terms; without it nothing is predicted). Each rate and mode is one real 2-worker run over the veth
@@ -13,7 +13,7 @@ rendezvous and gloo. `live:MODE` (live membership, torchft): a Lighthouse in the
 bound to its veth address, and one `distvision train --lighthouse ... --bind ADDRESS` replica per
 namespace (torchft's servers and gloo advertise and listen on that address); MODE is allreduce,
 local-sgd:K or diloco:K, either of those two with :int8 or :int4 (--quantize), diloco also with :fN
-(--fragments N, Streaming DiLoCo). Latency (`--latency`) needs the kernel's netem qdisc; where it is
+(--fragments N, Streaming DiLoCo) and :oT (--overlap T). Latency (`--latency`) needs the kernel's netem qdisc; where it is
 missing (as on the machine this was written on) only the bandwidth is limited and that is said.
 Needs root and iproute2; otherwise it prints why and exits 0. Never run by the tests.
 """
@@ -156,7 +156,7 @@ def main() -> None:
                         "of the allreduce runs)")
     parser.add_argument("--rates", default="unlimited,1gbit,100mbit")
     parser.add_argument("--modes", default="allreduce", help="allreduce (restart path), live:allreduce, "
-                        "live:local-sgd:K[:int8|int4], live:diloco:K[:int8|int4][:fN]")
+                        "live:local-sgd:K[:int8|int4], live:diloco:K[:int8|int4][:fN][:oT]")
     parser.add_argument("--latency", help="added delay per direction, e.g. 1ms (needs netem)")
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=512)

@@ -155,6 +155,8 @@ def _add_tune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="as for train (local-sgd, diloco)")
     parser.add_argument("--fragments", type=int, default=tune_defaults.fragments, metavar="F",
                         help="as for train (diloco: Streaming DiLoCo)")
+    parser.add_argument("--overlap", type=int, default=tune_defaults.overlap, metavar="T",
+                        help="as for train (diloco)")
     parser.add_argument("--epochs", type=int, help="most epochs per trial (default: the recipe's)")
     parser.add_argument("--sampler", choices=SAMPLERS, default=tune_defaults.sampler,
                         help="Optuna's sampler: how the next trial's settings are chosen")
@@ -192,7 +194,8 @@ def _add_scale_arguments(parser: argparse.ArgumentParser) -> None:
                         help="global batch sizes (default %(default)s)")
     parser.add_argument("--sync", default=",".join(d.syncs), help="sync modes, from allreduce,local-sgd,diloco; "
                         "local-sgd:int8 or diloco:int4 quantize the changes, diloco:f4 syncs the model in 4 "
-                        "fragments (Streaming DiLoCo; both: diloco:int4:f4) (default %(default)s)")
+                        "fragments and diloco:o2 overlaps an exchange with 2 steps (Streaming DiLoCo; all: "
+                        "diloco:int4:f4:o2) (default %(default)s)")
     parser.add_argument("--sync-every", default=d.sync_every, help="local SGD's period K (default %(default)s)")
     parser.add_argument("--epochs", type=int, default=d.epochs, help="epochs of every run (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=d.repeats, help="runs per point; the median counts "
@@ -221,7 +224,8 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="list the problems and exit")
     parser.add_argument("--workers", default=",".join(map(str, d.workers)), help="worker counts (default %(default)s)")
     parser.add_argument("--sync", default=",".join(d.syncs), help="sync modes; local-sgd:int8 or diloco:int4 "
-                        "quantize the changes, diloco:f4 syncs the model in 4 fragments (default %(default)s)")
+                        "quantize the changes, diloco:f4 syncs the model in 4 fragments, diloco:o2 overlaps an "
+                        "exchange with 2 steps (default %(default)s)")
     parser.add_argument("--sync-every", default=d.sync_every, help="local SGD's period K (default %(default)s)")
     parser.add_argument("--max-epochs", type=int, help="cap every problem's epoch budget")
     parser.add_argument("--epochs-for", action="append", default=[], metavar="PROBLEM=EPOCHS",

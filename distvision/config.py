@@ -71,18 +71,19 @@ def help_with_default(help: str | None, default: object) -> str | None:
     return f"{help} (default %(default)s)" if help else "default %(default)s"
 
 
-def split_sync(spec: str) -> tuple[str, str, int]:
-    """A sync mode as scale and bench list it, MODE then optionally :int8|int4 (--quantize) and :fN
-    (--fragments), as (sync, quantize, fragments); a part it cannot read is kept as the quantize value,
-    which the caller refuses."""
+def split_sync(spec: str, alone: bool = False) -> dict:
+    """A sync mode as scale and bench list it, MODE then optionally :int8|int4 (--quantize), :fN
+    (--fragments) and :oT (--overlap), as TrainConfig's fields; a part it cannot read is kept as the
+    quantize value, which the caller refuses. `alone`: a single worker, which sends nothing, gets none of
+    the options."""
     mode, *options = spec.split(":")
-    quantize, fragments = "none", 1
+    fields = {"sync": mode, "quantize": "none", "fragments": 1, "overlap": 0}
     for option in options:
-        if option[:1] == "f" and option[1:].isdigit():
-            fragments = int(option[1:])
+        if option[:1] in ("f", "o") and option[1:].isdigit():
+            fields["fragments" if option[0] == "f" else "overlap"] = int(option[1:])
         else:
-            quantize = option if quantize == "none" else f"{quantize}:{option}"
-    return mode, quantize, fragments
+            fields["quantize"] = option if fields["quantize"] == "none" else f"{fields['quantize']}:{option}"
+    return {"sync": mode} if alone else fields
 
 
 def check_sync_every(value: str) -> None:

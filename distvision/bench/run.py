@@ -73,9 +73,8 @@ def _bench_problem(problem: Problem, config: BenchConfig, settings: BenchSetting
         for workers in sorted(config.workers):
             if workers == 1 and alone is not None:
                 continue
-            mode, quantize, fragments = split_sync(sync)  # alone, nothing is sent to quantize or fragment
-            run = run_train(replace(base, workers=workers, sync=mode, quantize=quantize if workers > 1 else "none",
-                                    fragments=fragments if workers > 1 else 1),
+            # alone, nothing is sent: no codes, fragments or overlap
+            run = run_train(replace(base, workers=workers, **split_sync(sync, alone=workers == 1)),
                             folder / ("w1" if workers == 1 else f"{sync}-w{workers}"))
             row = {"problem": problem.name, "model": problem.model, "sync": "-" if workers == 1 else sync,
                    "workers": workers, "test_accuracy": round(run.summary["test_accuracy"], 4),

@@ -77,10 +77,8 @@ def run_grid(config: ScaleConfig, out: Path, on_done=None) -> list[Measurement]:
 
 def point_config(config: ScaleConfig, sync: str, batch_size: int, workers: int, fraction: float) -> TrainConfig:
     """The training settings of one grid point: no restarts, whose timings would mix two attempts."""
-    mode, quantize, fragments = split_sync(sync)
     point = TrainConfig(data=None, model=config.model, workers=workers, epochs=config.epochs, batch_size=batch_size,
-                        sync=mode, quantize=quantize if workers > 1 else "none",  # alone, nothing is sent
-                        fragments=fragments if workers > 1 else 1,
+                        **split_sync(sync, alone=workers == 1),  # alone, nothing is sent: no codes, fragments
                         sync_every=config.sync_every, train_fraction=fraction,
                         threads_per_worker=config.threads_per_worker, precision=config.precision, seed=config.seed,
                         image_size=config.image_size, max_restarts=0)  # recovery: auto, derived from the mode

@@ -57,7 +57,7 @@ class Point:
     @property
     def gathered(self) -> bool:
         """Its changes travel as codes (local-sgd:int8, diloco:int4:f4, ...), gathered rather than summed."""
-        return split_sync(self.sync)[1] != "none"
+        return split_sync(self.sync)["quantize"] != "none"
 
 
 def steps_per_epoch(samples: int, batch_size: int) -> int:
@@ -78,7 +78,7 @@ def syncs_in(steps: int, sync: str, sync_every: str) -> int:
         return steps
     if sync_every == "epoch":
         return 1
-    return math.ceil(steps / max(1, int(sync_every) // split_sync(sync)[2]))
+    return math.ceil(steps / max(1, int(sync_every) // split_sync(sync)["fragments"]))
 
 
 @dataclass

@@ -47,19 +47,25 @@ def parse_list(text: str, kind: type, flag: str, minimum: float | None = None, m
 
 def parse_syncs(text: str, sync_every: str | None = None) -> list[str]:
     """--sync of scale and bench: modes, local-sgd and diloco also as MODE:int8 or MODE:int4 (--quantize),
-    diloco also with :fN (Streaming DiLoCo's --fragments N, which must divide `sync_every`)."""
-    from distvision.config import SYNC_MODES, check_fragments, split_sync
+    diloco also with :fN and :oT (Streaming DiLoCo's --fragments N and --overlap T, checked against
+    `sync_every`)."""
+    from distvision.config import SYNC_MODES, check_fragments, check_overlap, split_sync
 
     syncs = [item.strip() for item in text.split(",")]
     for spec in syncs:
-        mode, quantize, fragments = split_sync(spec)
+        fields = split_sync(spec)
+        mode, quantize, fragments, overlap = fields["sync"], fields["quantize"], fields["fragments"], fields["overlap"]
         if mode not in SYNC_MODES or quantize not in ("none", "int8", "int4") or (
-                quantize != "none" and mode == "allreduce") or fragments < 1 or (fragments > 1 and mode != "diloco"):
+                quantize != "none" and mode == "allreduce") or fragments < 1 or (
+                (fragments > 1 or overlap) and mode != "diloco"):
             raise UserError(f"--sync: unknown mode {spec!r}; choose from {', '.join(SYNC_MODES)}, local-sgd "
                             "and diloco also as MODE:int8 or MODE:int4 (their changes quantized), diloco also "
-                            "with :fN (N fragments, e.g. diloco:int4:f4)")
+                            "with :fN and :oT (N fragments, an exchange overlapping T steps, e.g. "
+                            "diloco:int4:f4:o2)")
         if fragments > 1:
             check_fragments(mode, sync_every, fragments)
+        if overlap:
+            check_overlap(mode, sync_every, fragments, overlap, 0.5)
     return syncs
 
 

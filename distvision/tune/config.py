@@ -26,6 +26,7 @@ class TuneConfig:
     sync_every: str | None = None
     quantize: str = "none"
     fragments: int = 1
+    overlap: int = 0
     epochs: int | None = None  # the most a trial trains (pruners stop bad ones earlier); None: the recipe's
     sampler: str = "tpe"
     pruner: str = "asha"

@@ -152,11 +152,13 @@ def test_scale_and_bench_name_quantized_modes_and_their_runs_get_them():
     for bad in ("allreduce:int8", "diloco:int2", "gossip"):
         with pytest.raises(UserError, match="unknown mode"):
             parse_syncs(bad)
-    assert split_sync("local-sgd") == ("local-sgd", "none", 1)
-    assert split_sync("diloco:int4:f4") == split_sync("diloco:f4:int4") == ("diloco", "int4", 4)
-    assert parse_syncs("diloco:f2,diloco:int8:f4", sync_every="32") == ["diloco:f2", "diloco:int8:f4"]
+    assert split_sync("local-sgd") == {"sync": "local-sgd", "quantize": "none", "fragments": 1, "overlap": 0}
+    assert split_sync("diloco:int4:f4:o2") == split_sync("diloco:o2:f4:int4") == {
+        "sync": "diloco", "quantize": "int4", "fragments": 4, "overlap": 2}
+    assert split_sync("diloco:int4:f4:o2", alone=True) == {"sync": "diloco"}
+    assert parse_syncs("diloco:f2,diloco:int8:f4:o1", sync_every="32") == ["diloco:f2", "diloco:int8:f4:o1"]
     for bad, why in (("local-sgd:f2", "unknown mode"), ("diloco:f0", "unknown mode"), ("diloco:int4:int8", "unknown mode"),
-                     ("diloco:f3", "a multiple of it")):
+                     ("local-sgd:o1", "unknown mode"), ("diloco:f3", "a multiple of it"), ("diloco:f4:o8", "H/F - 1 = 7")):
         with pytest.raises(UserError, match=why):
             parse_syncs(bad, sync_every="32")
     streaming = point_config(ScaleConfig(data=None, sync_every="32"), "diloco:int4:f4", 100, 2, 0.5)

@@ -83,18 +83,20 @@ def test_a_trial_trains_with_its_parameters_on_workers_per_trial_workers(tmp_pat
 
 def test_every_trial_synchronises_as_the_search_says_and_a_study_is_not_mixed_across_modes(tmp_path):
     config = TuneConfig(data="images", model="mlp", workers_per_trial=2, sync="diloco", sync_every="8",
-                        quantize="int4", fragments=2, out=str(tmp_path))
+                        quantize="int4", fragments=2, overlap=1, out=str(tmp_path))
     values = trial_config(config, epochs=4, params={"lr": 0.02})
     TrainConfig(**values).validate()
     argv = training_command(TrainConfig(**values, out=str(tmp_path)))
-    for flag, value in (("--sync", "diloco"), ("--sync-every", "8"), ("--quantize", "int4"), ("--fragments", "2")):
+    for flag, value in (("--sync", "diloco"), ("--sync-every", "8"), ("--quantize", "int4"), ("--fragments", "2"),
+                        ("--overlap", "1")):
         assert argv[argv.index(flag) + 1] == value
     load_study(config, SPACE, epochs=4, create=True)
     with pytest.raises(UserError, match="started with other quantize \\(quantize='int4'\\)"):
         load_study(replace(config, quantize="none"), SPACE, epochs=4, create=False)
     with pytest.raises(UserError, match="started with other fragments"):
         load_study(replace(config, fragments=4), SPACE, epochs=4, create=False)
-    plain = replace(config, sync="allreduce", sync_every=None, quantize="none", fragments=1, study="plain")
+    plain = replace(config, sync="allreduce", sync_every=None, quantize="none", fragments=1, overlap=0,
+                    study="plain")
     load_study(plain, SPACE, epochs=4, create=True)
     assert "sync" not in load_study(plain, SPACE, epochs=4, create=False).user_attrs["settings"]
 
