@@ -242,6 +242,7 @@ def finish(run: Run, stop_reason: str | None, last_test: tuple[int, EvalResult] 
         "batch_shares": run.balancer.shares.round(4).tolist(), "skipped_files": manifest["skipped_files"],
         "data": str(manifest["source"]), "prepared_data": str(run.prepared.path),
         "data_on_device": not isinstance(run.prepared.train_images, np.ndarray),
+        "overlapped_rounds": run.exchange.launches,
     })
     leave_process_group()
     return summary

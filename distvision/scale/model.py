@@ -49,7 +49,7 @@ class Point:
     workers: int
     samples: int  # training samples in the epoch (D)
     batch_size: int  # global (B)
-    sync: str  # a scale --sync spec: allreduce, local-sgd, diloco, with :int8|int4 and :fN
+    sync: str  # a scale --sync spec: allreduce, local-sgd, diloco, with :int8|int4, :fN and :oT
     sync_every: str  # local SGD's and DiLoCo's K (H), or "epoch"
     payload_bytes: float  # bytes each worker puts into one synchronisation
     seconds: float = math.nan  # measured T: training plus evaluation of one epoch

@@ -62,6 +62,7 @@ class StepExchange:
         self.seat, self.sync = seat, sync
         self.membership = membership or StaticMembership(seat)
         self.in_flight = None  # --overlap: (wire, payload, wait) of the round's payload sent early
+        self.launches = 0  # rounds whose payload this replica sent early (summary.json's overlapped_rounds)
         self.start()
 
     def launch(self, payload: torch.Tensor) -> None:
@@ -71,6 +72,7 @@ class StepExchange:
         self.sync.stats.bytes_exchanged += wire.nbytes if self.seat.participants > 1 else 0
         self.in_flight = (wire, payload, self.membership.launch(wire.summed, wire.gathered))
         self.sync.launched = True
+        self.launches += 1
 
     def start(self) -> None:
         """Begin a segment of training: nothing pending, the pacing clock reset."""

@@ -133,7 +133,10 @@ class Reporter:
             "stop_epoch": len(history),
             "stop_step": state.step,
             "sync": {"mode": config.sync, "every": config.period, "warmup": config.sync_warmup,
-                     "compress": config.compress, "balance": config.balance},
+                     "compress": config.compress, "balance": config.balance, "quantize": config.quantize,
+                     "fragments": config.fragments, "overlap": config.overlap,
+                     # this replica's rounds whose exchange overlapped their last steps (--overlap)
+                     "overlapped_rounds": facts["overlapped_rounds"]},
             # Per worker and summed over epochs; seconds blocked in collectives include waiting for peers.
             "compute_seconds": _per_worker_sum(history, "compute_seconds", self.seat.participants),
             "communication_seconds": _per_worker_sum(history, "communication_seconds", self.seat.participants),
