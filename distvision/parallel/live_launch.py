@@ -89,6 +89,7 @@ def launch_live(work: Callable[[dict[str, str], object], None], workers: int, ma
             STARTED_AT_VARIABLE: repr(time.time())}
 
     progress: dict[int, object] = {}  # per replica, what the watchdog reads (parallel/watchdog.py)
+    cpu_waits = watchdog.CpuWaits()  # and how long each has waited for a CPU, which it does not count
 
     def spawn(number: int, joining: bool, first: bool = False):
         environment = dict(base, **{REPLICA_VARIABLE: str(number), JOINING_VARIABLE: "1" if joining else "0",
@@ -108,7 +109,7 @@ def launch_live(work: Callable[[dict[str, str], object], None], workers: int, ma
             wait([process.sentinel for process in running.values()], timeout=0.5)
             if stop.signal_number:
                 stop.forward(running.values())
-            kill_stuck(running, progress)
+            kill_stuck(running, progress, cpu_waits)
             if restarts_due and current_step() >= restarts_due[0]:
                 restarts_due.pop(0)
                 print("distvision: debug fault: restarting the Lighthouse", file=sys.stderr, flush=True)
@@ -200,12 +201,13 @@ def stop_with_launcher() -> None:
     threading.Thread(target=follow, name="follow-launcher", daemon=True).start()
 
 
-def kill_stuck(running: dict, progress: dict) -> None:
+def kill_stuck(running: dict, progress: dict, cpu_waits: watchdog.CpuWaits) -> None:
     """The watchdog: SIGKILL a replica that has computed one step for longer than its bound (its Python
     stuck while torchft's heartbeat thread runs); the loop then respawns it like any dead replica."""
     now = time.time()
     for number, process in running.items():
-        seconds = watchdog.overdue(progress[number], now)
+        starved = cpu_waits.during_step(number, process.pid, progress[number][0])
+        seconds = watchdog.overdue(progress[number], now, starved)
         if seconds is not None and process.exitcode is None:
             print(f"distvision: replica {number} has been on one step for {seconds:.0f} s (its bound: "
                   f"{progress[number][1]:.0f} s); killing it, to be respawned", file=sys.stderr, flush=True)

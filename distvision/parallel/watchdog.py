@@ -10,7 +10,11 @@ kills a replica past that bound; its sockets close, so its peers' all-reduce fai
 on without it, and the launcher respawns it into the job, where it heals.
 
 Waiting is never watched: a replica waiting in a collective is waiting for someone else, who is the
-one watched. Evaluation is not watched either (its length is not a round's).
+one watched. Evaluation is not watched either (its length is not a round's). Nor is the time a replica
+spends waiting for a CPU (the kernel's run-queue wait, /proc/PID/schedstat): an overloaded machine
+slows every replica's step at once, and killing them for it threw their work away (seen with a
+training at low priority beside a busy one: both replicas killed, the run back to its checkpoint),
+while a stuck replica, sleeping in a deadlock or spinning on a CPU it has, does not wait for one.
 """
 
 from __future__ import annotations
@@ -58,9 +62,11 @@ class ComputeClock:
             threading.Thread(target=self._watch, name="progress-watchdog", daemon=True).start()
 
     def _watch(self) -> None:
+        waits = CpuWaits()
         while True:
             time.sleep(1.0)
-            seconds = overdue(self.shared, time.time())
+            since = self.shared[0]
+            seconds = overdue(self.shared, time.time(), waits.during_step(0, os.getpid(), since))
             if seconds is not None:
                 print(f"distvision: this replica has been on one step for {seconds:.0f} s (its bound: "
                       f"{self.shared[1]:.0f} s); exiting, to be restarted", file=sys.stderr, flush=True)
@@ -96,10 +102,37 @@ class ComputeClock:
             self.shared[0] = since
 
 
-def overdue(shared, now: float) -> float | None:
-    """The launcher's side: how long the replica has computed, if past its bound; else None."""
+def overdue(shared, now: float, starved: float = 0.0) -> float | None:
+    """The launcher's side: how long the replica has computed (its step's wall time less the `starved`
+    seconds it waited for a CPU meanwhile), if past its bound; else None."""
     since, bound = shared[0], shared[1]
-    return now - since if since and now - since > bound else None
+    computed = now - since - starved
+    return computed if since and computed > bound else None
+
+
+def runqueue_seconds(pid: int) -> float:
+    """Seconds the process's main thread has waited, runnable, for a CPU (0 where Linux's schedstat is
+    not there to read)."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as stats:
+            return int(stats.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class CpuWaits:
+    """The seconds each watched replica has waited for a CPU since its current step began."""
+
+    def __init__(self):
+        self.marks: dict = {}  # per replica: (the step's start, the run-queue wait then)
+
+    def during_step(self, replica, pid: int, since: float) -> float:
+        waited = runqueue_seconds(pid)
+        mark = self.marks.get(replica)
+        if mark is None or mark[0] != since:  # a new step: count from here
+            self.marks[replica] = (since, waited)
+            return 0.0
+        return waited - mark[1]
 
 
 def run_ended(shared) -> bool:

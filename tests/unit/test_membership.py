@@ -3,6 +3,8 @@ events, the shares of a round after a change of participants, and DiLoCo's outer
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -179,6 +181,25 @@ def clone_model(model: torch.nn.Module) -> torch.nn.Module:
     copy = _model()
     copy.load_state_dict(model.state_dict())
     return copy
+
+
+def test_the_watchdog_does_not_count_the_time_a_replica_waited_for_a_cpu():
+    """A step 20 s long of which 12 s were spent runnable but not running (an overloaded machine) has
+    computed 8 s: within a 10 s bound. The run-queue wait is read from the kernel, counted per step."""
+    from distvision.parallel import watchdog
+
+    shared = [100.0, 10.0, 0.0]  # computing since t=100, bound 10 s
+    assert watchdog.overdue(shared, 120.0) == 20.0
+    assert watchdog.overdue(shared, 120.0, starved=12.0) is None
+    assert watchdog.overdue(shared, 125.0, starved=12.0) == 13.0
+    waits = watchdog.CpuWaits()
+    me = os.getpid()
+    assert waits.during_step("r", me, since=100.0) == 0.0  # the step's first look marks where it starts
+    sum(range(200_000))  # some work of this thread's
+    later = waits.during_step("r", me, since=100.0)
+    assert later >= 0.0 and watchdog.runqueue_seconds(me) >= later
+    assert waits.during_step("r", me, since=130.0) == 0.0  # a new step counts from its own start
+    assert watchdog.runqueue_seconds(2**22 + 12345) == 0.0  # no such process: nothing to subtract
 
 
 def test_the_watchdog_bounds_a_step_by_the_recent_median_and_ignores_waiting():
