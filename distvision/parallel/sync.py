@@ -341,17 +341,19 @@ class Synchronizer:
 
     def agreed_tensors(self) -> list[torch.Tensor]:
         """What every replica holds alike at a round's start, compared at quorums: the whole replica,
-        or under Streaming DiLoCo the agreed weights (each fragment runs free between its rounds) and
-        the statistics (averaged every round)."""
+        or under DiLoCo the agreed weights (with fragments, each runs free between its rounds; with
+        --overlap, a round ends on a mix with each replica's own steps) and the statistics (averaged
+        every round)."""
         replica = unwrap(self.model)
-        if self.fragments and self.fragments.count > 1:
+        if self.fragments:
             return [*self.fragments.agreed(), *replica.buffers()]
         return [*replica.parameters(), *replica.buffers()]
 
     def settle(self) -> None:
-        """A run ending between Streaming DiLoCo's synchronisations takes the agreed weights, the same on
-        every replica (a no-op right after an epoch's end, which synchronises every fragment)."""
-        if self.fragments and self.fragments.count > 1:
+        """A DiLoCo run ending between synchronisations takes the agreed weights, the same on every
+        replica (a no-op right after a round that mixed nothing, such as an epoch's end, which sends
+        every fragment and is not overlapped)."""
+        if self.fragments:
             self.fragments.settle()
 
     def healed(self) -> None:
