@@ -216,7 +216,7 @@ def finish(run: Run, stop_reason: str | None, last_test: tuple[int, EvalResult] 
         leave_process_group()
         return None
     replica = unwrap(run.model)
-    run.sync.settle()  # Streaming DiLoCo ending between synchronisations: every replica the same weights
+    run.sync.settle()  # DiLoCo ending between synchronisations (fragments, a mix): the agreed weights
     if run.lookahead:
         run.lookahead.finish(replica)  # the run's result is the average the lookahead kept
     # The last epoch's evaluation measured these very weights one plain view per image, unless
