@@ -63,9 +63,13 @@ class OuterFragments:
             return range(len(self.parameters))
         return self.bounds[self.rounds % self.count]
 
+    def values(self, tensors: range) -> int:
+        """How many values these tensors hold."""
+        return sum(self.parameters[index].numel() for index in tensors)
+
     def offset(self, tensors: range) -> int:
         """Where these tensors' values start in the whole model's flat vector."""
-        return sum(self.parameters[index].numel() for index in range(tensors.start))
+        return self.values(range(tensors.start))
 
     def changes(self, tensors: range) -> list[torch.Tensor]:
         """The pseudo-gradient of these tensors: agreed weights minus this replica's."""

@@ -155,7 +155,6 @@ class Synchronizer:
         self.outer = outer  # DiLoCo's outer optimizer (outer_optimizer), resumed before the wrapping
         self.fragments = fragments  # DiLoCo's agreed weights (outer_fragments), resumed with it
         self.round_tensors = range(0)  # DiLoCo: the parameter tensors the round now ending sends
-        self.payload_values = self.parameter_count  # live: the round's payload values before the statistics
         self.launched = False  # --overlap: the round's payload is in flight, its steps go on
         # --quantize: this replica's error feedback on the changes it sends (live local SGD and DiLoCo).
         bits = QUANTIZE_BITS.get(settings.quantize)
@@ -275,15 +274,12 @@ class Synchronizer:
             return torch.zeros(room)
         replica = unwrap(self.model)
         parameters, buffers = trainable(replica), statistics_buffers(replica)
-        self.payload_values = self.parameter_count
         if self.round_averages_gradients:
             gradients = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
             return flatten([*gradients, *buffers], room)
         if self.settings.mode == "diloco":
             self.round_tensors = self.fragments.this_round(ends_epoch)
-            changes = self.fragments.changes(self.round_tensors)
-            self.payload_values = sum(change.numel() for change in changes)
-            return flatten([*changes, *buffers], room)
+            return flatten([*self.fragments.changes(self.round_tensors), *buffers], room)
         if self.feedback:  # quantized local SGD sends the change too: the average is the start plus its mean
             changes = [p.detach() - original for p, original in zip(parameters, before.weights, strict=True)]
             return flatten([*changes, *buffers], room)
@@ -327,6 +323,14 @@ class Synchronizer:
             packed[: self.parameter_count].mul_(self.low_rank.group_size)
         else:
             restore_half_precision(wire.summed, packed)
+
+    @property
+    def payload_values(self) -> int:
+        """Live: the round's payload values before the statistics: one per trainable parameter, or under
+        DiLoCo one per value of the tensors the round sends."""
+        if self.settings.mode == "diloco" and not self.round_averages_gradients:
+            return self.fragments.values(self.round_tensors)
+        return self.parameter_count
 
     @property
     def quantizes_round(self) -> bool:
