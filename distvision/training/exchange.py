@@ -69,8 +69,8 @@ class StepExchange:
         """Live, --overlap: start the round's payload exchange now; the round's steps go on while it is in
         flight, and the round's end exchanges the votes and waits for it (both in the round's quorum)."""
         wire = self.sync.wire(payload)
-        self.sync.stats.bytes_exchanged += wire.nbytes if self.seat.participants > 1 else 0
-        self.in_flight = (wire, payload, self.membership.launch(wire.summed, wire.gathered))
+        with self.sync.stats.timed(wire.nbytes if self.seat.participants > 1 else 0):
+            self.in_flight = (wire, payload, self.membership.launch(wire.summed, wire.gathered))
         self.sync.launched = True
         self.launches += 1
 
