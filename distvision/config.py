@@ -92,6 +92,11 @@ def check_sync_every(value: str) -> None:
         raise UserError(f"--sync-every must be a step count >= 1 or 'epoch' (got {value!r})")
 
 
+def steps_per_round(sync_every: str, fragments: int = 1) -> int:
+    """Local steps between synchronisations: K (H), or H/F under Streaming DiLoCo, a fragment a round."""
+    return int(sync_every) // fragments
+
+
 def check_fragments(sync: str, sync_every: str | None, fragments: int) -> None:
     """--fragments F: DiLoCo's, and its H a multiple of F, so that the fragments' rounds stagger evenly."""
     if fragments < 1:
@@ -107,7 +112,7 @@ def check_overlap(sync: str, sync_every: str | None, fragments: int, overlap: in
     """--overlap T: DiLoCo's, T inner steps inside a round of H/F, and a mix in [0, 1]."""
     if sync != "diloco":
         raise UserError(f"--overlap {overlap} applies to --sync diloco, not {sync}")
-    round_steps = int(sync_every) // fragments if (sync_every or "").isdigit() else 0
+    round_steps = steps_per_round(sync_every, fragments) if (sync_every or "").isdigit() else 0
     if not 0 < overlap < round_steps:
         raise UserError(f"--overlap must be between 1 and a round's steps less one, H/F - 1 = {round_steps - 1} "
                         f"(got {overlap})")

@@ -37,7 +37,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
 from torch.nn.parallel import DistributedDataParallel
 
-from distvision.config import SYNC_MODES, ParallelSettings, TrainConfig
+from distvision.config import SYNC_MODES, ParallelSettings, TrainConfig, steps_per_round
 from distvision.errors import UserError
 from distvision.parallel.fragments import OuterFragments
 from distvision.parallel.low_rank import LowRankGradients
@@ -188,7 +188,7 @@ class Synchronizer:
         elif self.settings.every == "epoch":
             self.round_steps = 10**9
         else:  # Streaming DiLoCo: each fragment every H steps, one fragment a round
-            self.round_steps = int(self.settings.every) // (self.fragments.count if self.fragments else 1)
+            self.round_steps = steps_per_round(self.settings.every, self.fragments.count if self.fragments else 1)
         self.launched = False
 
     def launches_now(self, steps_in_round: int, samples_left: int, batch_size: int) -> bool:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from distvision.config import split_sync
+from distvision.config import split_sync, steps_per_round
 from distvision.errors import UserError
 from distvision.extras import require_extra
 
@@ -78,7 +78,7 @@ def syncs_in(steps: int, sync: str, sync_every: str) -> int:
         return steps
     if sync_every == "epoch":
         return 1
-    return math.ceil(steps / max(1, int(sync_every) // split_sync(sync)["fragments"]))
+    return math.ceil(steps / max(1, steps_per_round(sync_every, split_sync(sync)["fragments"])))
 
 
 @dataclass
