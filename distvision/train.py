@@ -143,11 +143,10 @@ def end_round(run: Run, before: Rollback | None, shares: list, progress: Progres
     if shared.payload is not None:
         run.sync.apply(shared.payload, run.seat.participants, before, run.optimizer)
         in_sync = True
-        if run.lookahead:  # once at the round's end if it crossed a pull, the same on every replica
-            last_pull = state.step - state.step % run.lookahead.every
-            if last_pull > before.step:
-                run.lookahead.maybe_update(unwrap(run.model), last_pull, run.progress_fraction())
-                run.sync.weights_moved()
+        # once at the round's end if it crossed a pull, the same on every replica
+        if run.lookahead and run.lookahead.catch_up(unwrap(run.model), before.step, state.step,
+                                                    run.progress_fraction()):
+            run.sync.weights_moved()
     membership.committed(state.step)
     if run.audit:  # live: each committer records the whole batch too, which the committed sum holds
         for step, local, whole in shares:

@@ -108,6 +108,18 @@ class Lookahead:
             self._pull(model, self.decay(progress))
 
     @torch.no_grad()
+    def catch_up(self, model: nn.Module, after_step: int, to_step: int, progress: float) -> bool:
+        """Once, at a round's end, every pull the steps (after_step, to_step] crossed: a replica that
+        synchronises every K steps pulls only where the weights agree. One pull with the decay raised to
+        the number crossed keeps the average's memory in steps what the recipe's is (a decay of 0.77
+        applied once per 24 steps would remember five times as long); a round of one step is exactly
+        `maybe_update`. Returns whether it pulled."""
+        pulls = to_step // self.every - after_step // self.every
+        if pulls > 0:
+            self._pull(model, self.decay(progress) ** pulls)
+        return pulls > 0
+
+    @torch.no_grad()
     def finish(self, model: nn.Module) -> None:
         """Make the weights the average. Under local SGD each replica kept its own average: they
         are averaged across workers first, so every worker ends with the same model."""

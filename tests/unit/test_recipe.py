@@ -188,6 +188,36 @@ def test_lookahead_lowers_the_loss_of_noisy_sgd(one_thread):
     assert averaged_loss < 0.9 * plain_loss and averaged_accuracy >= plain_accuracy
 
 
+def test_a_round_s_catch_up_pull_weighs_each_pull_it_crossed():
+    """Under local SGD the lookahead pulls once per round: a round of one step is exactly the per-step
+    pull, and a round that crossed n pulls forgets the old average as n pulls would."""
+    def fresh() -> tuple[nn.Module, Lookahead]:
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        return model, Lookahead(model, 5)
+
+    def moved(model: nn.Module) -> None:
+        with torch.no_grad():
+            model.weight.add_(1.0)
+
+    per_step, by_step = fresh()
+    per_round, by_round = fresh()
+    for step in range(10):  # one-step rounds: both ways pull at steps 5 and 10
+        moved(per_step)
+        moved(per_round)
+        by_step.maybe_update(per_step, step + 1, 0.9)
+        assert by_round.catch_up(per_round, step, step + 1, 0.9) == ((step + 1) % 5 == 0)
+    assert torch.equal(per_step.weight, per_round.weight)
+
+    model, lookahead = fresh()
+    start = model.weight.detach().clone()
+    moved(model)
+    assert not lookahead.catch_up(model, 1, 4, 0.9)  # no multiple of 5 in (1, 4]
+    assert lookahead.catch_up(model, 3, 21, 0.9)  # 5, 10, 15, 20: four pulls
+    kept = lookahead.decay(0.9) ** 4
+    assert torch.allclose(model.weight, start + (1 - kept))
+
+
 def test_trick_switches_reach_the_recipe():
     args = build_parser().parse_args(["train", "--model", "fastnet", "--no-whiten", "--no-ema", "--no-tta"])
     assert args.disable == ["whiten", "ema", "tta"]
