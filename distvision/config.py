@@ -97,6 +97,17 @@ def steps_per_round(sync_every: str, fragments: int = 1) -> int:
     return int(sync_every) // fragments
 
 
+def steps_this_round(steps_left: int, most: int) -> int:
+    """The steps of a round that starts `steps_left` steps before the epoch's end: the rest of the epoch
+    cut into as few rounds of at most `most` steps as it takes (as many as cutting every `most` steps),
+    as even as they go, the longer first (so a short round, if any, is the epoch's last, which sends
+    every fragment at its end anyway and has nothing to overlap). An epoch of 49 steps at K = 24 runs
+    17, 16 and 16 steps between synchronisations, not 24, 24 and 1: the same bytes, the longest drift
+    a third shorter."""
+    rounds = max(1, -(-steps_left // most))
+    return max(1, -(-steps_left // rounds))
+
+
 def check_fragments(sync: str, sync_every: str | None, fragments: int) -> None:
     """--fragments F: DiLoCo's, and its H a multiple of F, so that the fragments' rounds stagger evenly."""
     if fragments < 1:

@@ -76,12 +76,13 @@ def train_epoch(run: Run) -> str | None:
         if state.epoch != epoch:
             break  # healed from a peer already past this epoch's end
         run.balancer.resize(run.seat.participants)
-        sync.begin_round(state.step)
+        remaining = run.batches.remaining(epoch, state.cursor)
+        sync.begin_round(state.step, steps_left=len(remaining))
         before = (Rollback.take(unwrap(model), optimizer, state.cursor, state.step,
                                 keep_weights=not sync.round_averages_gradients) if membership.live else None)
         shares = []
         with membership.busy:
-            for batch in run.batches.load(epoch, run.batches.remaining(epoch, state.cursor)):
+            for batch in run.batches.load(epoch, remaining):
                 step_started, communication_before = time.perf_counter(), sync.stats.communication_seconds
                 shares.append((state.step, batch.local_indices, batch.global_indices))
                 run.faults.before_exchange_of_gradients()

@@ -37,7 +37,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
 from torch.nn.parallel import DistributedDataParallel
 
-from distvision.config import SYNC_MODES, ParallelSettings, TrainConfig, steps_per_round
+from distvision.config import SYNC_MODES, ParallelSettings, TrainConfig, steps_per_round, steps_this_round
 from distvision.errors import UserError
 from distvision.parallel.fragments import OuterFragments
 from distvision.parallel.low_rank import LowRankGradients
@@ -180,15 +180,20 @@ class Synchronizer:
     def averages_gradients(self, step: int) -> bool:
         return self.settings.mode == "allreduce" or step < self.settings.warmup
 
-    def begin_round(self, step: int) -> None:
-        """A round starts at this step: live, it lasts one step when averaging gradients, else the period."""
+    def begin_round(self, step: int, steps_left: int) -> None:
+        """A round starts at this step, `steps_left` steps before the epoch's end: it lasts one step when
+        averaging gradients, else the period's share of the epoch's rest (steps_this_round). On the
+        restart path a round may end at an exchange of votes between averagings: the period, fixed at
+        its averaging, runs on."""
         self.round_averages_gradients = self.averages_gradients(step)
         if self.round_averages_gradients:
             self.round_steps = 1
         elif self.settings.every == "epoch":
             self.round_steps = 10**9
-        else:  # Streaming DiLoCo: each fragment every H steps, one fragment a round
-            self.round_steps = steps_per_round(self.settings.every, self.fragments.count if self.fragments else 1)
+        elif self.live or self._since_average == 0:
+            # Streaming DiLoCo: each fragment every H steps, one fragment a round
+            most = steps_per_round(self.settings.every, self.fragments.count if self.fragments else 1)
+            self.round_steps = steps_this_round(steps_left, most)
         self.launched = False
 
     def launches_now(self, steps_in_round: int, samples_left: int, batch_size: int) -> bool:
@@ -223,7 +228,7 @@ class Synchronizer:
             return True
         self._since_average += 1
         every = self.settings.every
-        due = last_of_epoch or (every != "epoch" and self._since_average >= int(every))
+        due = last_of_epoch or (every != "epoch" and self._since_average >= self.round_steps)
         if due:
             self.average_replicas()
         return due

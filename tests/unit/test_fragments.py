@@ -106,7 +106,7 @@ def _streaming_replica(fragments: int = 2, seed: int = 1):
     sync = Synchronizer(model, settings, torch.device("cpu"), live=True, outer=outer_optimizer(model, settings),
                         fragments=agreed)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    sync.begin_round(step=0)
+    sync.begin_round(step=0, steps_left=100)
     before = Rollback.take(model, optimizer, 0, 0, keep_weights=True)
     torch.manual_seed(seed)
     for _ in range(2):
@@ -181,7 +181,7 @@ def test_an_overlapped_round_starts_its_exchange_t_steps_early_unless_the_epoch_
     assert not sync.launches_now(steps_in_round=1, samples_left=8, batch_size=8)
     sync.launched = True
     assert not sync.launches_now(steps_in_round=1, samples_left=17, batch_size=8)
-    sync.begin_round(step=2)
+    sync.begin_round(step=2, steps_left=100)
     assert not sync.launched
     sync.settings.overlap = 0
     assert not sync.launches_now(steps_in_round=1, samples_left=17, batch_size=8)

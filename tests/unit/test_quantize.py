@@ -121,7 +121,7 @@ def test_a_quantized_round_lands_every_replica_on_the_same_decoded_average(mode,
             fragments.load({"rounds": torch.tensor(0), **{f"anchor.{i}": w for i, w in enumerate(before.weights)}})
         sync = Synchronizer(model, settings, torch.device("cpu"), live=True, outer=outer_optimizer(model, settings),
                             fragments=fragments)
-        sync.begin_round(step=10)
+        sync.begin_round(step=10, steps_left=100)
         packed = sync.round_payload(before, room=2)
         packed[-2:] = torch.tensor([1.0, 2.0])
         wire = sync.wire(packed)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distvision.config import TrainConfig
+from distvision.config import TrainConfig, steps_this_round
 from distvision.data.sharding import global_batches
 from distvision.parallel.balance import (
     REBALANCE_EVERY,
@@ -26,6 +26,8 @@ from distvision.parallel.stopping import StopRules, stop_after_epoch, time_is_up
 from distvision.parallel.sync import (
     LOCAL_SGD_STATS_SECONDS,
     STATS_EVERY,
+    Synchronizer,
+    SyncSettings,
     half_precision_wire,
     restore_half_precision,
     stats_interval,
@@ -205,3 +207,48 @@ def test_half_precision_wire_keeps_the_tail_exact_and_rounds_the_head(values, da
         assert torch.equal(packed[count:], original[count:] * 2)
         torch.testing.assert_close(packed[:count], (original[:count].to(dtype) * 2).float())
         packed = original
+
+
+def _rounds(steps: int, most: int) -> list[int]:
+    lengths = []
+    while steps > 0:
+        lengths.append(steps_this_round(steps, most))
+        steps -= lengths[-1]
+    return lengths
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 5000), st.integers(1, 600))
+def test_an_epoch_is_cut_into_as_few_rounds_as_every_k_steps_as_even_as_they_go(steps, most):
+    lengths = _rounds(steps, most)
+    assert sum(lengths) == steps
+    assert len(lengths) == -(-steps // most)  # as many synchronisations as cutting every K steps: the same bytes
+    assert max(lengths) <= most
+    assert max(lengths) - min(lengths) <= 1
+    assert lengths == sorted(lengths, reverse=True)  # the longer first
+
+
+def test_a_short_epoch_no_longer_ends_with_a_round_of_one_step():
+    assert _rounds(49, 24) == [17, 16, 16]  # fastnet's 49 steps an epoch at K = 24, once 24, 24, 1
+    assert _rounds(500, 32) == [32] * 4 + [31] * 12
+    assert _rounds(64, 32) == [32, 32]
+
+
+def test_the_restart_path_keeps_a_period_across_the_exchanges_of_votes_inside_it():
+    sync = Synchronizer(torch.nn.Linear(2, 2), SyncSettings(mode="local-sgd", every="24"), torch.device("cpu"))
+    sync.distributed = True  # the averaging itself is not called below: only when it is due
+    sync.average_replicas = lambda: setattr(sync, "_since_average", 0)
+    averaged_after, round_starts = [], True
+    for step in range(49):
+        if round_starts or step % 5 == 0:  # a round starts after an averaging, and at each exchange of votes
+            sync.begin_round(step, steps_left=49 - step)
+        round_starts = sync.after_step(step, last_of_epoch=step == 48)
+        if round_starts:
+            averaged_after.append(step + 1)
+    assert averaged_after == [17, 33, 49]
+    live = Synchronizer(torch.nn.Linear(2, 2), SyncSettings(mode="local-sgd", every="24"), torch.device("cpu"),
+                        live=True)
+    live.begin_round(0, 49)
+    assert live.round_steps == 17
+    live.begin_round(17, 32)
+    assert live.round_steps == 16
