@@ -148,7 +148,10 @@ class Synchronizer:
         self.live = live  # a replica of a live job: the exchange goes through the membership, not DDP
         self.distributed = dist.is_initialized() and dist.get_world_size() > 1 and not live
         self.model = model
-        self.round_steps = 1  # live: steps in the round under way (1 averaging gradients, else the period)
+        # Steps in the round under way: 1 averaging gradients, else the period's share of the epoch, which
+        # begin_round decides (until it does, the period)
+        self.round_steps = (1 if settings.mode == "allreduce" else 10**9 if settings.every == "epoch"
+                            else steps_per_round(settings.every, settings.fragments))
         self.round_averages_gradients = True  # live: the round under way exchanges gradients
         # The payload's leading values, before the batch-norm statistics: one per trainable parameter.
         self.parameter_count = sum(p.numel() for p in trainable(model))

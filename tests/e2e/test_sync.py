@@ -134,6 +134,9 @@ def _replicas_after_averaging(rank: int, world_size: int, init_file: str, result
         generator = torch.Generator().manual_seed(100 + rank)  # every rank sees different data
         flags[case] = []
         for step in range(6):
+            # as the loop does at a round's start (here every step: a period, once fixed, runs on), in an
+            # epoch of 99 steps, which K = 3 cuts into rounds of 3
+            sync.begin_round(step, steps_left=99 - step)
             x, y = torch.randn(5, 6, generator=generator), torch.randint(0, 3, (5,), generator=generator)
             with sync.step_context(step):
                 loss = torch.nn.functional.cross_entropy(sync.model(x), y, reduction="sum")
