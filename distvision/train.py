@@ -31,6 +31,7 @@ from distvision.parallel.membership import Rollback
 from distvision.parallel.stopping import stop_after_epoch, time_is_up
 from distvision.parallel.sync import unwrap
 from distvision.precision import autocast
+from distvision.recipes import decay_since_peak
 from distvision.training.report import communication_by_worker
 from distvision.training.setup import Run, build_run, resolve_recipe
 
@@ -77,7 +78,8 @@ def train_epoch(run: Run) -> str | None:
             break  # healed from a peer already past this epoch's end
         run.balancer.resize(run.seat.participants)
         remaining = run.batches.remaining(epoch, state.cursor)
-        sync.begin_round(state.step, steps_left=len(remaining))
+        sync.begin_round(state.step, steps_left=len(remaining),
+                         lr_decay=decay_since_peak(run.recipe.schedule, run.progress_fraction()))
         before = (Rollback.take(unwrap(model), optimizer, state.cursor, state.step,
                                 keep_weights=not sync.round_averages_gradients) if membership.live else None)
         shares = []
