@@ -48,22 +48,19 @@ MODE_FLAGS = {  # --modes names -> distvision train flags
 
 def mode_flags(mode: str) -> list[str]:
     """Flags for one --modes entry: a MODE_FLAGS name, or local-sgd:K or diloco:K (K steps or `epoch`),
-    either with :int8 or :int4 for --quantize and :qsr for --sync-rule quadratic, diloco also with :fN for
-    --fragments N and :oT for --overlap T (diloco:32:int4:f4:o2, local-sgd:10:int4:qsr)."""
+    either with :int8 or :int4 for --quantize, diloco also with :fN for --fragments N and :oT for --overlap
+    T (diloco:32:int4:f4:o2)."""
     name, *rest = mode.split(":")
     if name in ("local-sgd", "diloco") and rest:
         every, *options = rest
         flags = ["--sync", name, "--sync-every", every]
         for option in options:
             flag = {"f": "--fragments", "o": "--overlap"}.get(option[0])
-            if option == "qsr":
-                flags += ["--sync-rule", "quadratic"]
-            else:
-                flags += [flag, option[1:]] if flag else ["--quantize", option]
+            flags += [flag, option[1:]] if flag else ["--quantize", option]
         return flags
     if mode not in MODE_FLAGS:
-        raise SystemExit(f"sync_modes.py: unknown mode {mode!r}; use {', '.join(MODE_FLAGS)}, local-sgd:K[:int8|int4][:qsr] "
-                         "or diloco:K[:int8|int4][:fN][:oT][:qsr]")
+        raise SystemExit(f"sync_modes.py: unknown mode {mode!r}; use {', '.join(MODE_FLAGS)}, local-sgd:K[:int8|int4] "
+                         "or diloco:K[:int8|int4][:fN][:oT]")
     return MODE_FLAGS[mode]
 
 

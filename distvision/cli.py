@@ -157,8 +157,6 @@ def _add_tune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="as for train (diloco: Streaming DiLoCo)")
     parser.add_argument("--overlap", type=int, default=tune_defaults.overlap, metavar="T",
                         help="as for train (diloco)")
-    parser.add_argument("--sync-rule", choices=("constant", "quadratic"), default=tune_defaults.sync_rule,
-                        help="as for train (local-sgd, diloco)")
     parser.add_argument("--epochs", type=int, help="most epochs per trial (default: the recipe's)")
     parser.add_argument("--sampler", choices=SAMPLERS, default=tune_defaults.sampler,
                         help="Optuna's sampler: how the next trial's settings are chosen")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import time
 import tomllib
@@ -107,17 +106,6 @@ def steps_this_round(steps_left: int, most: int) -> int:
     a third shorter."""
     rounds = max(1, -(-steps_left // most))
     return max(1, -(-steps_left // rounds))
-
-
-def longest_round(most: int, rule: str, lr_decay: float) -> int:
-    """The most steps a round may take now. "constant": `most` (K, or H/F). "quadratic": K x (peak lr /
-    lr)^2 once the schedule has passed its peak (lr_decay is that ratio, 1 before the peak), Gu et
-    al.'s quadratic synchronization rule (ICLR 2024) with its alpha set so that the rule starts from K
-    at the peak: the replicas drift apart in proportion to the learning rate, so as it decays they can
-    run longer between synchronisations, and the bytes saved late buy a short K where the lr is high."""
-    if rule == "quadratic":
-        return max(most, math.floor(most * lr_decay**2))
-    return most
 
 
 def check_fragments(sync: str, sync_every: str | None, fragments: int) -> None:
@@ -232,10 +220,6 @@ class ParallelSettings:
                                      f"(local-sgd's default {DEFAULT_SYNC_EVERY}; diloco needs it)", metavar="K|epoch")
     sync_warmup: int = setting(0, "local-sgd: all-reduce every step for the first S steps (default %(default)s)",
                                metavar="S")  # post-local SGD
-    sync_rule: str = setting("constant", "local-sgd, diloco: constant: rounds of at most --sync-every steps; "
-                             "quadratic: at most K x (peak lr / lr)^2 once the lr schedule has peaked, so the "
-                             "rounds lengthen as the lr decays (Gu et al.'s quadratic synchronization rule; "
-                             "default %(default)s)", choices=("constant", "quadratic"))
     compress: str = setting("none", "allreduce: gradients exchanged in half precision or PowerSGD's low-rank "
                             "approximation (default %(default)s)", choices=("none", "fp16", "bf16", "powersgd"))
     powersgd_rank: int = setting(2, "--compress powersgd: the rank of its approximation (default %(default)s)")
@@ -283,9 +267,6 @@ class ParallelSettings:
         if not 0.0 < self.outer_lr or not 0.0 <= self.outer_momentum < 1.0:
             raise UserError(f"--outer-lr must be positive and --outer-momentum in [0, 1) "
                             f"(got {self.outer_lr}, {self.outer_momentum})")
-        if self.sync_rule != "constant" and (self.sync == "allreduce" or not self.period.isdigit()):
-            raise UserError(f"--sync-rule {self.sync_rule} applies to --sync local-sgd or diloco with --sync-every "
-                            f"K steps (got --sync {self.sync}{' --sync-every epoch' if self.sync != 'allreduce' else ''})")
         if self.sync_warmup < 0:
             raise UserError(f"--sync-warmup must be >= 0 (got {self.sync_warmup})")
         if self.compress != "none" and self.sync != "allreduce":

@@ -142,16 +142,6 @@ def lr_multiplier(schedule: tuple[tuple[float, float], ...], progress: float) ->
     return previous_y
 
 
-def decay_since_peak(schedule: tuple[tuple[float, float], ...], progress: float) -> float:
-    """The schedule's peak multiplier over its multiplier at progress, once past the (first) peak; 1
-    before it, during a warm-up (--sync-rule quadratic lengthens rounds as the lr decays, not as it rises)."""
-    peak = max(y for _, y in schedule)
-    peak_at = next(x for x, y in schedule if y == peak)
-    if progress < peak_at:
-        return 1.0
-    return peak / max(lr_multiplier(schedule, progress), peak * 1e-6)  # a schedule may end at 0
-
-
 def one_cycle(peak_at: float = 0.2, final: float = 0.0) -> tuple[tuple[float, float], ...]:
     """Linear warm-up from 0 to 1 by peak_at, then linear decay to final."""
     return ((0.0, 0.0), (peak_at, 1.0), (1.0, final))

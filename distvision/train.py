@@ -31,7 +31,6 @@ from distvision.parallel.membership import Rollback
 from distvision.parallel.stopping import stop_after_epoch, time_is_up
 from distvision.parallel.sync import unwrap
 from distvision.precision import autocast
-from distvision.recipes import decay_since_peak
 from distvision.training.report import communication_by_worker
 from distvision.training.setup import Run, build_run, resolve_recipe
 
@@ -78,8 +77,7 @@ def train_epoch(run: Run) -> str | None:
             break  # healed from a peer already past this epoch's end
         run.balancer.resize(run.seat.participants)
         remaining = run.batches.remaining(epoch, state.cursor)
-        sync.begin_round(state.step, steps_left=len(remaining),
-                         lr_decay=decay_since_peak(run.recipe.schedule, run.progress_fraction()))
+        sync.begin_round(state.step, steps_left=len(remaining))
         before = (Rollback.take(unwrap(model), optimizer, state.cursor, state.step,
                                 keep_weights=not sync.round_averages_gradients) if membership.live else None)
         shares = []

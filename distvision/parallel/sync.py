@@ -37,14 +37,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
 from torch.nn.parallel import DistributedDataParallel
 
-from distvision.config import (
-    SYNC_MODES,
-    ParallelSettings,
-    TrainConfig,
-    longest_round,
-    steps_per_round,
-    steps_this_round,
-)
+from distvision.config import SYNC_MODES, ParallelSettings, TrainConfig, steps_per_round, steps_this_round
 from distvision.errors import UserError
 from distvision.parallel.fragments import OuterFragments
 from distvision.parallel.low_rank import LowRankGradients
@@ -111,13 +104,12 @@ class SyncSettings:
     fragments: int = _FLAG_DEFAULTS.fragments  # diloco: the model's fragments, one synchronised a round
     overlap: int = _FLAG_DEFAULTS.overlap  # diloco: inner steps a round's exchange is in flight for
     overlap_mix: float = _FLAG_DEFAULTS.overlap_mix  # the local weights' share after an overlapped round
-    rule: str = _FLAG_DEFAULTS.sync_rule  # local-sgd, diloco: rounds of K steps, or longer as the lr decays
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> SyncSettings:
         return cls(config.sync, config.period, config.sync_warmup, config.compress, config.powersgd_rank,
                    config.outer_lr, config.outer_momentum, config.quantize, config.fragments, config.overlap,
-                   config.overlap_mix, config.sync_rule)
+                   config.overlap_mix)
 
 
 @dataclass
@@ -191,12 +183,11 @@ class Synchronizer:
     def averages_gradients(self, step: int) -> bool:
         return self.settings.mode == "allreduce" or step < self.settings.warmup
 
-    def begin_round(self, step: int, steps_left: int, lr_decay: float = 1.0) -> None:
-        """A round starts at this step, `steps_left` steps before the epoch's end, with the lr schedule
-        `lr_decay` times below its peak: it lasts one step when averaging gradients, else the period's
-        share of the epoch's rest (steps_this_round; the period longer as the lr decays under --sync-rule
-        quadratic). On the restart path a round may end at an exchange of votes between averagings: the
-        period, fixed at its averaging, runs on."""
+    def begin_round(self, step: int, steps_left: int) -> None:
+        """A round starts at this step, `steps_left` steps before the epoch's end: it lasts one step when
+        averaging gradients, else the period's share of the epoch's rest (steps_this_round). On the
+        restart path a round may end at an exchange of votes between averagings: the period, fixed at
+        its averaging, runs on."""
         self.round_averages_gradients = self.averages_gradients(step)
         if self.round_averages_gradients:
             self.round_steps = 1
@@ -205,7 +196,7 @@ class Synchronizer:
         elif self.live or self._since_average == 0:
             # Streaming DiLoCo: each fragment every H steps, one fragment a round
             most = steps_per_round(self.settings.every, self.fragments.count if self.fragments else 1)
-            self.round_steps = steps_this_round(steps_left, longest_round(most, self.settings.rule, lr_decay))
+            self.round_steps = steps_this_round(steps_left, most)
         self.launched = False
 
     def launches_now(self, steps_in_round: int, samples_left: int, batch_size: int) -> bool:

@@ -67,7 +67,6 @@ def resume_settings(config: TrainConfig, recipe: Recipe) -> dict:
                 "epochs": recipe.epochs, "image_size": config.image_size,
                 "train_fraction": config.train_fraction, "val_fraction": config.val_fraction,
                 "sync": config.sync, "sync_every": config.period, "sync_warmup": config.sync_warmup,
-                "sync_rule": config.sync_rule,
                 "compress": config.compress, "precision": config.precision,
                 # epochs and batch_size are recorded above, under the names older checkpoints carry
                 **{f"recipe.{name}": value for name, value in recipe.to_dict().items()

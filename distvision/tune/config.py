@@ -27,7 +27,6 @@ class TuneConfig:
     quantize: str = "none"
     fragments: int = 1
     overlap: int = 0
-    sync_rule: str = "constant"
     epochs: int | None = None  # the most a trial trains (pruners stop bad ones earlier); None: the recipe's
     sampler: str = "tpe"
     pruner: str = "asha"

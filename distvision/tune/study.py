@@ -107,7 +107,7 @@ def make_pruner(config: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
 
 
 SYNC_DEFAULTS = {name: getattr(TuneConfig(), name) for name in ("sync", "sync_every", "quantize",
-                                                                   "fragments", "overlap", "sync_rule")}
+                                                                   "fragments", "overlap")}
 
 
 def load_study(config: TuneConfig, space: list[Dimension], epochs: int, create: bool) -> optuna.Study:

@@ -52,7 +52,7 @@ def trial_config(config: TuneConfig, epochs: int, params: dict) -> dict:
               "seed": config.seed, "val_fraction": config.val_fraction, "precision": config.precision,
               "image_size": config.image_size, "workers": config.workers_per_trial,
               "sync": config.sync, "sync_every": config.sync_every, "quantize": config.quantize,
-              "fragments": config.fragments, "overlap": config.overlap, "sync_rule": config.sync_rule,
+              "fragments": config.fragments, "overlap": config.overlap,
               # a failed trial is tune's to retry (study.py); and a single worker with no restarts to
               # give trains in the trial's own process, a Python and torch start-up fewer
               "max_restarts": 0}

@@ -101,8 +101,10 @@ def test_each_listener_of_a_replica_follows_its_bind_host():
         lighthouse.shutdown()
 
 
-@pytest.mark.parametrize("same_secret", [True, False])
-def test_a_replica_behind_heals_from_its_peer_only_with_the_jobs_secret(same_secret):
+@pytest.mark.parametrize("same_secret, ahead_at", [(True, 5), (False, 5), (True, 0)])
+def test_a_replica_behind_heals_from_its_peer_only_with_the_jobs_secret(same_secret, ahead_at):
+    """...and a fresh job's replicas, both at step 0, send each other nothing (init_sync=False: seeded
+    alike, they start from the same state; distvision's first-round fingerprints check that)."""
     lighthouse = start_lighthouse("127.0.0.1:0", 1.0, 5.0, min_replicas=2)
     address = f"127.0.0.1:{lighthouse.address().rsplit(':', 1)[1]}"
     secret = bytes.fromhex(new_secret())
@@ -113,7 +115,7 @@ def test_a_replica_behind_heals_from_its_peer_only_with_the_jobs_secret(same_sec
     ahead.share_state("model", lambda: {"weights": torch.full((3,), 7.0), "betas": (0.9, 0.99)},
                       healed.update)
     behind.share_state("model", lambda: {"weights": torch.zeros(3), "betas": (0.5, 0.5)}, healed.update)
-    ahead.set_step(5)
+    ahead.set_step(ahead_at)
 
     def round_of(name: str, replica: LiveReplica) -> None:
         try:
@@ -133,7 +135,10 @@ def test_a_replica_behind_heals_from_its_peer_only_with_the_jobs_secret(same_sec
             each.start()
         for each in rounds:
             each.join(30)
-        if same_secret:
+        if ahead_at == 0:
+            assert committed == {"ahead": True, "behind": True} and healed == {}
+            assert behind.manager.current_step() == 1
+        elif same_secret:
             assert committed == {"ahead": True, "behind": True}
             assert torch.equal(healed["weights"], torch.full((3,), 7.0)) and healed["betas"] == (0.9, 0.99)
             assert behind.manager.current_step() == 6

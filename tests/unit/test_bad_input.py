@@ -40,8 +40,6 @@ def test_folder_without_readable_images(tmp_path: Path):
         (["--workers", "0"], "--workers"),
         (["--recipe", "nonesuch"], "no recipe"),
         (["--quantize", "int8"], "--quantize int8 applies to the changes of --sync local-sgd or diloco"),
-        (["--sync-rule", "quadratic"], "--sync-rule quadratic applies to --sync local-sgd or diloco"),
-        (["--sync", "local-sgd", "--sync-every", "epoch", "--sync-rule", "quadratic"], "--sync-every epoch"),
     ],
 )
 def test_bad_flags(data: Path, tmp_path: Path, flags: list[str], expected: str):

@@ -16,7 +16,7 @@ from distvision.data.augment import AugmentSettings, augment_batch
 from distvision.evaluate import evaluate_part
 from distvision.inference import forward_logits
 from distvision.models import create
-from distvision.recipes import decay_since_peak, lr_multiplier
+from distvision.recipes import lr_multiplier
 from distvision.training.setup import make_optimizer, resolve_recipe
 from distvision.tricks import Lookahead, freeze_norm_scales, image_patches, init_whitening, whitening_filters
 
@@ -86,18 +86,6 @@ def test_schedule_per_step_follows_the_global_batch_and_epochs():
     assert all(a <= b for a, b in pairwise(lrs[: peak + 1]))  # warm up, then only down
     assert all(a >= b for a, b in pairwise(lrs[peak:]))
     assert lrs[-1] == pytest.approx(0.07 * 1.5, rel=0.05)
-
-
-def test_decay_since_peak_is_one_through_the_warm_up_then_the_peak_over_the_lr():
-    schedule = resolve_recipe(TrainConfig(data="-", model="fastnet")).schedule  # 0.2 -> 1 at 0.23 -> 0.07
-    assert [decay_since_peak(schedule, p) for p in (0.0, 0.1, 0.2299)] == [1.0, 1.0, 1.0]
-    assert decay_since_peak(schedule, 0.23) == pytest.approx(1.0)
-    assert decay_since_peak(schedule, 1.0) == pytest.approx(1 / 0.07)
-    middle = (0.23 + 1.0) / 2
-    assert decay_since_peak(schedule, middle) == pytest.approx(1 / lr_multiplier(schedule, middle))
-    to_zero = ((0.0, 0.0), (0.2, 1.0), (1.0, 0.0))  # a one-cycle schedule that ends at 0: large, not infinite
-    assert 1e5 < decay_since_peak(to_zero, 1.0) < 1e7
-    assert decay_since_peak(((0.0, 1.0), (1.0, 1.0)), 0.7) == 1.0  # a flat schedule never lengthens a round
 
 
 def test_alternating_flip_mirrors_each_image_every_other_epoch():

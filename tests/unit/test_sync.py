@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distvision.config import TrainConfig, longest_round, steps_this_round
+from distvision.config import TrainConfig, steps_this_round
 from distvision.data.sharding import global_batches
 from distvision.parallel.balance import (
     REBALANCE_EVERY,
@@ -32,9 +32,7 @@ from distvision.parallel.sync import (
     restore_half_precision,
     stats_interval,
 )
-from distvision.recipes import decay_since_peak
 from distvision.training.faults import STOP_GRACE_SECONDS
-from distvision.training.setup import resolve_recipe
 
 
 def test_weighted_slices_cover_every_sample_once():
@@ -254,35 +252,3 @@ def test_the_restart_path_keeps_a_period_across_the_exchanges_of_votes_inside_it
     assert live.round_steps == 17
     live.begin_round(17, 32)
     assert live.round_steps == 16
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.integers(1, 64), st.floats(1.0, 1e4), st.floats(1.0, 1e4))
-def test_the_quadratic_rule_starts_from_k_at_the_peak_and_only_lengthens_as_the_lr_decays(most, decay, other):
-    assert longest_round(most, "constant", decay) == most
-    assert longest_round(most, "quadratic", 1.0) == most
-    low, high = sorted((decay, other))
-    assert most <= longest_round(most, "quadratic", low) <= longest_round(most, "quadratic", high)
-    assert longest_round(most, "quadratic", decay) == max(most, int(most * decay**2))
-
-
-def test_fastnets_rounds_under_the_quadratic_rule_are_short_at_the_peak_and_one_an_epoch_at_the_end():
-    """What the live loop runs (begin_round at each round's start, with the schedule's decay there):
-    fastnet's 10 epochs of 49 steps at K = 10, against the constant rule's 5 rounds an epoch."""
-    recipe = resolve_recipe(TrainConfig(data="-", model="fastnet"))
-    rounds = {}
-    for rule in ("constant", "quadratic"):
-        sync = Synchronizer(torch.nn.Linear(2, 2), SyncSettings(mode="local-sgd", every="10", rule=rule),
-                            torch.device("cpu"), live=True)
-        rounds[rule] = []
-        for epoch in range(10):
-            left, step = 49, 49 * epoch
-            rounds[rule].append([])
-            while left:
-                sync.begin_round(step, left, decay_since_peak(recipe.schedule, step / 490))
-                rounds[rule][-1].append(sync.round_steps)
-                left, step = left - sync.round_steps, step + sync.round_steps
-    assert all(epoch == [10, 10, 10, 10, 9] for epoch in rounds["constant"])
-    assert [len(epoch) for epoch in rounds["quadratic"]] == [5, 5, 5, 5, 4, 3, 2, 1, 1, 1]
-    assert rounds["quadratic"][0] == [10, 10, 10, 10, 9] and rounds["quadratic"][-1] == [49]
-    assert sum(map(len, rounds["quadratic"])) == 32  # against 50: the bytes of 32 synchronisations
