@@ -194,7 +194,7 @@ class Synchronizer:
         elif self.settings.every == "epoch":
             self.round_steps = 10**9
         elif self.live or self._since_average == 0:
-            # Streaming DiLoCo: each fragment every H steps, one fragment a round
+            # at most K steps (Streaming DiLoCo: H/F, each fragment every H, one a round), cut evenly
             most = steps_per_round(self.settings.every, self.fragments.count if self.fragments else 1)
             self.round_steps = steps_this_round(steps_left, most)
         self.launched = False
