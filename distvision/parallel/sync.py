@@ -148,10 +148,7 @@ class Synchronizer:
         self.live = live  # a replica of a live job: the exchange goes through the membership, not DDP
         self.distributed = dist.is_initialized() and dist.get_world_size() > 1 and not live
         self.model = model
-        # Steps in the round under way: 1 averaging gradients, else the period's share of the epoch, which
-        # begin_round decides (until it does, the period)
-        self.round_steps = (1 if settings.mode == "allreduce" else 10**9 if settings.every == "epoch"
-                            else steps_per_round(settings.every, settings.fragments))
+        self.round_steps = 1  # steps in the round under way, which begin_round decides at its start
         self.round_averages_gradients = True  # live: the round under way exchanges gradients
         # The payload's leading values, before the batch-norm statistics: one per trainable parameter.
         self.parameter_count = sum(p.numel() for p in trainable(model))
@@ -189,15 +186,18 @@ class Synchronizer:
         restart path a round may end at an exchange of votes between averagings: the period, fixed at
         its averaging, runs on."""
         self.round_averages_gradients = self.averages_gradients(step)
-        if self.round_averages_gradients:
-            self.round_steps = 1
-        elif self.settings.every == "epoch":
-            self.round_steps = 10**9
-        elif self.live or self._since_average == 0:
-            # at most K steps (Streaming DiLoCo: H/F, each fragment every H, one a round), cut evenly
-            most = steps_per_round(self.settings.every, self.fragments.count if self.fragments else 1)
-            self.round_steps = steps_this_round(steps_left, most)
+        if self.live or self._since_average == 0:
+            self.round_steps = steps_this_round(steps_left, self._longest_round(step, steps_left))
         self.launched = False
+
+    def _longest_round(self, step: int, steps_left: int) -> int:
+        """The most steps a round starting at this step may take: one averaging gradients, the epoch's rest
+        under --sync-every epoch, else K (Streaming DiLoCo: H/F, each fragment every H, one a round)."""
+        if self.averages_gradients(step):
+            return 1
+        if self.settings.every == "epoch":
+            return steps_left
+        return steps_per_round(self.settings.every, self.fragments.count if self.fragments else 1)
 
     def launches_now(self, steps_in_round: int, samples_left: int, batch_size: int) -> bool:
         """--overlap T: the round's exchange starts now, T steps before its end, unless the epoch's end
